@@ -1,0 +1,83 @@
+//! blake3 commitments over encoded gradients.
+//!
+//! Values are hashed as little-endian `i32` bytes. A segment's hash travels with
+//! the segment; a chunk's hash is blake3 over its segments' hashes (a two-level
+//! tree), so checking a chunk against a commit costs one pass over the data, and
+//! a commit holds one hash per ring member whatever the model size.
+
+use crate::chunk::{segment_count, segment_range};
+use std::ops::Range;
+
+/// A blake3 digest.
+pub type Hash = [u8; 32];
+
+const CHUNK_DOMAIN: &[u8] = b"dtrain/chunk-hash/v1";
+
+/// Little-endian bytes of `values` (the wire and hash layout).
+pub fn le_bytes(values: &[i32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// blake3 over the little-endian bytes of `values`.
+pub fn hash_i32s(values: &[i32]) -> Hash {
+    let mut h = blake3::Hasher::new();
+    // Hash in blocks to avoid one large temporary.
+    let mut buf = [0u8; 16 * 1024];
+    for block in values.chunks(buf.len() / 4) {
+        for (dst, v) in buf.chunks_exact_mut(4).zip(block) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
+        h.update(&buf[..block.len() * 4]);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// Hash of a chunk from the hashes of its segments, in order.
+pub fn chunk_hash<'a>(segment_hashes: impl IntoIterator<Item = &'a Hash>) -> Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(CHUNK_DOMAIN);
+    for s in segment_hashes {
+        h.update(s);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// Segment hashes of every chunk of `data`, chunk by chunk.
+pub fn segment_hashes(data: &[i32], chunks: &[Range<usize>], segment_elems: usize) -> Vec<Vec<Hash>> {
+    chunks
+        .iter()
+        .map(|c| {
+            (0..segment_count(c.len(), segment_elems))
+                .map(|s| hash_i32s(&data[segment_range(c, segment_elems, s)]))
+                .collect()
+        })
+        .collect()
+}
+
+/// Lower-case hex of a hash, for logs.
+pub fn hex(h: &Hash) -> String {
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_i32s_is_blake3_of_le_bytes() {
+        let v: Vec<i32> = (-5000..5000).map(|i| i * 7919).collect();
+        assert_eq!(hash_i32s(&v), *blake3::hash(&le_bytes(&v)).as_bytes());
+        assert_eq!(hash_i32s(&[]), *blake3::hash(&[]).as_bytes());
+    }
+
+    #[test]
+    fn chunk_hash_depends_on_every_segment_and_order() {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        assert_ne!(chunk_hash([&a, &b]), chunk_hash([&b, &a]));
+        assert_ne!(chunk_hash([&a]), chunk_hash([&a, &a]));
+    }
+}

@@ -1,0 +1,271 @@
+//! Every message peers exchange. Small signed messages travel over gossip
+//! ([`Gossip`]); tensor payloads travel over direct streams ([`RingFrame`]).
+//! All of them are framed by [`crate::codec`].
+
+use crate::hash::{Hash, hex};
+use crate::ring::Phase;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Stream protocol for ring payloads between neighbours.
+pub const RING_PROTOCOL: &str = "/dtrain/ring/1";
+/// Kademlia protocol of the trainer's DHT (kept apart from other libp2p DHTs).
+pub const KAD_PROTOCOL: &str = "/dtrain/kad/1";
+/// Identify protocol version string.
+pub const IDENTIFY_PROTOCOL: &str = "/dtrain/id/1";
+
+/// Identifies a training run: blake3 of its name (later: of its config).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RunId(pub Hash);
+
+impl RunId {
+    /// The run id for a run name given on the command line.
+    pub fn from_name(name: &str) -> Self {
+        let mut h = blake3::Hasher::new();
+        h.update(b"dtrain/run-name/v1");
+        h.update(name.as_bytes());
+        Self(*h.finalize().as_bytes())
+    }
+
+    /// Gossip topic of the run.
+    pub fn topic(&self) -> String {
+        format!("dtrain/run/{}/v1", hex(&self.0))
+    }
+}
+
+impl fmt::Debug for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RunId({})", &hex(&self.0)[..16])
+    }
+}
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex(&self.0)[..16])
+    }
+}
+
+/// A peer's libp2p peer id in its base58 text form.
+pub type PeerKey = String;
+
+/// Messages gossiped on a run's topic. Gossipsub signs each with the sender's
+/// key; receivers check that `peer` is the signer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Gossip {
+    Heartbeat(Heartbeat),
+    Join(JoinRequest),
+    Commit(GradientCommit),
+    PartialSums(PartialSums),
+    Done(RoundDone),
+    Failed(RoundFailed),
+    Checkpoint(CheckpointAnnounce),
+}
+
+impl Gossip {
+    /// The run the message belongs to.
+    pub fn run(&self) -> RunId {
+        match self {
+            Gossip::Heartbeat(m) => m.run,
+            Gossip::Join(m) => m.run,
+            Gossip::Commit(m) => m.run,
+            Gossip::PartialSums(m) => m.run,
+            Gossip::Done(m) => m.run,
+            Gossip::Failed(m) => m.run,
+            Gossip::Checkpoint(m) => m.run,
+        }
+    }
+
+    /// The peer that claims to have sent it.
+    pub fn peer(&self) -> &str {
+        match self {
+            Gossip::Heartbeat(m) => &m.peer,
+            Gossip::Join(m) => &m.peer,
+            Gossip::Commit(m) => &m.peer,
+            Gossip::PartialSums(m) => &m.peer,
+            Gossip::Done(m) => &m.peer,
+            Gossip::Failed(m) => &m.peer,
+            Gossip::Checkpoint(m) => &m.peer,
+        }
+    }
+}
+
+/// Liveness and state of a peer, sent every heartbeat interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub run: RunId,
+    pub peer: PeerKey,
+    pub seq: u64,
+    pub status: PeerStatus,
+}
+
+/// What a peer is doing, as its heartbeat tells.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PeerStatus {
+    /// Not in a ring; wants to form one for `round` with the peers whose set
+    /// hashes to `view`.
+    Forming { round: u64, attempt: u32, view: Hash },
+    /// In the ring hashing to `ring` for `round`.
+    Running { round: u64, attempt: u32, ring: Hash },
+    /// Leaving the run.
+    Leaving,
+}
+
+/// A peer outside the running ring asks to be admitted at the next round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub run: RunId,
+    pub peer: PeerKey,
+    /// The latest round the joiner has seen.
+    pub round: u64,
+}
+
+/// A ring member's commitment to its gradient, gossiped before any payload moves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GradientCommit {
+    pub run: RunId,
+    pub peer: PeerKey,
+    pub round: u64,
+    pub attempt: u32,
+    /// Hash of the ordered ring this commit is for.
+    pub ring: Hash,
+    /// Number of values in the vector.
+    pub len: u64,
+    /// Hash of each ring chunk of the encoded gradient ([`crate::hash::chunk_hash`]).
+    pub chunk_hashes: Vec<Hash>,
+    /// Samples behind this gradient.
+    pub samples: u64,
+    /// Hash of the parameters the gradient was computed on.
+    pub param_hash: Hash,
+    /// Peers that asked to join, as this member saw them.
+    pub joiners: Vec<PeerKey>,
+}
+
+/// One outgoing partial sum of the reduce-scatter: which step, which chunk, its hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialSum {
+    pub step: u16,
+    pub chunk: u32,
+    pub hash: Hash,
+}
+
+/// Hashes of every partial sum a member sent in a round, for later audits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialSums {
+    pub run: RunId,
+    pub peer: PeerKey,
+    pub round: u64,
+    pub attempt: u32,
+    pub sums: Vec<PartialSum>,
+}
+
+/// A member finished the all-gather holding the sum hashing to `result`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundDone {
+    pub run: RunId,
+    pub peer: PeerKey,
+    pub round: u64,
+    pub attempt: u32,
+    pub result: Hash,
+    /// The ring of the next round, in order: this ring plus the joiners.
+    pub next_members: Vec<PeerKey>,
+}
+
+/// A member gave up on a round; the others stop waiting for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundFailed {
+    pub run: RunId,
+    pub peer: PeerKey,
+    pub round: u64,
+    pub attempt: u32,
+    pub reason: String,
+}
+
+/// A member's parameter hash after a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointAnnounce {
+    pub run: RunId,
+    pub peer: PeerKey,
+    pub round: u64,
+    pub param_hash: Hash,
+}
+
+/// Frames on a ring stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RingFrame {
+    Step(RingStep),
+}
+
+/// Where a segment belongs in the all-reduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct StepId {
+    pub phase: Phase,
+    pub step: u16,
+    pub chunk: u32,
+    pub segment: u32,
+}
+
+/// One segment of one ring step: little-endian `i32` values and their blake3.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct RingStep {
+    pub run: RunId,
+    pub round: u64,
+    pub attempt: u32,
+    pub id: StepId,
+    pub hash: Hash,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+impl fmt::Debug for RingStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RingStep")
+            .field("round", &self.round)
+            .field("attempt", &self.attempt)
+            .field("id", &self.id)
+            .field("bytes", &self.payload.len())
+            .finish()
+    }
+}
+
+/// Why a ring step was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StepError {
+    #[error("payload hash mismatch for {id:?}: the bytes were altered in transit or by the sender")]
+    HashMismatch { id: StepId },
+    #[error("payload of {len} bytes is not a whole number of 4-byte values")]
+    Misaligned { len: usize },
+}
+
+impl RingStep {
+    /// A step whose hash is computed from `payload`.
+    pub fn new(run: RunId, round: u64, attempt: u32, id: StepId, payload: Vec<u8>) -> Self {
+        let hash = *blake3::hash(&payload).as_bytes();
+        Self { run, round, attempt, id, hash, payload }
+    }
+
+    /// Checks the payload against its hash and its shape.
+    pub fn verify(self) -> Result<VerifiedStep, StepError> {
+        if !self.payload.len().is_multiple_of(4) {
+            return Err(StepError::Misaligned { len: self.payload.len() });
+        }
+        if *blake3::hash(&self.payload).as_bytes() != self.hash {
+            return Err(StepError::HashMismatch { id: self.id });
+        }
+        Ok(VerifiedStep(self))
+    }
+}
+
+/// A ring step whose payload matched its hash. Only [`RingStep::verify`] makes one,
+/// so the ring state machine never sees unchecked bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifiedStep(RingStep);
+
+impl VerifiedStep {
+    pub fn step(&self) -> &RingStep {
+        &self.0
+    }
+
+    pub fn into_inner(self) -> RingStep {
+        self.0
+    }
+}

@@ -1,0 +1,475 @@
+//! One attempt of one round, from a member's point of view, as a pure state
+//! machine: commit, ring all-reduce, certify.
+//!
+//! 1. **Commit.** The member gossips the hash of each ring chunk of its encoded
+//!    vector, then waits for every member's commit for the same ring. No
+//!    payload moves before all commits are known, so nobody can pick its values
+//!    after seeing others'.
+//! 2. **Reduce.** [`RingAllReduce`] runs over the member's streams; steps that
+//!    arrive before the last commit wait in a bounded buffer.
+//! 3. **Certify.** The member gossips `Done` with the hash of the sum and the
+//!    next ring, and the round counts only once every member's `Done` carries
+//!    the same hash. A member that dies mid-round thus makes the round fail for
+//!    everyone (within the timeouts) instead of counting for some.
+//!
+//! Any timeout, any inconsistent message from a member, or a member's
+//! `Failed` fails the attempt; membership then forms the next one.
+
+use crate::chunk::chunk_ranges;
+use crate::hash::{Hash, chunk_hash, hash_i32s, hex, segment_hashes};
+use crate::membership::RingView;
+use crate::message::{
+    Gossip, GradientCommit, PartialSums, PeerKey, RingStep, RoundDone, RoundFailed, RunId, VerifiedStep,
+};
+use crate::ring::{RingAllReduce, RingParams};
+
+/// Timeouts and sizes of a round.
+#[derive(Debug, Clone)]
+pub struct RoundConfig {
+    /// Longest wait for all commits.
+    pub commit_timeout_us: u64,
+    /// Longest wait for the next ring segment once the ring runs.
+    pub step_timeout_us: u64,
+    /// Longest wait for every member's `Done` after this member finished.
+    pub done_timeout_us: u64,
+    /// How often a commit or `Done` is gossiped again while waiting, in case a
+    /// peer missed it.
+    pub republish_us: u64,
+    /// Values per ring segment.
+    pub segment_elems: usize,
+    /// Largest ring the next round may have.
+    pub max_peers: usize,
+}
+
+/// What this member contributes to the round.
+#[derive(Debug, Clone)]
+pub struct Contribution {
+    /// Fixed-point encoded values.
+    pub data: Vec<i32>,
+    pub samples: u64,
+    pub param_hash: Hash,
+    /// Peers that asked to join, as this member saw them.
+    pub joiners: Vec<PeerKey>,
+}
+
+/// A certified round.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub view: RingView,
+    pub position: usize,
+    /// The exact sum of every member's values.
+    pub sum: Vec<i32>,
+    pub sum_hash: Hash,
+    /// Total samples behind the sum.
+    pub samples: u64,
+    pub next: RingView,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// From the last commit to this member holding the sum.
+    pub reduce_us: u64,
+    /// From the start of the attempt to the certificate.
+    pub round_us: u64,
+}
+
+/// What the round asks the node to do.
+#[derive(Debug, Clone)]
+pub enum RoundAction {
+    Publish(Gossip),
+    /// Send to the right neighbour.
+    Send(RingStep),
+    Completed(Box<Outcome>),
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Committing,
+    Reducing,
+    Certifying,
+    Finished,
+}
+
+/// One member's state for one attempt of one round.
+#[derive(Debug)]
+pub struct Round {
+    run: RunId,
+    view: RingView,
+    ring_hash: Hash,
+    pos: usize,
+    cfg: RoundConfig,
+    stage: Stage,
+    commits: Vec<Option<GradientCommit>>,
+    data: Option<Vec<i32>>,
+    own_segments: Vec<Hash>,
+    ring: Option<RingAllReduce>,
+    early: Vec<VerifiedStep>,
+    dones: Vec<Option<RoundDone>>,
+    sum: Option<(Vec<i32>, Hash)>,
+    next: Option<RingView>,
+    deadline: u64,
+    last_publish: u64,
+    started: u64,
+    reduce_started: u64,
+    reduce_us: u64,
+    bytes: (u64, u64),
+    failed: bool,
+}
+
+impl Round {
+    /// Starts the attempt: returns the state and the commit to gossip.
+    /// `me` must be a member of `view`.
+    pub fn new(
+        run: RunId,
+        me: &str,
+        view: RingView,
+        input: Contribution,
+        cfg: RoundConfig,
+        now: u64,
+    ) -> (Self, Vec<RoundAction>) {
+        let n = view.len();
+        let pos = view.position(me).expect("a round is only started by a member of its ring");
+        let ring_hash = view.hash(run);
+        let chunks = chunk_ranges(input.data.len(), n);
+        let segs = segment_hashes(&input.data, &chunks, cfg.segment_elems);
+        let commit = GradientCommit {
+            run,
+            peer: me.to_owned(),
+            round: view.round,
+            attempt: view.attempt,
+            ring: ring_hash,
+            len: input.data.len() as u64,
+            chunk_hashes: segs.iter().map(chunk_hash).collect(),
+            samples: input.samples,
+            param_hash: input.param_hash,
+            joiners: input.joiners,
+        };
+        let mut commits = vec![None; n];
+        commits[pos] = Some(commit.clone());
+        let mut r = Self {
+            run,
+            ring_hash,
+            pos,
+            stage: Stage::Committing,
+            commits,
+            data: Some(input.data),
+            own_segments: segs[pos].clone(),
+            ring: None,
+            early: Vec::new(),
+            dones: vec![None; n],
+            sum: None,
+            next: None,
+            deadline: now + cfg.commit_timeout_us,
+            last_publish: now,
+            started: now,
+            reduce_started: now,
+            reduce_us: 0,
+            bytes: (0, 0),
+            failed: false,
+            view,
+            cfg,
+        };
+        let mut out = vec![RoundAction::Publish(Gossip::Commit(commit))];
+        r.maybe_reduce(now, &mut out);
+        (r, out)
+    }
+
+    pub fn view(&self) -> &RingView {
+        &self.view
+    }
+
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// The member this one sends ring traffic to.
+    pub fn right(&self) -> &PeerKey {
+        self.view.right_of(self.pos)
+    }
+
+    /// The member this one accepts ring traffic from.
+    pub fn left(&self) -> &PeerKey {
+        self.view.left_of(self.pos)
+    }
+
+    /// Whether the attempt has ended, one way or the other.
+    pub fn is_over(&self) -> bool {
+        self.stage == Stage::Finished
+    }
+
+    /// Whether the message is for this attempt.
+    pub fn is_for(&self, round: u64, attempt: u32) -> bool {
+        (round, attempt) == (self.view.round, self.view.attempt)
+    }
+
+    fn fail(&mut self, reason: String, out: &mut Vec<RoundAction>) {
+        if self.stage == Stage::Finished {
+            return;
+        }
+        self.stage = Stage::Finished;
+        self.failed = true;
+        out.push(RoundAction::Publish(Gossip::Failed(RoundFailed {
+            run: self.run,
+            peer: self.view.members[self.pos].clone(),
+            round: self.view.round,
+            attempt: self.view.attempt,
+            reason: reason.clone(),
+        })));
+        out.push(RoundAction::Failed(reason));
+    }
+
+    fn member(&self, peer: &str) -> Option<usize> {
+        self.view.position(peer)
+    }
+
+    pub fn on_commit(&mut self, c: GradientCommit, now: u64) -> Vec<RoundAction> {
+        let mut out = Vec::new();
+        if self.stage == Stage::Finished || !self.is_for(c.round, c.attempt) {
+            return out;
+        }
+        let Some(i) = self.member(&c.peer) else { return out };
+        let mine = self.commits[self.pos].as_ref().expect("own commit");
+        if c.ring != self.ring_hash {
+            self.fail(format!("peer {} formed another ring for this round: views differ", c.peer), &mut out);
+        } else if c.len != mine.len || c.chunk_hashes.len() != self.view.len() {
+            self.fail(format!("peer {} committed to a vector of another shape", c.peer), &mut out);
+        } else if let Some(prev) = &self.commits[i] {
+            if *prev != c {
+                self.fail(format!("peer {} sent two different commits for one round", c.peer), &mut out);
+            }
+        } else {
+            self.commits[i] = Some(c);
+            self.maybe_reduce(now, &mut out);
+        }
+        out
+    }
+
+    fn maybe_reduce(&mut self, now: u64, out: &mut Vec<RoundAction>) {
+        if self.stage != Stage::Committing || self.commits.iter().any(Option::is_none) {
+            return;
+        }
+        let n = self.view.len();
+        let left = (self.pos + n - 1) % n;
+        let left_chunk = self.commits[left].as_ref().expect("all commits").chunk_hashes[left];
+        let mut next: Vec<PeerKey> = self.view.members.clone();
+        for c in self.commits.iter().flatten() {
+            next.extend(c.joiners.iter().cloned());
+        }
+        let mut next = RingView::order(self.run, self.view.round + 1, 0, next);
+        // Members first, then joiners in ring order, up to the size limit.
+        if next.len() > self.cfg.max_peers {
+            let keep: std::collections::BTreeSet<PeerKey> = self
+                .view
+                .members
+                .iter()
+                .cloned()
+                .chain(next.members.iter().filter(|m| !self.view.members.contains(m)).cloned())
+                .take(self.cfg.max_peers)
+                .collect();
+            next.members.retain(|m| keep.contains(m));
+        }
+        self.next = Some(next);
+        let params = RingParams {
+            run: self.run,
+            round: self.view.round,
+            attempt: self.view.attempt,
+            n,
+            pos: self.pos,
+            segment_elems: self.cfg.segment_elems,
+        };
+        let data = self.data.take().expect("data until the ring starts");
+        let own = std::mem::take(&mut self.own_segments);
+        let mut ring = match RingAllReduce::new(params, data, own, left_chunk) {
+            Ok(r) => r,
+            Err(e) => return self.fail(e.to_string(), out),
+        };
+        out.extend(ring.start().into_iter().map(RoundAction::Send));
+        self.ring = Some(ring);
+        self.stage = Stage::Reducing;
+        self.reduce_started = now;
+        self.deadline = now + self.cfg.step_timeout_us;
+        for s in std::mem::take(&mut self.early) {
+            out.extend(self.on_step(s, now));
+        }
+        self.maybe_certify(now, out);
+    }
+
+    /// A verified segment from the left neighbour (the caller checks the sender).
+    pub fn on_step(&mut self, step: VerifiedStep, now: u64) -> Vec<RoundAction> {
+        let mut out = Vec::new();
+        match self.stage {
+            Stage::Committing => {
+                // The left neighbour may hold all commits before this member does.
+                // It can be at most the whole vector ahead.
+                if self.early.len()
+                    > 2 * self.view.len()
+                        * (1 + self.commits[self.pos].as_ref().map_or(0, |c| c.len as usize)
+                            / self.cfg.segment_elems.max(1))
+                {
+                    self.fail("too many ring steps before the commits arrived".into(), &mut out);
+                } else {
+                    self.early.push(step);
+                }
+            }
+            Stage::Reducing => {
+                let ring = self.ring.as_mut().expect("ring while reducing");
+                match ring.on_step(step) {
+                    Ok(send) => {
+                        out.extend(send.map(RoundAction::Send));
+                        self.deadline = now + self.cfg.step_timeout_us;
+                        self.maybe_certify(now, &mut out);
+                    }
+                    Err(e) => self.fail(format!("ring step from {} rejected: {e}", self.left()), &mut out),
+                }
+            }
+            Stage::Certifying | Stage::Finished => {}
+        }
+        out
+    }
+
+    fn maybe_certify(&mut self, now: u64, out: &mut Vec<RoundAction>) {
+        if self.stage == Stage::Reducing && self.ring.as_ref().is_some_and(RingAllReduce::is_done) {
+            let ring = self.ring.take().expect("ring");
+            let sums = ring.partial_sums();
+            self.bytes = (ring.bytes_sent(), ring.bytes_received());
+            self.reduce_us = now - self.reduce_started;
+            let sum = ring.into_result();
+            let hash = hash_i32s(&sum);
+            let me = self.view.members[self.pos].clone();
+            if !sums.is_empty() {
+                out.push(RoundAction::Publish(Gossip::PartialSums(PartialSums {
+                    run: self.run,
+                    peer: me.clone(),
+                    round: self.view.round,
+                    attempt: self.view.attempt,
+                    sums,
+                })));
+            }
+            let done = RoundDone {
+                run: self.run,
+                peer: me,
+                round: self.view.round,
+                attempt: self.view.attempt,
+                result: hash,
+                next_members: self.next.as_ref().expect("next ring").members.clone(),
+            };
+            out.push(RoundAction::Publish(Gossip::Done(done.clone())));
+            self.dones[self.pos] = Some(done);
+            self.sum = Some((sum, hash));
+            self.stage = Stage::Certifying;
+            self.deadline = now + self.cfg.done_timeout_us;
+            self.last_publish = now;
+            // Dones that came early.
+            for i in 0..self.dones.len() {
+                if let Some(d) = &self.dones[i]
+                    && d.result != hash
+                {
+                    let who = d.peer.clone();
+                    return self.fail(
+                        format!("peer {who} holds another sum {}: the ring diverged", &hex(&d.result)[..16]),
+                        out,
+                    );
+                }
+            }
+        }
+        if self.stage == Stage::Certifying && self.dones.iter().all(Option::is_some) {
+            self.stage = Stage::Finished;
+            let (sum, sum_hash) = self.sum.take().expect("sum");
+            let samples = self.commits.iter().flatten().map(|c| c.samples).sum();
+            out.push(RoundAction::Completed(Box::new(Outcome {
+                view: self.view.clone(),
+                position: self.pos,
+                sum,
+                sum_hash,
+                samples,
+                next: self.next.take().expect("next ring"),
+                bytes_sent: self.bytes.0,
+                bytes_received: self.bytes.1,
+                reduce_us: self.reduce_us,
+                round_us: now - self.started,
+            })));
+        }
+    }
+
+    pub fn on_done(&mut self, d: RoundDone, now: u64) -> Vec<RoundAction> {
+        let mut out = Vec::new();
+        if self.stage == Stage::Finished || !self.is_for(d.round, d.attempt) {
+            return out;
+        }
+        let Some(i) = self.member(&d.peer) else { return out };
+        if let Some((_, mine)) = &self.sum
+            && d.result != *mine
+        {
+            self.fail(
+                format!("peer {} holds another sum {}: the ring diverged", d.peer, &hex(&d.result)[..16]),
+                &mut out,
+            );
+            return out;
+        }
+        self.dones[i] = Some(d);
+        self.maybe_certify(now, &mut out);
+        out
+    }
+
+    pub fn on_failed(&mut self, f: &RoundFailed) -> Vec<RoundAction> {
+        let mut out = Vec::new();
+        if self.is_for(f.round, f.attempt) && self.member(&f.peer).is_some() && f.peer != self.view.members[self.pos] {
+            self.fail(format!("peer {} failed the round: {}", f.peer, f.reason), &mut out);
+        }
+        out
+    }
+
+    /// Fails the round because members stopped sending heartbeats.
+    pub fn members_gone(&mut self, gone: &[PeerKey]) -> Vec<RoundAction> {
+        let mut out = Vec::new();
+        if !gone.is_empty() {
+            self.fail(format!("ring members stopped responding: {}", gone.join(", ")), &mut out);
+        }
+        out
+    }
+
+    /// Timeouts and re-gossip.
+    pub fn tick(&mut self, now: u64) -> Vec<RoundAction> {
+        let mut out = Vec::new();
+        if self.stage == Stage::Finished {
+            return out;
+        }
+        if now >= self.deadline {
+            let members = &self.view.members;
+            let missing = |present: Vec<bool>| -> String {
+                present
+                    .iter()
+                    .zip(members)
+                    .filter(|(p, _)| !**p)
+                    .map(|(_, m)| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let reason = match self.stage {
+                Stage::Committing => format!(
+                    "timed out waiting for commits from {}",
+                    missing(self.commits.iter().map(Option::is_some).collect())
+                ),
+                Stage::Reducing => format!("timed out waiting for ring data from {}", self.left()),
+                _ => format!(
+                    "timed out waiting for Done from {}",
+                    missing(self.dones.iter().map(Option::is_some).collect())
+                ),
+            };
+            self.fail(reason, &mut out);
+            return out;
+        }
+        if now.saturating_sub(self.last_publish) >= self.cfg.republish_us {
+            self.last_publish = now;
+            match self.stage {
+                Stage::Committing => {
+                    out.push(RoundAction::Publish(Gossip::Commit(self.commits[self.pos].clone().expect("own commit"))));
+                }
+                Stage::Certifying => {
+                    out.push(RoundAction::Publish(Gossip::Done(self.dones[self.pos].clone().expect("own done"))));
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}
