@@ -1,0 +1,126 @@
+//! Command line of the `node` binary. Every flag can also come from the
+//! environment (`DTRAIN_*`).
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use libp2p::Multiaddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "node", version, about = "A peer of the decentralized trainer")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format: text for people, json for tools.
+    #[arg(long, global = true, env = "DTRAIN_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Join (or start) a run: discover peers, agree on rings, all-reduce each round.
+    Start(StartArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    #[command(flatten)]
+    pub network: NetworkArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub timing: TimingArgs,
+}
+
+/// Where the peer listens, whom it bootstraps from, where it keeps its state.
+#[derive(Debug, Args)]
+pub struct NetworkArgs {
+    /// Address to listen on (repeatable).
+    #[arg(long, env = "DTRAIN_LISTEN", value_delimiter = ',', default_value = "/ip4/0.0.0.0/tcp/4001")]
+    pub listen: Vec<Multiaddr>,
+    /// Full address of a peer already in the run, with /p2p/<peer id> (repeatable).
+    #[arg(long, env = "DTRAIN_BOOTSTRAP", value_delimiter = ',')]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Directory for the identity key and local state.
+    #[arg(long, env = "DTRAIN_DATA_DIR", default_value = ".dtrain")]
+    pub data_dir: PathBuf,
+}
+
+/// What the peer trains (for now: all-reduces) and for how long.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Name of the run; peers of one run find each other on its gossip topic.
+    #[arg(long = "run", env = "DTRAIN_RUN", default_value = "demo")]
+    pub run: String,
+    /// Peers to wait for before the first round.
+    #[arg(long, env = "DTRAIN_MIN_PEERS", default_value_t = 2)]
+    pub min_peers: usize,
+    /// Stop after this many rounds (0: run until stopped).
+    #[arg(long, env = "DTRAIN_ROUNDS", default_value_t = 0)]
+    pub rounds: u64,
+    /// Length of the deterministic pseudo-random vector all-reduced each round.
+    #[arg(long, env = "DTRAIN_DEMO_VECTOR_LEN", default_value_t = 1_000_000)]
+    pub demo_vector_len: usize,
+}
+
+/// Failure detection and timeouts, in milliseconds.
+#[derive(Debug, Args)]
+pub struct TimingArgs {
+    #[arg(long, env = "DTRAIN_HEARTBEAT_MS", default_value_t = 500)]
+    pub heartbeat_ms: u64,
+    /// A peer silent for this long is taken as gone.
+    #[arg(long, env = "DTRAIN_PEER_TIMEOUT_MS", default_value_t = 3000)]
+    pub peer_timeout_ms: u64,
+    #[arg(long, env = "DTRAIN_COMMIT_TIMEOUT_MS", default_value_t = 10_000)]
+    pub commit_timeout_ms: u64,
+    /// Longest wait for the next ring segment.
+    #[arg(long, env = "DTRAIN_STEP_TIMEOUT_MS", default_value_t = 10_000)]
+    pub step_timeout_ms: u64,
+    #[arg(long, env = "DTRAIN_DONE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub done_timeout_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_parses_every_group() {
+        let cli = Cli::try_parse_from([
+            "node",
+            "start",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--bootstrap",
+            "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
+            "--run",
+            "r1",
+            "--min-peers",
+            "4",
+            "--rounds",
+            "5",
+            "--step-timeout-ms",
+            "1500",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        let Command::Start(s) = cli.command;
+        assert_eq!(s.network.listen.len(), 1);
+        assert_eq!(s.network.bootstrap.len(), 1);
+        assert_eq!((s.run.run.as_str(), s.run.min_peers, s.run.rounds), ("r1", 4, 5));
+        assert_eq!(s.timing.step_timeout_ms, 1500);
+        assert_eq!(cli.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn a_bad_multiaddr_is_refused_with_the_flag_named() {
+        let err = Cli::try_parse_from(["node", "start", "--bootstrap", "127.0.0.1:4001"]).unwrap_err();
+        assert!(err.to_string().contains("--bootstrap"), "{err}");
+    }
+}

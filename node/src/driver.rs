@@ -1,0 +1,339 @@
+//! The round driver: owns membership and the current round, and moves bytes
+//! between them and the network. All protocol decisions are made by the pure
+//! state machines of [`p2p_proto`]; this task only decodes, checks who sent
+//! what, keeps time, and carries out their actions.
+
+use crate::net::{NetEvent, NetHandle};
+use crate::ring_io::{self, Inbound};
+use libp2p::PeerId;
+use p2p_proto::codec::{decode_exact, encode_frame};
+use p2p_proto::demo::demo_vector;
+use p2p_proto::hash::hex;
+use p2p_proto::membership::{Membership, MembershipAction, MembershipConfig, RingView};
+use p2p_proto::message::{Gossip, PeerKey, RingStep, RunId};
+use p2p_proto::round::{Contribution, Round, RoundAction, RoundConfig};
+use p2p_proto::{FixedPoint, Hash};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+/// How often timers are checked.
+const TICK: Duration = Duration::from_millis(20);
+/// Gossip for rounds this peer has not reached yet, kept until it gets there.
+const MAX_PENDING_GOSSIP: usize = 4096;
+
+/// Everything the driver needs to know about the run.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    pub run: RunId,
+    pub membership: MembershipConfig,
+    pub round: RoundConfig,
+    pub fixed: FixedPoint,
+    /// Length of the demonstration vector all-reduced each round.
+    pub demo_len: usize,
+    /// Stop after this many rounds (round numbers `0..rounds`).
+    pub rounds: Option<u64>,
+    /// How long to wait for a stream to the right neighbour to open.
+    pub open_timeout: Duration,
+}
+
+/// What a finished driver reports.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub rounds_completed: u64,
+    pub rounds_failed: u64,
+    pub last_round: Option<u64>,
+}
+
+struct Driver {
+    cfg: DriverConfig,
+    net: NetHandle,
+    me: PeerKey,
+    epoch: Instant,
+    membership: Membership,
+    round: Option<Round>,
+    writer: Option<mpsc::UnboundedSender<RingStep>>,
+    pending: VecDeque<Gossip>,
+    summary: Summary,
+    finished: bool,
+}
+
+/// Runs rounds until the configured number is reached or `shutdown` resolves.
+pub async fn run(
+    cfg: DriverConfig,
+    net: NetHandle,
+    mut events: mpsc::UnboundedReceiver<NetEvent>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Summary {
+    let (inbound_tx, mut inbound) = mpsc::channel::<Inbound>(256);
+    ring_io::spawn_acceptor(net.control(), inbound_tx);
+    let me = net.local_peer_id.to_string();
+    let mut d = Driver {
+        membership: Membership::new(cfg.run, me.clone(), cfg.membership.clone()),
+        cfg,
+        net,
+        me,
+        epoch: Instant::now(),
+        round: None,
+        writer: None,
+        pending: VecDeque::new(),
+        summary: Summary::default(),
+        finished: false,
+    };
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    tokio::pin!(shutdown);
+    while !d.finished {
+        tokio::select! {
+            Some(ev) = events.recv() => d.on_net_event(ev),
+            Some(msg) = inbound.recv() => d.on_inbound(msg),
+            _ = tick.tick() => d.on_tick(),
+            () = &mut shutdown => {
+                info!("shutting down");
+                break;
+            }
+        }
+    }
+    d.summary
+}
+
+impl Driver {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    fn publish(&self, g: &Gossip) {
+        self.net.publish(encode_frame(g));
+    }
+
+    fn on_net_event(&mut self, ev: NetEvent) {
+        match ev {
+            NetEvent::Listening(addr) => {
+                info!(%addr, "listening");
+                println!("{addr}");
+            }
+            NetEvent::Gossip { source, data } => self.on_gossip(source, &data),
+        }
+    }
+
+    fn on_gossip(&mut self, source: PeerId, data: &[u8]) {
+        let msg: Gossip = match decode_exact(data) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(peer = %source, reason = %e, "rejected gossip message");
+                return;
+            }
+        };
+        if msg.run() != self.cfg.run {
+            warn!(peer = %source, run = %msg.run(), "rejected gossip message: it belongs to another run");
+            return;
+        }
+        if msg.peer() != source.to_string() {
+            warn!(peer = %source, claimed = msg.peer(), "rejected gossip message: signed by another peer than it names");
+            return;
+        }
+        let now = self.now();
+        self.membership.observe(msg.peer(), now);
+        match msg {
+            Gossip::Heartbeat(h) => self.membership.on_heartbeat(&h, now),
+            Gossip::Join(j) => self.membership.on_join(&j, now),
+            Gossip::Commit(ref c) => {
+                if let Some(r) = self.round.as_mut().filter(|r| r.is_for(c.round, c.attempt)) {
+                    let acts = r.on_commit(c.clone(), now);
+                    self.on_round_actions(acts);
+                } else {
+                    self.keep_for_later(msg);
+                }
+            }
+            Gossip::Done(ref done) => {
+                if let Some(r) = self.round.as_mut().filter(|r| r.is_for(done.round, done.attempt)) {
+                    let acts = r.on_done(done.clone(), now);
+                    self.on_round_actions(acts);
+                } else if self.round.is_none() {
+                    let acts = self.membership.on_done(done, now);
+                    self.keep_for_later(msg);
+                    self.on_membership_actions(acts);
+                } else {
+                    self.keep_for_later(msg);
+                }
+            }
+            Gossip::Failed(ref f) => {
+                if let Some(r) = self.round.as_mut() {
+                    let acts = r.on_failed(f);
+                    self.on_round_actions(acts);
+                }
+            }
+            Gossip::PartialSums(p) => {
+                debug!(peer = %p.peer, round = p.round, sums = p.sums.len(), "partial-sum hashes");
+            }
+            Gossip::Checkpoint(c) => {
+                debug!(peer = %c.peer, round = c.round, hash = %hex(&c.param_hash), "checkpoint announced");
+            }
+        }
+    }
+
+    /// Keeps a commit or `Done` for a round this peer may still start.
+    fn keep_for_later(&mut self, msg: Gossip) {
+        let round = match &msg {
+            Gossip::Commit(c) => c.round,
+            Gossip::Done(d) => d.round,
+            _ => return,
+        };
+        if self.round.as_ref().is_some_and(|r| round < r.view().round) {
+            return;
+        }
+        if self.pending.len() >= MAX_PENDING_GOSSIP {
+            self.pending.pop_front();
+        }
+        self.pending.push_back(msg);
+    }
+
+    fn on_inbound(&mut self, msg: Inbound) {
+        let now = self.now();
+        let Some(round) = self.round.as_mut() else {
+            debug!(peer = %msg.from, "ring frame outside any round; dropped");
+            return;
+        };
+        let step = msg.step.step();
+        if msg.from.to_string() != *round.left() {
+            warn!(peer = %msg.from, "rejected ring frame: the sender is not this peer's left neighbour in the ring");
+            return;
+        }
+        if !round.is_for(step.round, step.attempt) || step.run != self.cfg.run {
+            debug!(peer = %msg.from, round = step.round, attempt = step.attempt, "stale ring frame dropped");
+            return;
+        }
+        let acts = round.on_step(msg.step, now);
+        self.on_round_actions(acts);
+    }
+
+    fn on_tick(&mut self) {
+        let now = self.now();
+        let acts = self.membership.tick(now);
+        self.on_membership_actions(acts);
+        if let Some(r) = self.round.as_mut() {
+            let gone = self.membership.dead_members(now);
+            let mut acts = r.members_gone(&gone);
+            acts.extend(r.tick(now));
+            self.on_round_actions(acts);
+        }
+    }
+
+    fn on_membership_actions(&mut self, acts: Vec<MembershipAction>) {
+        for a in acts {
+            match a {
+                MembershipAction::Publish(g) => self.publish(&g),
+                MembershipAction::Start(view) => self.start_round(view),
+            }
+        }
+    }
+
+    fn start_round(&mut self, view: RingView) {
+        if self.finished {
+            return;
+        }
+        let now = self.now();
+        if let Err(e) = self.cfg.fixed.check_ring_size(view.len()) {
+            warn!(round = view.round, reason = %e, "cannot run this ring");
+            self.membership.round_failed(now);
+            return;
+        }
+        let values = demo_vector(self.cfg.run, view.round, &self.me, self.cfg.demo_len);
+        let data = self.cfg.fixed.encode(&values).expect("demo values are finite");
+        let input = Contribution {
+            data,
+            samples: 1,
+            // The demonstration has no parameters; training fills this in.
+            param_hash: Hash::default(),
+            joiners: self.membership.joiners(now),
+        };
+        info!(
+            round = view.round,
+            attempt = view.attempt,
+            ring_size = view.len(),
+            members = %view.members.join(","),
+            "round started"
+        );
+        let (round, acts) = Round::new(self.cfg.run, &self.me, view, input, self.cfg.round.clone(), now);
+        self.writer = (round.view().len() > 1)
+            .then(|| ring_io::spawn_writer(self.net.control(), round.right().clone(), self.cfg.open_timeout));
+        let (r, a) = (round.view().round, round.view().attempt);
+        self.round = Some(round);
+        self.on_round_actions(acts);
+        // Commits and Dones that arrived before this peer started the round.
+        let (now_msgs, later): (Vec<Gossip>, Vec<Gossip>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .filter(|g| match g {
+                Gossip::Commit(c) => c.round >= r,
+                Gossip::Done(d) => d.round >= r,
+                _ => false,
+            })
+            .partition(|g| match g {
+                Gossip::Commit(c) => (c.round, c.attempt) == (r, a),
+                Gossip::Done(d) => (d.round, d.attempt) == (r, a),
+                _ => false,
+            });
+        self.pending = later.into();
+        for g in now_msgs {
+            let now = self.now();
+            let Some(round) = self.round.as_mut() else { break };
+            let acts = match g {
+                Gossip::Commit(c) => round.on_commit(c, now),
+                Gossip::Done(d) => round.on_done(d, now),
+                _ => Vec::new(),
+            };
+            self.on_round_actions(acts);
+        }
+    }
+
+    fn on_round_actions(&mut self, acts: Vec<RoundAction>) {
+        for a in acts {
+            match a {
+                RoundAction::Publish(g) => self.publish(&g),
+                RoundAction::Send(step) => {
+                    if let Some(w) = &self.writer {
+                        let _ = w.send(step);
+                    }
+                }
+                RoundAction::Completed(o) => {
+                    let now = self.now();
+                    self.writer = None;
+                    self.round = None;
+                    self.summary.rounds_completed += 1;
+                    self.summary.last_round = Some(o.view.round);
+                    info!(
+                        round = o.view.round,
+                        attempt = o.view.attempt,
+                        ring_size = o.view.len(),
+                        position = o.position,
+                        members = %o.view.members.join(","),
+                        len = o.sum.len(),
+                        bytes_sent = o.bytes_sent,
+                        bytes_received = o.bytes_received,
+                        reduce_us = o.reduce_us,
+                        round_us = o.round_us,
+                        result_hash = %hex(&o.sum_hash),
+                        "round complete"
+                    );
+                    if self.cfg.rounds.is_some_and(|n| o.view.round + 1 >= n) {
+                        info!(rounds = o.view.round + 1, "all rounds done");
+                        self.finished = true;
+                        return;
+                    }
+                    let acts = self.membership.round_completed(o.next, now);
+                    self.on_membership_actions(acts);
+                }
+                RoundAction::Failed(reason) => {
+                    let now = self.now();
+                    if let Some(r) = self.round.take() {
+                        warn!(round = r.view().round, attempt = r.view().attempt, %reason, "round failed");
+                    }
+                    self.writer = None;
+                    self.summary.rounds_failed += 1;
+                    self.membership.round_failed(now);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! The `node` binary's library: one peer of the decentralized trainer.
+//!
+//! Bird's eye view: [`net`] owns the libp2p swarm (Kademlia discovery,
+//! identify, ping, gossipsub, and the stream protocol for ring payloads) in one
+//! task and talks to the rest through channels. [`driver`] owns the protocol
+//! state ([`p2p_proto::membership`] and [`p2p_proto::round`]): it turns gossip,
+//! ring frames and timer ticks into actions, and those into gossip and stream
+//! writes. [`ring_io`] moves framed ring payloads over streams, checking every
+//! frame before it reaches the driver. [`store`] keeps the peer's identity.
+
+pub mod cli;
+pub mod driver;
+pub mod net;
+pub mod ring_io;
+pub mod store;
