@@ -191,17 +191,16 @@ impl Driver {
 
     fn on_inbound(&mut self, msg: Inbound) {
         let now = self.now();
-        let Some(round) = self.round.as_mut() else {
-            debug!(peer = %msg.from, "ring frame outside any round; dropped");
+        let from = msg.from.to_string();
+        let Some(round) = self.round.as_mut().filter(|r| *r.left() == from) else {
+            warn!(peer = %from, "rejected ring frame: the sender is not this peer's left neighbour in the ring");
+            msg.close.notify_one();
             return;
         };
         let step = msg.step.step();
-        if msg.from.to_string() != *round.left() {
-            warn!(peer = %msg.from, "rejected ring frame: the sender is not this peer's left neighbour in the ring");
-            return;
-        }
         if !round.is_for(step.round, step.attempt) || step.run != self.cfg.run {
-            debug!(peer = %msg.from, round = step.round, attempt = step.attempt, "stale ring frame dropped");
+            debug!(peer = %from, round = step.round, attempt = step.attempt, "stale ring frame dropped");
+            msg.close.notify_one();
             return;
         }
         let acts = round.on_step(msg.step, now);

@@ -13,8 +13,9 @@ use libp2p_stream::Control;
 use p2p_proto::codec::{HEADER_BYTES, decode_body, decode_header, encode_frame};
 use p2p_proto::message::{RING_PROTOCOL, RingFrame, RingStep, StepError, VerifiedStep};
 use p2p_proto::{FrameError, PeerKey};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tracing::{debug, warn};
 
 /// A verified ring step and the peer whose stream carried it.
@@ -22,6 +23,8 @@ use tracing::{debug, warn};
 pub struct Inbound {
     pub from: PeerId,
     pub step: VerifiedStep,
+    /// Notified by the driver to close the stream (it is not the ring's).
+    pub close: Arc<Notify>,
 }
 
 /// Why a ring stream was closed.
@@ -78,8 +81,13 @@ pub fn spawn_acceptor(mut control: Control, inbound: mpsc::Sender<Inbound>) {
 
 async fn read_stream(peer: PeerId, mut stream: libp2p::Stream, inbound: mpsc::Sender<Inbound>) {
     let mut buf = Vec::new();
+    let close = Arc::new(Notify::new());
     loop {
-        let step = match read_frame(&mut stream, &mut buf).await {
+        let frame = tokio::select! {
+            f = read_frame(&mut stream, &mut buf) => f,
+            () = close.notified() => return,
+        };
+        let step = match frame {
             Ok(Some(RingFrame::Step(step))) => step.verify(),
             Ok(None) => return,
             Err(e) => {
@@ -89,7 +97,7 @@ async fn read_stream(peer: PeerId, mut stream: libp2p::Stream, inbound: mpsc::Se
         };
         match step {
             Ok(step) => {
-                if inbound.send(Inbound { from: peer, step }).await.is_err() {
+                if inbound.send(Inbound { from: peer, step, close: close.clone() }).await.is_err() {
                     return;
                 }
             }

@@ -1,1 +1,5 @@
-//! it
+//! Integration tests: real `node` processes on 127.0.0.1 with ephemeral ports.
+
+mod allreduce;
+mod bad_input;
+mod bootstrap_killed;

@@ -1,0 +1,137 @@
+//! A hostile peer connects to a running node and sends it a ring payload whose
+//! hash is wrong, an oversize frame, garbage bytes, a well-formed payload while
+//! not being the node's ring neighbour, and garbage gossip. The node rejects
+//! each with a logged reason, keeps running, and its rounds stay correct.
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, gossipsub, noise, swarm::NetworkBehaviour, tcp, yamux};
+use p2p_proto::codec::encode_frame;
+use p2p_proto::message::{RING_PROTOCOL, RingFrame, RingStep, RunId, StepId};
+use p2p_proto::ring::Phase;
+use std::time::Duration;
+use tests::{Node, expected_sum_hash, wait_until};
+
+const LEN: usize = 50_000;
+
+#[derive(NetworkBehaviour)]
+struct Rogue {
+    stream: libp2p_stream::Behaviour,
+    gossipsub: gossipsub::Behaviour,
+}
+
+/// What the rogue sends on one ring stream each.
+fn attacks(run: RunId) -> Vec<(&'static str, Vec<u8>)> {
+    let id = StepId { phase: Phase::ReduceScatter, step: 0, chunk: 0, segment: 0 };
+    let mut wrong = RingStep::new(run, 0, 0, id, vec![7u8; 64]);
+    wrong.hash[0] ^= 1;
+    let mut oversize = (u32::MAX).to_le_bytes().to_vec();
+    oversize.extend([1u8; 64]);
+    let mut garbage_body = 40u32.to_le_bytes().to_vec();
+    garbage_body.push(p2p_proto::PROTOCOL_VERSION);
+    garbage_body.extend((0..39u8).map(|i| i.wrapping_mul(97) ^ 0xa5));
+    let stray = RingStep::new(run, 0, 0, id, vec![1u8; 64]);
+    vec![
+        ("wrong hash", encode_frame(&RingFrame::Step(wrong))),
+        ("oversize", oversize),
+        ("garbage", garbage_body),
+        ("not a neighbour", encode_frame(&RingFrame::Step(stray))),
+    ]
+}
+
+async fn attack(target: Multiaddr, run: RunId) {
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+        .unwrap()
+        .with_behaviour(|key| Rogue {
+            stream: libp2p_stream::Behaviour::new(),
+            gossipsub: gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossipsub::Config::default(),
+            )
+            .unwrap(),
+        })
+        .unwrap()
+        .build();
+    let topic = gossipsub::IdentTopic::new(run.topic());
+    swarm.behaviour_mut().gossipsub.subscribe(&topic).unwrap();
+    let peer: PeerId = target
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+            _ => None,
+        })
+        .unwrap();
+    swarm.dial(target).unwrap();
+    let mut control = swarm.behaviour().stream.new_control();
+    let (publish_tx, mut publish_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let driver = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = swarm.select_next_some() => {}
+                Some(data) = publish_rx.recv() => {
+                    let _ = swarm.behaviour_mut().gossipsub.publish(topic.clone(), data);
+                }
+            }
+        }
+    });
+    for (what, bytes) in attacks(run) {
+        let mut s = control.open_stream(peer, StreamProtocol::new(RING_PROTOCOL)).await.expect(what);
+        s.write_all(&bytes).await.expect(what);
+        s.flush().await.expect(what);
+        // The node closes the stream after rejecting the frame.
+        let mut buf = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{what}: the node closed the stream");
+    }
+    // Give gossipsub time to learn the node's subscription, then send garbage.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    publish_tx.send(vec![0xde, 0xad, 0xbe, 0xef, 1, 2, 3]).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    driver.abort();
+}
+
+#[test]
+fn a_hostile_peer_cannot_crash_a_node_or_corrupt_a_round() {
+    let run = "it-bad-input";
+    let flags = ["--run", run, "--min-peers", "3", "--demo-vector-len", "50000"];
+    let a = Node::start("a", &flags);
+    let boot = a.address();
+    let mut nodes = vec![a];
+    for name in ["b", "c"] {
+        let mut f = flags.to_vec();
+        f.extend(["--bootstrap", boot.as_str()]);
+        nodes.push(Node::start(name, &f));
+    }
+    let started = wait_until(Duration::from_secs(60), || nodes.iter().all(|n| !n.rounds().is_empty()).then_some(()));
+    if started.is_none() {
+        nodes.iter().for_each(Node::dump);
+        panic!("the three peers never completed a round");
+    }
+    let target: Multiaddr = nodes[1].address().parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(attack(target, RunId::from_name(run)));
+    let before = nodes[1].rounds().len();
+
+    let victim = &mut nodes[1];
+    assert!(victim.is_running(), "the node survived");
+    let rejected = victim.events_containing("rejected ring frame");
+    let reasons: Vec<String> =
+        rejected.iter().map(|e| format!("{} {}", e["message"], e["reason"].as_str().unwrap_or_default())).collect();
+    for want in ["hash mismatch", "oversize", "malformed", "not this peer's left neighbour"] {
+        assert!(reasons.iter().any(|r| r.contains(want)), "no rejection for '{want}' in {reasons:?}");
+    }
+    assert!(!victim.events_containing("rejected gossip message").is_empty(), "garbage gossip was rejected");
+
+    // Rounds go on, and stay exact and identical at every peer.
+    let more = wait_until(Duration::from_secs(30), || (nodes[1].rounds().len() >= before + 3).then_some(()));
+    if more.is_none() {
+        nodes.iter().for_each(Node::dump);
+        panic!("rounds stopped after the attack");
+    }
+    for n in &nodes {
+        for r in n.rounds() {
+            assert_eq!(r.result_hash, expected_sum_hash(run, r.round, &r.members, LEN), "{} round {}", n.name, r.round);
+        }
+    }
+}
