@@ -1,0 +1,248 @@
+//! `testnet bench`: the all-reduce between real node processes, next to the
+//! machine's own ceiling measured in the same run.
+//!
+//! - Ceiling: N processes in a TCP ring on loopback, each sending and receiving
+//!   the same volume at once with 1 MiB writes (the all-reduce's traffic
+//!   pattern); the per-peer ceiling is what one of them moves per second. Also
+//!   a plain one-way copy between two processes.
+//! - All-reduce: N `node` processes, bus bandwidth as nccl-tests define it,
+//!   `busbw = algbw × 2(N−1)/N`, counted in bytes of the f32 vector.
+//! - The single-core cost of the per-value work: fixed-point encoding, blake3,
+//!   integer addition.
+
+use crate::process::Node;
+use anyhow::{Context, bail};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const WRITE: usize = 1 << 20;
+
+/// One peer of the TCP ceiling measurement (run as a child process): listens,
+/// prints its port, reads the port to send to from stdin (0: send nothing),
+/// then sends `send` bytes while receiving `recv` bytes, and prints the seconds
+/// it took.
+pub fn tcp_peer(send: u64, recv: u64) -> anyhow::Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    println!("{}", listener.local_addr()?.port());
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let port: u16 = line.trim().parse().context("port on stdin")?;
+    let out = (port != 0).then(|| TcpStream::connect(("127.0.0.1", port))).transpose()?;
+    let inc = (recv > 0).then(|| listener.accept().map(|(s, _)| s)).transpose()?;
+    let start = Instant::now();
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        if let Some(mut s) = out {
+            s.set_nodelay(true)?;
+            let buf = vec![0x5au8; WRITE];
+            let mut left = send;
+            while left > 0 {
+                let n = left.min(WRITE as u64) as usize;
+                s.write_all(&buf[..n])?;
+                left -= n as u64;
+            }
+        }
+        Ok(())
+    });
+    if let Some(mut s) = inc {
+        let mut buf = vec![0u8; WRITE];
+        let mut left = recv;
+        while left > 0 {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                bail!("sender closed early");
+            }
+            left -= n as u64;
+        }
+    }
+    sender.join().expect("sender thread")?;
+    println!("{}", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Runs `n` tcp-peer processes; `ring` connects i -> i+1 for all, otherwise
+/// only 0 -> 1. Returns the slowest peer's seconds.
+fn tcp_run(n: usize, bytes: u64, ring: bool) -> anyhow::Result<f64> {
+    let exe = std::env::current_exe()?;
+    let mut kids = Vec::new();
+    for i in 0..n {
+        let (send, recv) = if ring {
+            (bytes, bytes)
+        } else if i == 0 {
+            (bytes, 0)
+        } else {
+            (0, bytes)
+        };
+        let mut c = Command::new(&exe)
+            .args(["tcp-peer", "--send", &send.to_string(), "--recv", &recv.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut out = BufReader::new(c.stdout.take().expect("stdout"));
+        let mut port = String::new();
+        out.read_line(&mut port)?;
+        kids.push((c, out, port.trim().parse::<u16>()?));
+    }
+    let ports: Vec<u16> = kids.iter().map(|k| k.2).collect();
+    for (i, (c, _, _)) in kids.iter_mut().enumerate() {
+        let to = if ring || i == 0 { ports[(i + 1) % n] } else { 0 };
+        writeln!(c.stdin.as_mut().expect("stdin"), "{to}")?;
+    }
+    let mut worst: f64 = 0.0;
+    for (mut c, mut out, _) in kids {
+        let mut secs = String::new();
+        out.read_line(&mut secs)?;
+        worst = worst.max(secs.trim().parse().context("tcp peer result")?);
+        c.wait()?;
+    }
+    Ok(worst)
+}
+
+/// Options of the benchmark.
+#[derive(Debug, Clone)]
+pub struct BenchOpts {
+    pub peers: usize,
+    pub sizes: Vec<usize>,
+    pub rounds: u64,
+}
+
+fn gbps(bytes: f64, secs: f64) -> f64 {
+    bytes / secs / 1e9
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Runs everything and prints Markdown tables.
+pub fn run(o: &BenchOpts) -> anyhow::Result<()> {
+    let n = o.peers;
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    println!("machine: {} cores, {cpu}\n", std::thread::available_parallelism().map_or(0, |p| p.get()));
+
+    // The ceiling, measured now, on the same machine state as the all-reduce.
+    let vol: u64 = 2 << 30;
+    let one_way = gbps(vol as f64, tcp_run(2, vol, false)?);
+    let ring_secs = tcp_run(n, vol / n as u64, true)?;
+    let per_peer = gbps((vol / n as u64) as f64, ring_secs);
+    println!("| ceiling | GB/s |");
+    println!("|---|---:|");
+    println!("| plain TCP copy, 2 processes, one way | {one_way:.2} |");
+    println!("| TCP ring of {n} processes, aggregate | {:.2} |", per_peer * n as f64);
+    println!("| TCP ring of {n} processes, per peer (the ceiling) | {per_peer:.2} |\n");
+
+    println!(
+        "| values (f32) | peers | reduce ms (median) | round ms (median) | algbw GB/s | busbw GB/s | busbw / per-peer ceiling | busbw / plain copy |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &len in &o.sizes {
+        let (reduce, round) = allreduce(n, len, o.rounds)?;
+        let alg = gbps(4.0 * len as f64, reduce);
+        let bus = alg * 2.0 * (n as f64 - 1.0) / n as f64;
+        println!(
+            "| {} | {n} | {:.1} | {:.1} | {alg:.3} | {bus:.3} | {:.0}% | {:.0}% |",
+            human(len),
+            reduce * 1e3,
+            round * 1e3,
+            100.0 * bus / per_peer,
+            100.0 * bus / one_way
+        );
+    }
+    println!();
+    per_value_costs();
+    Ok(())
+}
+
+fn human(len: usize) -> String {
+    if len.is_multiple_of(1 << 20) { format!("{}M", len >> 20) } else { len.to_string() }
+}
+
+/// Median over rounds of the slowest peer's reduce and round time, in seconds.
+fn allreduce(n: usize, len: usize, rounds: u64) -> anyhow::Result<(f64, f64)> {
+    let (min, r, l) = (n.to_string(), rounds.to_string(), len.to_string());
+    let run = format!("bench-{len}");
+    let flags = [
+        "--run",
+        run.as_str(),
+        "--min-peers",
+        &min,
+        "--rounds",
+        &r,
+        "--demo-vector-len",
+        &l,
+        "--step-timeout-ms",
+        "60000",
+        "--commit-timeout-ms",
+        "60000",
+        "--done-timeout-ms",
+        "60000",
+    ];
+    let first = Node::start("bench-0", &flags);
+    let boot = first.address();
+    let mut nodes = vec![first];
+    for i in 1..n {
+        let mut f = flags.to_vec();
+        f.extend(["--bootstrap", boot.as_str()]);
+        nodes.push(Node::start(&format!("bench-{i}"), &f));
+    }
+    for node in &mut nodes {
+        if node.wait_exit(Duration::from_secs(600)) != Some(0) {
+            nodes.iter().for_each(Node::dump);
+            bail!("a node failed during the all-reduce of {len} values");
+        }
+    }
+    let (mut reduce, mut round) = (Vec::new(), Vec::new());
+    for k in 0..rounds {
+        let got: Vec<_> = nodes.iter().filter_map(|nd| nd.rounds().into_iter().find(|x| x.round == k)).collect();
+        if got.len() != n || got.iter().any(|g| g.members.len() != n || g.result_hash != got[0].result_hash) {
+            bail!("round {k} of {len} values was not completed identically by all {n} peers");
+        }
+        reduce.push(got.iter().map(|g| g.reduce_us).max().unwrap_or(0) as f64 / 1e6);
+        round.push(got.iter().map(|g| g.round_us).max().unwrap_or(0) as f64 / 1e6);
+    }
+    Ok((median(reduce), median(round)))
+}
+
+/// Single-core throughput of the per-value work, in GB/s of f32 input.
+fn per_value_costs() {
+    let len = 16 << 20;
+    let run = p2p_proto::RunId::from_name("bench");
+    let xs = p2p_proto::demo::demo_vector(run, 0, "p", len);
+    let fp = p2p_proto::FixedPoint::default();
+    let time = |f: &mut dyn FnMut()| -> f64 {
+        median(
+            (0..5)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+                .collect(),
+        )
+    };
+    let mut enc = Vec::new();
+    let t_enc = time(&mut || enc = fp.encode(&xs).expect("finite"));
+    let mut h = [0u8; 32];
+    let t_hash = time(&mut || h = p2p_proto::hash::hash_i32s(&enc));
+    let bytes = p2p_proto::hash::le_bytes(&enc);
+    let t_hash_bytes = time(&mut || h = *blake3::hash(&bytes).as_bytes());
+    let mut acc = enc.clone();
+    let t_add = time(&mut || p2p_proto::fixed::add_assign_le_bytes(&mut acc, &bytes));
+    std::hint::black_box((&h, &acc));
+    let b = 4.0 * len as f64;
+    println!("| single core, 16M values | GB/s |");
+    println!("|---|---:|");
+    println!("| fixed-point encode (clip, scale, round) | {:.2} |", gbps(b, t_enc));
+    println!("| blake3 of i32 values (with LE conversion) | {:.2} |", gbps(b, t_hash));
+    println!("| blake3 of wire bytes | {:.2} |", gbps(b, t_hash_bytes));
+    println!("| add wire bytes into the sum | {:.2} |", gbps(b, t_add));
+    println!("| encode + blake3 + add, combined | {:.2} |", gbps(b, t_enc + t_hash_bytes + t_add));
+}

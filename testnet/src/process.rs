@@ -1,0 +1,221 @@
+//! Real `node` processes on loopback, for the local cluster, the benchmark and
+//! the integration tests.
+//!
+//! [`Node`] spawns the binary with JSON logs, collects every log line from a
+//! reader thread, and kills the process when dropped, so nothing outlives the
+//! program (or test) that started it. [`wait_until`] polls with a deadline.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Path of the `node` binary beside the running executable, (re)built once per
+/// process with the same profile, so the cluster and the tests always run the
+/// current code.
+pub fn node_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("own executable path");
+        // target/<profile>/testnet, or target/<profile>/deps/it-<hash> for tests.
+        let mut profile_dir = exe.parent().expect("target profile dir").to_owned();
+        if profile_dir.file_name().is_some_and(|n| n == "deps") {
+            profile_dir.pop();
+        }
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "node", "--bin", "node"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build for the node binary");
+        assert!(status.success(), "building the node binary failed");
+        profile_dir.join("node")
+    })
+}
+
+/// A fresh, empty directory under the system temp dir, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("dtrain-{}-{tag}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `node start` process.
+#[derive(Debug)]
+pub struct Node {
+    pub name: String,
+    child: Child,
+    logs: Arc<Mutex<Vec<Value>>>,
+    stdout: Arc<Mutex<Vec<String>>>,
+    _dir: TempDir,
+}
+
+impl Node {
+    /// Starts `node start` on an ephemeral loopback port with JSON logs, plus `extra` flags.
+    pub fn start(name: &str, extra: &[&str]) -> Self {
+        let dir = TempDir::new(name);
+        let mut child = Command::new(node_bin())
+            .args(["--log-format", "json", "start", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+            .arg(dir.path())
+            .args(extra)
+            .env("RUST_LOG", "info,libp2p=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn node");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let (l, out) = (logs.clone(), stdout.clone());
+        let err = child.stderr.take().expect("stderr");
+        let tag = name.to_owned();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(v) => l.lock().unwrap().push(v),
+                    Err(_) => eprintln!("[{tag}] {line}"),
+                }
+            }
+        });
+        let so = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(so).lines().map_while(Result::ok) {
+                out.lock().unwrap().push(line);
+            }
+        });
+        Self { name: name.to_owned(), child, logs, stdout, _dir: dir }
+    }
+
+    /// The full multiaddr the node printed (waits up to 20 s).
+    pub fn address(&self) -> String {
+        wait_until(Duration::from_secs(20), || self.stdout.lock().unwrap().first().cloned())
+            .unwrap_or_else(|| panic!("{} printed no listen address", self.name))
+    }
+
+    /// The node's peer id, from its first log line.
+    pub fn peer_id(&self) -> String {
+        wait_until(Duration::from_secs(20), || {
+            self.events("starting").first().and_then(|e| e["peer_id"].as_str().map(String::from))
+        })
+        .unwrap_or_else(|| panic!("{} logged no peer id", self.name))
+    }
+
+    /// Every log event whose message is `message`.
+    pub fn events(&self, message: &str) -> Vec<Value> {
+        self.logs.lock().unwrap().iter().filter(|v| v["message"] == message).cloned().collect()
+    }
+
+    /// Every log event whose message contains `text`.
+    pub fn events_containing(&self, text: &str) -> Vec<Value> {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|v| v["message"].as_str().is_some_and(|m| m.contains(text)))
+            .cloned()
+            .collect()
+    }
+
+    /// Completed rounds, as logged.
+    pub fn rounds(&self) -> Vec<Round> {
+        self.events("round complete").iter().map(Round::from_event).collect()
+    }
+
+    /// Peers discovered through Kademlia.
+    pub fn discovered(&self) -> Vec<String> {
+        self.events("peer discovered").iter().filter_map(|e| e["peer"].as_str().map(String::from)).collect()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        wait_until(timeout, || self.child.try_wait().expect("try_wait")).map(|s| s.code().unwrap_or(-1))
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Dumps the node's logs to stderr (for failing tests).
+    pub fn dump(&self) {
+        for v in self.logs.lock().unwrap().iter() {
+            eprintln!("[{}] {v}", self.name);
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One completed round as a node logged it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Round {
+    pub round: u64,
+    pub attempt: u64,
+    pub members: Vec<String>,
+    pub len: usize,
+    pub result_hash: String,
+    pub bytes_sent: u64,
+    pub reduce_us: u64,
+    pub round_us: u64,
+}
+
+impl Round {
+    fn from_event(e: &Value) -> Self {
+        Self {
+            round: e["round"].as_u64().expect("round"),
+            attempt: e["attempt"].as_u64().expect("attempt"),
+            members: e["members"].as_str().expect("members").split(',').map(String::from).collect(),
+            len: e["len"].as_u64().expect("len") as usize,
+            result_hash: e["result_hash"].as_str().expect("result_hash").to_owned(),
+            bytes_sent: e["bytes_sent"].as_u64().expect("bytes_sent"),
+            reduce_us: e["reduce_us"].as_u64().expect("reduce_us"),
+            round_us: e["round_us"].as_u64().expect("round_us"),
+        }
+    }
+}
+
+/// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
+pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
