@@ -473,3 +473,172 @@ impl Round {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::RingStep;
+    use std::collections::VecDeque;
+
+    const RUN: &str = "round-test";
+
+    fn cfg() -> RoundConfig {
+        RoundConfig {
+            commit_timeout_us: 1_000,
+            step_timeout_us: 1_000,
+            done_timeout_us: 1_000,
+            republish_us: 500,
+            segment_elems: 3,
+            max_peers: 8,
+        }
+    }
+
+    fn member_data(i: usize, len: usize) -> Vec<i32> {
+        (0..len).map(|j| (i as i32 + 1) * 1000 + j as i32 * 7 - 50).collect()
+    }
+
+    /// Runs one attempt with a perfect network: gossip reaches every member,
+    /// ring steps reach the right neighbour. `silent` members never act.
+    fn run_round(n: usize, len: usize, joiners: &[&str], silent: &[usize]) -> Vec<Vec<RoundAction>> {
+        run_round_with(n, len, joiners, silent, None)
+    }
+
+    /// As [`run_round`]; the member at `liar` announces a wrong sum in its `Done`.
+    fn run_round_with(
+        n: usize,
+        len: usize,
+        joiners: &[&str],
+        silent: &[usize],
+        liar: Option<usize>,
+    ) -> Vec<Vec<RoundAction>> {
+        let run = RunId::from_name(RUN);
+        let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+        let view = RingView::order(run, 4, 0, names.clone());
+        let mut rounds = Vec::new();
+        let mut queue: VecDeque<(usize, RoundAction)> = VecDeque::new();
+        for (pos, name) in view.members.iter().enumerate() {
+            let i: usize = name[1..].parse().unwrap();
+            let input = Contribution {
+                data: member_data(i, len),
+                samples: 10 + i as u64,
+                param_hash: [1; 32],
+                joiners: if i == 0 { joiners.iter().map(|s| s.to_string()).collect() } else { Vec::new() },
+            };
+            let (r, acts) = Round::new(run, name, view.clone(), input, cfg(), 0);
+            if !silent.contains(&pos) {
+                queue.extend(acts.into_iter().map(|a| (pos, a)));
+            }
+            rounds.push(r);
+        }
+        let mut results: Vec<Vec<RoundAction>> = vec![Vec::new(); n];
+        let mut now = 0;
+        while now < 10_000 {
+            while let Some((from, a)) = queue.pop_front() {
+                let mut out: Vec<(usize, Vec<RoundAction>)> = Vec::new();
+                match &a {
+                    RoundAction::Publish(g) => {
+                        let mut g = g.clone();
+                        if let Gossip::Done(d) = &mut g
+                            && liar == Some(from)
+                        {
+                            d.result = [9; 32];
+                        }
+                        for (to, r) in rounds.iter_mut().enumerate() {
+                            if to == from || silent.contains(&to) {
+                                continue;
+                            }
+                            let acts = match &g {
+                                Gossip::Commit(c) => r.on_commit(c.clone(), now),
+                                Gossip::Done(d) => r.on_done(d.clone(), now),
+                                Gossip::Failed(f) => r.on_failed(f),
+                                _ => Vec::new(),
+                            };
+                            out.push((to, acts));
+                        }
+                    }
+                    RoundAction::Send(step) => {
+                        let to = (from + 1) % n;
+                        if !silent.contains(&to) {
+                            let v = RingStep::clone(step).verify().unwrap();
+                            out.push((to, rounds[to].on_step(v, now)));
+                        }
+                    }
+                    RoundAction::Completed(_) | RoundAction::Failed(_) => results[from].push(a.clone()),
+                }
+                for (to, acts) in out {
+                    queue.extend(acts.into_iter().map(|a| (to, a)));
+                }
+            }
+            now += 100;
+            for (pos, r) in rounds.iter_mut().enumerate() {
+                if !silent.contains(&pos) {
+                    let acts = r.tick(now);
+                    queue.extend(acts.into_iter().map(|a| (pos, a)));
+                }
+            }
+            if rounds.iter().enumerate().all(|(p, r)| r.is_over() || silent.contains(&p)) {
+                break;
+            }
+        }
+        results
+    }
+
+    #[test]
+    fn every_member_certifies_the_exact_sum_and_the_next_ring() {
+        for n in 1..7 {
+            for len in [0, 1, 5, 40] {
+                let results = run_round(n, len, &["joiner"], &[]);
+                let want: Vec<i32> = (0..len).map(|j| (0..n).map(|i| member_data(i, len)[j]).sum()).collect();
+                let run = RunId::from_name(RUN);
+                let mut members: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+                members.push("joiner".into());
+                let next = RingView::order(run, 5, 0, members);
+                for r in &results {
+                    assert_eq!(r.len(), 1, "one outcome per member");
+                    let RoundAction::Completed(o) = &r[0] else { panic!("{:?}", r[0]) };
+                    assert_eq!(o.sum, want, "n={n} len={len}");
+                    assert_eq!(o.next, next);
+                    assert_eq!(o.samples, (0..n as u64).map(|i| 10 + i).sum::<u64>());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_silent_member_fails_the_round_for_everyone_naming_it() {
+        let results = run_round(4, 20, &[], &[2]);
+        for (pos, r) in results.iter().enumerate() {
+            if pos == 2 {
+                continue;
+            }
+            assert_eq!(r.len(), 1);
+            let RoundAction::Failed(reason) = &r[0] else { panic!("member {pos} did not fail: {:?}", r[0]) };
+            assert!(reason.contains("commits from") || reason.contains("failed the round"), "{reason}");
+        }
+    }
+
+    #[test]
+    fn a_done_with_another_sum_fails_the_round() {
+        let results = run_round_with(3, 10, &[], &[], Some(1));
+        for (pos, r) in results.iter().enumerate() {
+            if pos == 1 {
+                continue;
+            }
+            let RoundAction::Failed(reason) = &r[0] else { panic!("member {pos} accepted a diverging Done") };
+            assert!(reason.contains("diverged"), "{reason}");
+        }
+    }
+
+    #[test]
+    fn a_commit_for_another_ring_fails_fast() {
+        let run = RunId::from_name(RUN);
+        let view = RingView::order(run, 0, 0, ["a".to_string(), "b".to_string()]);
+        let other = RingView::order(run, 0, 0, ["a".to_string(), "b".to_string(), "c".to_string()]);
+        let input = Contribution { data: vec![1; 4], samples: 1, param_hash: [0; 32], joiners: vec![] };
+        let (mut a, _) = Round::new(run, "a", view, input.clone(), cfg(), 0);
+        let (_, acts) = Round::new(run, "b", other, input, cfg(), 0);
+        let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
+        let out = a.on_commit(c.clone(), 0);
+        assert!(out.iter().any(|x| matches!(x, RoundAction::Failed(r) if r.contains("another ring"))));
+    }
+}
