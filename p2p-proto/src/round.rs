@@ -576,7 +576,7 @@ mod tests {
                     queue.extend(acts.into_iter().map(|a| (pos, a)));
                 }
             }
-            if rounds.iter().enumerate().all(|(p, r)| r.is_over() || silent.contains(&p)) {
+            if queue.is_empty() && rounds.iter().enumerate().all(|(p, r)| r.is_over() || silent.contains(&p)) {
                 break;
             }
         }
