@@ -55,6 +55,8 @@ struct Driver {
     round: Option<Round>,
     writer: Option<mpsc::UnboundedSender<RingStep>>,
     pending: VecDeque<Gossip>,
+    /// Contributions being computed off the event loop, for a ring.
+    prepared_tx: mpsc::UnboundedSender<(RingView, Contribution)>,
     summary: Summary,
     finished: bool,
 }
@@ -69,7 +71,9 @@ pub async fn run(
     let (inbound_tx, mut inbound) = mpsc::channel::<Inbound>(256);
     ring_io::spawn_acceptor(net.control(), inbound_tx);
     let me = net.local_peer_id.to_string();
+    let (prepared_tx, mut prepared) = mpsc::unbounded_channel();
     let mut d = Driver {
+        prepared_tx,
         membership: Membership::new(cfg.run, me.clone(), cfg.membership.clone()),
         cfg,
         net,
@@ -88,6 +92,7 @@ pub async fn run(
         tokio::select! {
             Some(ev) = events.recv() => d.on_net_event(ev),
             Some(msg) = inbound.recv() => d.on_inbound(msg),
+            Some((view, input)) = prepared.recv() => d.on_prepared(view, input),
             _ = tick.tick() => d.on_tick(),
             () = &mut shutdown => {
                 info!("shutting down");
@@ -228,6 +233,8 @@ impl Driver {
         }
     }
 
+    /// Computes this peer's contribution for `view` on a blocking thread, so
+    /// heartbeats and gossip keep flowing while a large vector is hashed.
     fn start_round(&mut self, view: RingView) {
         if self.finished {
             return;
@@ -238,15 +245,6 @@ impl Driver {
             self.membership.round_failed(now);
             return;
         }
-        let values = demo_vector(self.cfg.run, view.round, &self.me, self.cfg.demo_len);
-        let data = self.cfg.fixed.encode(&values).expect("demo values are finite");
-        let input = Contribution {
-            data,
-            samples: 1,
-            // The demonstration has no parameters; training fills this in.
-            param_hash: Hash::default(),
-            joiners: self.membership.joiners(now),
-        };
         info!(
             round = view.round,
             attempt = view.attempt,
@@ -254,6 +252,25 @@ impl Driver {
             members = %view.members.join(","),
             "round started"
         );
+        let joiners = self.membership.joiners(now);
+        let (run, me, len, fixed, seg) =
+            (self.cfg.run, self.me.clone(), self.cfg.demo_len, self.cfg.fixed, self.cfg.round.segment_elems);
+        let tx = self.prepared_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let values = demo_vector(run, view.round, &me, len);
+            let data = fixed.encode(&values).expect("demo values are finite");
+            // The demonstration has no parameters: its parameter hash is zero.
+            let input = Contribution::new(data, 1, Hash::default(), joiners, view.len(), seg);
+            let _ = tx.send((view, input));
+        });
+    }
+
+    fn on_prepared(&mut self, view: RingView, input: Contribution) {
+        if self.finished || self.round.is_some() || self.membership.ring() != Some(&view) {
+            debug!(round = view.round, attempt = view.attempt, "contribution for a ring no longer current; dropped");
+            return;
+        }
+        let now = self.now();
         let (round, acts) = Round::new(self.cfg.run, &self.me, view, input, self.cfg.round.clone(), now);
         self.writer = (round.view().len() > 1)
             .then(|| ring_io::spawn_writer(self.net.control(), round.right().clone(), self.cfg.open_timeout));

@@ -97,18 +97,20 @@ impl FixedPoint {
         Ok(())
     }
 
-    /// Encodes one value: scale (exact, a power of two), round half to even,
-    /// clip to `±max_units`. Returns whether it was clipped.
+    /// Encodes one value: scale (exact, a power of two), clip to
+    /// `±max_units`, round half to even. Returns whether it was clipped.
+    ///
+    /// Rounding uses the classic exact trick: adding and subtracting 1.5·2^52
+    /// rounds an f64 below 2^51 in magnitude to the nearest integer, ties to
+    /// even, in IEEE arithmetic (the default rounding mode, which Rust never
+    /// changes), and compiles to two additions on every x86-64 and ARM CPU.
     #[inline]
     fn encode_one(&self, x: f32, scale: f64, max: f64) -> (i32, bool) {
-        let units = (f64::from(x) * scale).round_ties_even();
-        if units > max {
-            (max as i32, true)
-        } else if units < -max {
-            (-max as i32, true)
-        } else {
-            (units as i32, false)
-        }
+        const ROUND: f64 = 6_755_399_441_055_744.0; // 1.5 * 2^52
+        let y = f64::from(x) * scale;
+        let clipped = y.abs() > max;
+        let r = (y.clamp(-max, max) + ROUND) - ROUND;
+        (r as i32, clipped)
     }
 
     /// Encodes `values`, appending to `out`; returns how many values were clipped.
@@ -260,6 +262,19 @@ mod tests {
     }
 
     proptest! {
+        /// The fast rounding equals round-half-to-even followed by clipping, on
+        /// arbitrary values and on exact ties.
+        #[test]
+        fn rounding_matches_round_ties_even(x in any::<f32>().prop_filter("finite", |x| x.is_finite()), k in -4096i32..4096) {
+            let fp = FixedPoint::default();
+            let max = f64::from(fp.max_units());
+            let reference = |v: f32| (f64::from(v) * fp.scale()).round_ties_even().clamp(-max, max) as i32;
+            let tie = (f64::from(k) + 0.5) / fp.scale();
+            for v in [x, tie as f32, -(tie as f32), x / 1e6] {
+                prop_assert_eq!(fp.encode(&[v]).unwrap()[0], reference(v), "{}", v);
+            }
+        }
+
         #[test]
         fn round_trip_within_half_a_unit(xs in proptest::collection::vec(-8.0f32..8.0, 0..200)) {
             let fp = FixedPoint::default();

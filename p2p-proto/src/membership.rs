@@ -24,6 +24,9 @@ use crate::hash::Hash;
 use crate::message::{Gossip, Heartbeat, JoinRequest, PeerKey, PeerStatus, RoundDone, RunId};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// A peer silent for this many peer timeouts is forgotten entirely.
+const FORGET_AFTER_TIMEOUTS: u64 = 10;
+
 /// Timing and size rules of membership.
 #[derive(Debug, Clone)]
 pub struct MembershipConfig {
@@ -285,6 +288,11 @@ impl Membership {
 
     /// Heartbeats, join requests and ring formation; call it every few tens of ms.
     pub fn tick(&mut self, now: u64) -> Vec<MembershipAction> {
+        // Forget peers long gone, so a stream of short-lived identities cannot
+        // grow the table without bound.
+        let forget = self.cfg.peer_timeout_us.saturating_mul(FORGET_AFTER_TIMEOUTS);
+        self.peers.retain(|_, s| now.saturating_sub(s.at) < forget);
+        self.joins.retain(|_, at| now.saturating_sub(*at) < forget);
         let mut out = Vec::new();
         if let Phase::Forming { round, attempt } = self.phase {
             out.extend(self.form(round, attempt, now));
@@ -488,6 +496,24 @@ mod tests {
         let acts = ps[0].round_completed(next.clone(), 2400 * MS);
         assert!(acts.contains(&MembershipAction::Start(next)));
         assert!(ps[0].joiners(2400 * MS).is_empty());
+    }
+
+    #[test]
+    fn silent_peers_are_forgotten() {
+        let mut ps = peers(1, 1);
+        let run = RunId::from_name("m");
+        for i in 0..1000 {
+            let hb = Heartbeat {
+                run,
+                peer: format!("ghost-{i}"),
+                seq: 1,
+                status: PeerStatus::Forming { round: 0, attempt: 0, view: [0; 32] },
+            };
+            ps[0].on_heartbeat(&hb, 0);
+        }
+        assert_eq!(ps[0].live_peers(1), 1000);
+        let _ = ps[0].tick(11 * 1000 * MS);
+        assert_eq!(ps[0].peers.len(), 0);
     }
 
     #[test]

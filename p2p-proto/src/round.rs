@@ -50,6 +50,26 @@ pub struct Contribution {
     pub param_hash: Hash,
     /// Peers that asked to join, as this member saw them.
     pub joiners: Vec<PeerKey>,
+    /// blake3 of every segment of every ring chunk of `data`.
+    segment_hashes: Vec<Vec<Hash>>,
+}
+
+impl Contribution {
+    /// Hashes `data` for a ring of `n` members: one blake3 pass over the
+    /// values, the only heavy part of starting a round, so callers can run it
+    /// off their event loop.
+    pub fn new(
+        data: Vec<i32>,
+        samples: u64,
+        param_hash: Hash,
+        joiners: Vec<PeerKey>,
+        n: usize,
+        segment_elems: usize,
+    ) -> Self {
+        let chunks = chunk_ranges(data.len(), n);
+        let segment_hashes = segment_hashes(&data, &chunks, segment_elems);
+        Self { data, samples, param_hash, joiners, segment_hashes }
+    }
 }
 
 /// A certified round.
@@ -129,8 +149,8 @@ impl Round {
         let n = view.len();
         let pos = view.position(me).expect("a round is only started by a member of its ring");
         let ring_hash = view.hash(run);
-        let chunks = chunk_ranges(input.data.len(), n);
-        let segs = segment_hashes(&input.data, &chunks, cfg.segment_elems);
+        let segs = input.segment_hashes;
+        assert_eq!(segs.len(), n, "the contribution was hashed for a ring of this size");
         let commit = GradientCommit {
             run,
             peer: me.to_owned(),
@@ -518,12 +538,8 @@ mod tests {
         let mut queue: VecDeque<(usize, RoundAction)> = VecDeque::new();
         for (pos, name) in view.members.iter().enumerate() {
             let i: usize = name[1..].parse().unwrap();
-            let input = Contribution {
-                data: member_data(i, len),
-                samples: 10 + i as u64,
-                param_hash: [1; 32],
-                joiners: if i == 0 { joiners.iter().map(|s| s.to_string()).collect() } else { Vec::new() },
-            };
+            let joiners = if i == 0 { joiners.iter().map(|s| s.to_string()).collect() } else { Vec::new() };
+            let input = Contribution::new(member_data(i, len), 10 + i as u64, [1; 32], joiners, n, cfg().segment_elems);
             let (r, acts) = Round::new(run, name, view.clone(), input, cfg(), 0);
             if !silent.contains(&pos) {
                 queue.extend(acts.into_iter().map(|a| (pos, a)));
@@ -634,9 +650,9 @@ mod tests {
         let run = RunId::from_name(RUN);
         let view = RingView::order(run, 0, 0, ["a".to_string(), "b".to_string()]);
         let other = RingView::order(run, 0, 0, ["a".to_string(), "b".to_string(), "c".to_string()]);
-        let input = Contribution { data: vec![1; 4], samples: 1, param_hash: [0; 32], joiners: vec![] };
-        let (mut a, _) = Round::new(run, "a", view, input.clone(), cfg(), 0);
-        let (_, acts) = Round::new(run, "b", other, input, cfg(), 0);
+        let input = |n| Contribution::new(vec![1; 4], 1, [0; 32], vec![], n, 3);
+        let (mut a, _) = Round::new(run, "a", view, input(2), cfg(), 0);
+        let (_, acts) = Round::new(run, "b", other, input(3), cfg(), 0);
         let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
         let out = a.on_commit(c.clone(), 0);
         assert!(out.iter().any(|x| matches!(x, RoundAction::Failed(r) if r.contains("another ring"))));

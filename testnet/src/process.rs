@@ -58,7 +58,9 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if !self.0.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
@@ -69,13 +71,19 @@ pub struct Node {
     child: Child,
     logs: Arc<Mutex<Vec<Value>>>,
     stdout: Arc<Mutex<Vec<String>>>,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl Node {
-    /// Starts `node start` on an ephemeral loopback port with JSON logs, plus `extra` flags.
+    /// Starts `node start` on an ephemeral loopback port with JSON logs, plus
+    /// `extra` flags, in a fresh data directory.
     pub fn start(name: &str, extra: &[&str]) -> Self {
-        let dir = TempDir::new(name);
+        Self::start_in(name, TempDir::new(name), extra)
+    }
+
+    /// As [`Node::start`], with the given data directory (kept by the node
+    /// until it is dropped; take it back with [`Node::into_dir`]).
+    pub fn start_in(name: &str, dir: TempDir, extra: &[&str]) -> Self {
         let mut child = Command::new(node_bin())
             .args(["--log-format", "json", "start", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
             .arg(dir.path())
@@ -105,7 +113,7 @@ impl Node {
                 out.lock().unwrap().push(line);
             }
         });
-        Self { name: name.to_owned(), child, logs, stdout, _dir: dir }
+        Self { name: name.to_owned(), child, logs, stdout, dir }
     }
 
     /// The full multiaddr the node printed (waits up to 20 s).
@@ -162,6 +170,12 @@ impl Node {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Kills the node and returns its data directory, to restart from it.
+    pub fn into_dir(mut self) -> TempDir {
+        self.kill();
+        std::mem::replace(&mut self.dir, TempDir(PathBuf::new()))
     }
 
     /// Dumps the node's logs to stderr (for failing tests).
