@@ -120,13 +120,13 @@ impl FixedPoint {
             return Err(FixedPointError::NotFinite { index, value: values[index] });
         }
         let (scale, max) = (self.scale(), f64::from(self.max_units()));
-        out.reserve(values.len());
-        let mut clipped = 0;
-        out.extend(values.iter().map(|&x| {
-            let (u, c) = self.encode_one(x, scale, max);
-            clipped += usize::from(c);
-            u
-        }));
+        let start = out.len();
+        out.resize(start + values.len(), 0);
+        // Branch-free loops over plain slices, so the compiler vectorizes them.
+        for (o, &x) in out[start..].iter_mut().zip(values) {
+            *o = self.encode_one(x, scale, max).0;
+        }
+        let clipped = values.iter().filter(|&&x| (f64::from(x) * scale).abs() > max).count();
         Ok(clipped)
     }
 

@@ -228,8 +228,12 @@ fn per_value_costs() {
                 .collect(),
         )
     };
-    let mut enc = Vec::new();
-    let t_enc = time(&mut || enc = fp.encode(&xs).expect("finite"));
+    // Into a reused buffer, as a trainer does every round.
+    let mut enc = Vec::with_capacity(len);
+    let t_enc = time(&mut || {
+        enc.clear();
+        fp.encode_into(&xs, &mut enc).expect("finite");
+    });
     let mut h = [0u8; 32];
     let t_hash = time(&mut || h = p2p_proto::hash::hash_i32s(&enc));
     let bytes = p2p_proto::hash::le_bytes(&enc);
