@@ -25,6 +25,78 @@ pub enum LogFormat {
 pub enum Command {
     /// Join (or start) a run: discover peers, agree on rings, all-reduce each round.
     Start(StartArgs),
+    /// Train alone: the single-peer baseline a distributed run is compared to.
+    Train(TrainArgs),
+}
+
+/// Models `node train` and a run can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModelKind {
+    Mlp,
+    Cnn,
+    Resnet,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OptimizerKind {
+    Adam,
+    Sgd,
+}
+
+/// Compute backends; GPU ones exist only in builds with their cargo feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// burn's pure-Rust CPU backend (flex), bit-exact run to run.
+    Cpu,
+    /// Vulkan GPUs (build with `--features vulkan`).
+    Vulkan,
+    /// NVIDIA GPUs (build with `--features cuda`).
+    Cuda,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Directory with IDX (MNIST, Fashion-MNIST) or CIFAR-10 binary files.
+    #[arg(long, env = "DTRAIN_DATASET", default_value = crate::train::data::DEFAULT_DATASET_DIR)]
+    pub dataset: PathBuf,
+    #[arg(long, env = "DTRAIN_MODEL", value_enum, default_value = "mlp")]
+    pub model: ModelKind,
+    #[arg(long, env = "DTRAIN_EPOCHS", default_value_t = 5)]
+    pub epochs: u64,
+    /// Samples per step.
+    #[arg(long, env = "DTRAIN_BATCH", default_value_t = 64)]
+    pub batch: usize,
+    #[arg(long, env = "DTRAIN_OPTIMIZER", value_enum, default_value = "adam")]
+    pub optimizer: OptimizerKind,
+    /// Peak learning rate (warm-up, then cosine decay over the run).
+    #[arg(long, env = "DTRAIN_LR", default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Gradients are clipped to this global L2 norm.
+    #[arg(long, env = "DTRAIN_CLIP_NORM", default_value_t = 5.0)]
+    pub clip_norm: f32,
+    /// Seeds the initial parameters and the sample order.
+    #[arg(long, env = "DTRAIN_SEED", default_value_t = 1)]
+    pub seed: u64,
+    /// Use only the first N training samples (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub train_limit: usize,
+    /// Evaluate on only the first N test samples (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub test_limit: usize,
+    /// Stop after this many steps (0: after the epochs).
+    #[arg(long, default_value_t = 0)]
+    pub max_steps: u64,
+    /// Log loss, gradient hash and parameter hash every N steps (0: only per epoch).
+    #[arg(long, default_value_t = 0)]
+    pub log_every: u64,
+    /// Write a checkpoint (safetensors) here at the end.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Resume from this checkpoint.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    #[arg(long, env = "DTRAIN_BACKEND", value_enum, default_value = "cpu")]
+    pub backend: Backend,
 }
 
 #[derive(Debug, Args)]
@@ -110,12 +182,22 @@ mod tests {
             "json",
         ])
         .unwrap();
-        let Command::Start(s) = cli.command;
+        let Command::Start(s) = cli.command else { panic!("start") };
         assert_eq!(s.network.listen.len(), 1);
         assert_eq!(s.network.bootstrap.len(), 1);
         assert_eq!((s.run.run.as_str(), s.run.min_peers, s.run.rounds), ("r1", 4, 5));
         assert_eq!(s.timing.step_timeout_ms, 1500);
         assert_eq!(cli.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn train_parses_with_defaults() {
+        let cli =
+            Cli::try_parse_from(["node", "train", "--model", "cnn", "--epochs", "2", "--optimizer", "sgd"]).unwrap();
+        let Command::Train(t) = cli.command else { panic!("train") };
+        assert_eq!((t.model, t.epochs, t.optimizer, t.batch), (ModelKind::Cnn, 2, OptimizerKind::Sgd, 64));
+        assert_eq!(t.dataset, PathBuf::from(crate::train::data::DEFAULT_DATASET_DIR));
+        assert_eq!(t.backend, Backend::Cpu);
     }
 
     #[test]

@@ -7,9 +7,12 @@
 //! ring frames and timer ticks into actions, and those into gossip and stream
 //! writes. [`ring_io`] moves framed ring payloads over streams, checking every
 //! frame before it reaches the driver. [`store`] keeps the peer's identity.
+//! [`train`] is the compute half: datasets, models and the flat-gradient
+//! training step, on burn.
 
 pub mod cli;
 pub mod driver;
 pub mod net;
 pub mod ring_io;
 pub mod store;
+pub mod train;

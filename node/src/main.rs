@@ -25,6 +25,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
         Command::Start(args) => runtime.block_on(start(args)),
+        Command::Train(args) => node::train::run::run(args),
     }
 }
 

@@ -233,3 +233,47 @@ pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Runs a one-shot `node` command (such as `train`) with JSON logs to its end;
+/// returns its exit code and its log events.
+pub fn run_node(args: &[&str]) -> (Option<i32>, Vec<Value>) {
+    let out = Command::new(node_bin())
+        .args(["--log-format", "json"])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run node");
+    let events =
+        String::from_utf8_lossy(&out.stderr).lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect();
+    (out.status.code(), events)
+}
+
+/// Where Debian's `dataset-fashion-mnist` package keeps the real Fashion-MNIST.
+pub const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+
+/// Installs Debian's `dataset-fashion-mnist` package if its files are missing
+/// (idempotent), and returns their directory.
+pub fn ensure_fashion_mnist() -> &'static Path {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let dir = Path::new(FASHION_MNIST);
+        if dir.join("train-images-idx3-ubyte.gz").exists() {
+            return;
+        }
+        let apt = |args: &[&str]| {
+            Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let ok = apt(&["install", "-y", "-qq", "dataset-fashion-mnist"])
+            || (apt(&["update", "-qq"]) && apt(&["install", "-y", "-qq", "dataset-fashion-mnist"]));
+        assert!(
+            ok && dir.join("train-images-idx3-ubyte.gz").exists(),
+            "Fashion-MNIST is missing and could not be installed: run `apt-get install dataset-fashion-mnist` as root"
+        );
+    });
+    Path::new(FASHION_MNIST)
+}

@@ -4,3 +4,4 @@ mod allreduce;
 mod bad_input;
 mod bootstrap_killed;
 mod identity;
+mod train;

@@ -1,0 +1,12 @@
+//! Training with burn: datasets in their real formats, deterministic
+//! sharding, models, the flat-gradient training step the ring needs, flat
+//! optimizers, parameter hashing, and checkpoints.
+
+pub mod checkpoint;
+pub mod data;
+pub mod model;
+pub mod optim;
+pub mod params;
+pub mod run;
+pub mod shard;
+pub mod trainer;

@@ -1,0 +1,144 @@
+//! The training step, shaped for the ring: compute the loss and the gradient
+//! of a micro-batch as one flat vector; apply an (averaged) flat gradient with
+//! the optimizer; hash the parameters.
+
+use super::data::Split;
+use super::model::Net;
+use super::optim::{Optimizer, OptimizerConfig, Schedule};
+use super::params::{self, Layout};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::prelude::*;
+use p2p_proto::Hash;
+
+/// The gradient of one micro-batch.
+#[derive(Debug, Clone)]
+pub struct StepGrad {
+    /// Mean cross-entropy over the batch.
+    pub loss: f32,
+    /// Mean gradient over the batch, in [`Layout`] order.
+    pub grad: Vec<f32>,
+    pub samples: usize,
+}
+
+/// A model, its flat parameters and its optimizer.
+#[derive(Debug)]
+pub struct Trainer<M: Net> {
+    model: M,
+    device: Device,
+    layout: Layout,
+    params: Vec<f32>,
+    optimizer: Optimizer,
+    schedule: Schedule,
+    clip_norm: f32,
+    shape: [usize; 3],
+}
+
+/// Builds the input tensor `[B, C, H, W]` (values scaled to 0..1) and the label
+/// tensor of the samples `idx` of `split`.
+pub fn batch(split: &Split, shape: [usize; 3], idx: &[u32], device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
+    let per: usize = shape.iter().product();
+    let mut x = Vec::with_capacity(idx.len() * per);
+    let mut y = Vec::with_capacity(idx.len());
+    for &i in idx {
+        let i = i as usize;
+        x.extend(split.images[i * per..(i + 1) * per].iter().map(|&b| f32::from(b) / 255.0));
+        y.push(i64::from(split.labels[i]));
+    }
+    let [c, h, w] = shape;
+    (
+        Tensor::from_data(TensorData::new(x, [idx.len(), c, h, w]), device),
+        Tensor::from_data(TensorData::new(y, [idx.len()]), device),
+    )
+}
+
+impl<M: Net> Trainer<M> {
+    /// `model` is built on `device` (an autodiff device); its parameters are
+    /// replaced by the run's deterministic initialisation from `seed`.
+    pub fn new(
+        model: M,
+        device: Device,
+        shape: [usize; 3],
+        seed: u64,
+        optimizer: OptimizerConfig,
+        schedule: Schedule,
+        clip_norm: f32,
+    ) -> Self {
+        let layout = Layout::of(&model);
+        let params = params::deterministic_init(&layout, seed);
+        let model = params::load(model, &params, &layout, &device);
+        let optimizer = Optimizer::new(optimizer, layout.total);
+        Self { model, device, layout, params, optimizer, schedule, clip_norm, shape }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    pub fn optimizer(&self) -> &Optimizer {
+        &self.optimizer
+    }
+
+    /// Number of optimizer steps taken.
+    pub fn step(&self) -> u64 {
+        self.optimizer.step
+    }
+
+    /// Loss and mean gradient of the samples `idx` of `split`.
+    pub fn gradient(&self, split: &Split, idx: &[u32]) -> StepGrad {
+        let (x, y) = batch(split, self.shape, idx, &self.device);
+        let logits = self.model.forward(x);
+        let loss = CrossEntropyLossConfig::new().init(&self.device).forward(logits, y);
+        let grads = loss.backward();
+        let loss_value = loss.into_data().iter::<f32>().next().unwrap_or(f32::NAN);
+        StepGrad {
+            loss: loss_value,
+            grad: params::flatten_grads(&self.model, &grads, &self.layout),
+            samples: idx.len(),
+        }
+    }
+
+    /// Clips `grad` to the global norm and applies it with the optimizer at the
+    /// scheduled learning rate. Every peer applying the same gradient to the
+    /// same state ends with the same bits.
+    pub fn apply(&mut self, grad: &[f32]) {
+        let mut g = grad.to_vec();
+        p2p_proto::fixed::clip_global_norm(&mut g, self.clip_norm);
+        let lr = self.schedule.lr(self.optimizer.step);
+        self.optimizer.apply(&mut self.params, &g, lr);
+        let model = self.model.clone();
+        self.model = params::load(model, &self.params, &self.layout, &self.device);
+    }
+
+    /// Restores parameters and optimizer state (from a checkpoint).
+    pub fn restore(&mut self, params: Vec<f32>, optimizer: Optimizer) {
+        assert_eq!(params.len(), self.layout.total);
+        self.params = params;
+        self.optimizer = optimizer;
+        let model = self.model.clone();
+        self.model = params::load(model, &self.params, &self.layout, &self.device);
+    }
+
+    pub fn param_hash(&self) -> Hash {
+        params::param_hash(&self.params, &self.layout)
+    }
+
+    /// Accuracy on `split`, in batches of `batch`, without autodiff.
+    pub fn evaluate(&self, split: &Split, batch_size: usize) -> f64 {
+        let model = self.model.valid();
+        let device = self.device.clone().inner();
+        let mut correct = 0usize;
+        let all: Vec<u32> = (0..split.len() as u32).collect();
+        for idx in all.chunks(batch_size.max(1)) {
+            let (x, y) = batch(split, self.shape, idx, &device);
+            let pred = model.forward(x).argmax(1).flatten::<1>(0, 1);
+            let pred: Vec<i64> = pred.into_data().iter::<i64>().collect();
+            let want: Vec<i64> = y.into_data().iter::<i64>().collect();
+            correct += pred.iter().zip(&want).filter(|(a, b)| a == b).count();
+        }
+        correct as f64 / split.len().max(1) as f64
+    }
+}
