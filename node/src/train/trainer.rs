@@ -142,3 +142,60 @@ impl<M: Net> Trainer<M> {
         correct as f64 / split.len().max(1) as f64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::model::{CnnConfig, MlpConfig, ResNetConfig};
+    use crate::train::optim::{OptimizerConfig, Schedule};
+
+    /// A split of `n` images of `shape` with a simple learnable rule (the label
+    /// is the period of a stripe pattern), for shape checks only; the
+    /// learning tests use real Fashion-MNIST.
+    fn stripes(n: usize, shape: [usize; 3]) -> Split {
+        let per: usize = shape.iter().product();
+        let mut images = Vec::with_capacity(n * per);
+        let mut labels = Vec::new();
+        for i in 0..n {
+            let q = i % 4;
+            labels.push(q as u8);
+            images.extend((0..per).map(|p| if (p / (q + 1)) % 2 == 0 { 200 } else { 0 }));
+        }
+        Split { images, labels }
+    }
+
+    fn fits<M: Net>(model: M, shape: [usize; 3]) {
+        let device = Device::flex().autodiff();
+        let model = model.to_device(&device);
+        let split = stripes(16, shape);
+        let mut t =
+            Trainer::new(model, device, shape, 3, OptimizerConfig::adam(), Schedule::Constant { lr: 1e-2 }, 5.0);
+        let idx: Vec<u32> = (0..16).collect();
+        let first = t.gradient(&split, &idx);
+        // Every parameter gets a gradient.
+        for e in &t.layout().entries {
+            assert!(first.grad[e.offset..e.offset + e.len].iter().any(|g| *g != 0.0), "{} has no gradient", e.name);
+        }
+        assert_eq!(first.grad.len(), t.layout().total);
+        assert!(first.grad.iter().any(|g| *g != 0.0));
+        let h0 = t.param_hash();
+        for i in 0..60 {
+            let g = t.gradient(&split, &idx);
+            t.apply(&g.grad);
+        }
+        assert_ne!(t.param_hash(), h0);
+        let last = t.gradient(&split, &idx);
+        assert!(last.loss < first.loss * 0.5, "{} -> {}", first.loss, last.loss);
+        let acc = t.evaluate(&split, 5);
+
+        assert!(acc > 0.9, "accuracy {acc}, loss {} -> {}", first.loss, last.loss);
+    }
+
+    #[test]
+    fn every_model_trains_on_its_input_shape() {
+        let d = Device::flex().autodiff();
+        fits(MlpConfig::new(28 * 28, 10).init(&d), [1, 28, 28]);
+        fits(CnnConfig::new(1, 28, 28, 10).with_conv1(4).with_conv2(8).with_hidden(16).init(&d), [1, 28, 28]);
+        fits(ResNetConfig::new(3, 10).with_width(4).init(&d), [3, 32, 32]);
+    }
+}
