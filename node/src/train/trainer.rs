@@ -179,7 +179,7 @@ mod tests {
         assert_eq!(first.grad.len(), t.layout().total);
         assert!(first.grad.iter().any(|g| *g != 0.0));
         let h0 = t.param_hash();
-        for i in 0..60 {
+        for _ in 0..60 {
             let g = t.gradient(&split, &idx);
             t.apply(&g.grad);
         }
