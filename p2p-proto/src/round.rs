@@ -132,7 +132,6 @@ pub struct Round {
     reduce_started: u64,
     reduce_us: u64,
     bytes: (u64, u64),
-    failed: bool,
 }
 
 impl Round {
@@ -184,7 +183,6 @@ impl Round {
             reduce_started: now,
             reduce_us: 0,
             bytes: (0, 0),
-            failed: false,
             view,
             cfg,
         };
@@ -226,7 +224,6 @@ impl Round {
             return;
         }
         self.stage = Stage::Finished;
-        self.failed = true;
         out.push(RoundAction::Publish(Gossip::Failed(RoundFailed {
             run: self.run,
             peer: self.view.members[self.pos].clone(),
