@@ -1,8 +1,10 @@
 //! Command line of the `node` binary. Every flag can also come from the
 //! environment (`DTRAIN_*`).
 
+use alloy::primitives::{Address, B256};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use libp2p::Multiaddr;
+use p2p_proto::message::RunId;
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
@@ -27,6 +29,168 @@ pub enum Command {
     Start(StartArgs),
     /// Train alone: the single-peer baseline a distributed run is compared to.
     Train(TrainArgs),
+    /// Deploy the TrainingLedger contract and print its address.
+    Deploy(DeployArgs),
+    /// Print a run's contribution records from the ledger.
+    Contributions(ContributionsArgs),
+    /// Print a run's finalized checkpoints from the ledger.
+    Checkpoints(CheckpointsArgs),
+    /// Send one ledger record by hand and wait for it to be mined (peers do this themselves,
+    /// through their outbox; this is for operators and scripts).
+    #[command(subcommand)]
+    Submit(SubmitCommand),
+}
+
+/// Parses `--run`: a run id (0x and 64 hex digits) or a run name, whose id is its blake3.
+pub fn parse_run(s: &str) -> Result<RunId, String> {
+    if let Some(h) = s.strip_prefix("0x") {
+        let bytes = hex::decode(h).map_err(|e| format!("run id `{s}` is not hex: {e}"))?;
+        let id: [u8; 32] = bytes.try_into().map_err(|_| format!("run id `{s}` must be 32 bytes (64 hex digits)"))?;
+        return Ok(RunId(id));
+    }
+    if s.is_empty() {
+        return Err("the run name is empty".into());
+    }
+    Ok(RunId::from_name(s))
+}
+
+/// The chain endpoint, the ledger contract, and this peer's Ethereum key.
+#[derive(Debug, Clone, Args)]
+pub struct ChainArgs {
+    /// JSON-RPC endpoint of the chain (a local Anvil by default; any EVM chain works).
+    #[arg(long, env = "DTRAIN_RPC_URL", default_value = "http://127.0.0.1:8545")]
+    pub rpc_url: String,
+    /// Address of the TrainingLedger contract. A peer started without it records nothing on chain.
+    #[arg(long, env = "DTRAIN_CONTRACT")]
+    pub contract: Option<Address>,
+    /// File with this peer's hex private key (else the DTRAIN_ETH_KEY environment variable).
+    /// The key is never printed or logged.
+    #[arg(long, env = "DTRAIN_ETH_KEY_FILE")]
+    pub eth_key_file: Option<PathBuf>,
+}
+
+impl ChainArgs {
+    /// The contract address, or an error saying how to get one.
+    pub fn contract(&self) -> anyhow::Result<Address> {
+        self.contract.ok_or_else(|| {
+            anyhow::anyhow!("no ledger contract: pass --contract <address> (deploy one with `node deploy`)")
+        })
+    }
+}
+
+/// How a started peer records its work on chain.
+#[derive(Debug, Clone, Args)]
+pub struct LedgerArgs {
+    /// K: the peer records its contribution and votes its parameter hash every K rounds.
+    #[arg(long, env = "DTRAIN_EPOCH_ROUNDS", default_value_t = 10)]
+    pub epoch_rounds: u64,
+    /// Share of registered peers (basis points) whose identical votes finalize a checkpoint.
+    #[arg(long, env = "DTRAIN_QUORUM_BPS", default_value_t = 6667)]
+    pub quorum_bps: u16,
+    /// Fewest votes that finalize a checkpoint, whatever the share.
+    #[arg(long, env = "DTRAIN_MIN_VOTES", default_value_t = 1)]
+    pub min_votes: u16,
+    /// On exit, wait this long for the ledger outbox to empty; what remains is sent on the
+    /// next start with the same --data-dir.
+    #[arg(long, env = "DTRAIN_LEDGER_FLUSH_TIMEOUT_S", default_value_t = 60)]
+    pub ledger_flush_timeout_s: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    #[command(flatten)]
+    pub chain: ChainArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ContributionsArgs {
+    #[command(flatten)]
+    pub chain: ChainArgs,
+    /// Run id (0x...) or run name.
+    #[arg(long, value_parser = parse_run)]
+    pub run: RunId,
+    /// Only this account, with its record for every epoch.
+    #[arg(long)]
+    pub peer: Option<Address>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckpointsArgs {
+    #[command(flatten)]
+    pub chain: ChainArgs,
+    /// Run id (0x...) or run name.
+    #[arg(long, value_parser = parse_run)]
+    pub run: RunId,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitTarget {
+    #[command(flatten)]
+    pub chain: ChainArgs,
+    /// Run id (0x...) or run name.
+    #[arg(long, value_parser = parse_run)]
+    pub run: RunId,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SubmitCommand {
+    /// Create a run.
+    CreateRun {
+        #[command(flatten)]
+        target: SubmitTarget,
+        #[arg(long)]
+        config_hash: B256,
+        #[command(flatten)]
+        ledger: LedgerArgs,
+    },
+    /// Register this account as the libp2p peer `--peer-id` (base58).
+    Register {
+        #[command(flatten)]
+        target: SubmitTarget,
+        #[arg(long)]
+        peer_id: libp2p::PeerId,
+    },
+    /// Record this account's contribution for an epoch.
+    Contribution {
+        #[command(flatten)]
+        target: SubmitTarget,
+        #[arg(long)]
+        epoch: u64,
+        #[arg(long)]
+        rounds: u64,
+        #[arg(long)]
+        samples: u64,
+        #[arg(long)]
+        commit_root: B256,
+    },
+    /// Vote a parameter hash for a round.
+    Vote {
+        #[command(flatten)]
+        target: SubmitTarget,
+        #[arg(long)]
+        round: u64,
+        #[arg(long)]
+        param_hash: B256,
+    },
+    /// Report a proven fault of a registered peer.
+    Fault {
+        #[command(flatten)]
+        target: SubmitTarget,
+        #[arg(long)]
+        accused: Address,
+        #[arg(long)]
+        round: u64,
+        #[arg(long)]
+        kind: u8,
+        #[arg(long)]
+        evidence: B256,
+    },
 }
 
 /// Models `node train` and a run can use.
@@ -107,6 +271,10 @@ pub struct StartArgs {
     pub run: RunArgs,
     #[command(flatten)]
     pub timing: TimingArgs,
+    #[command(flatten)]
+    pub chain: ChainArgs,
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
 }
 
 /// Where the peer listens, whom it bootstraps from, where it keeps its state.
@@ -198,6 +366,58 @@ mod tests {
         assert_eq!((t.model, t.epochs, t.optimizer, t.batch), (ModelKind::Cnn, 2, OptimizerKind::Sgd, 64));
         assert_eq!(t.dataset, PathBuf::from(crate::train::data::DEFAULT_DATASET_DIR));
         assert_eq!(t.backend, Backend::Cpu);
+    }
+
+    #[test]
+    fn ledger_commands_parse() {
+        let cli = Cli::try_parse_from([
+            "node",
+            "contributions",
+            "--run",
+            "demo",
+            "--peer",
+            "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266",
+            "--contract",
+            "0x5FbDB2315678afecb367f032d93F642f64180aa3",
+            "--json",
+        ])
+        .unwrap();
+        let Command::Contributions(c) = cli.command else { panic!("contributions") };
+        assert_eq!(c.run, RunId::from_name("demo"));
+        assert!(c.json && c.peer.is_some() && c.chain.contract.is_some());
+        assert_eq!(c.chain.rpc_url, "http://127.0.0.1:8545");
+
+        let id = format!("0x{}", "ab".repeat(32));
+        let cli = Cli::try_parse_from(["node", "checkpoints", "--run", &id]).unwrap();
+        let Command::Checkpoints(c) = cli.command else { panic!("checkpoints") };
+        assert_eq!(c.run, RunId([0xab; 32]));
+        assert!(c.chain.contract().unwrap_err().to_string().contains("node deploy"));
+
+        let cli = Cli::try_parse_from([
+            "node",
+            "submit",
+            "vote",
+            "--run",
+            "demo",
+            "--round",
+            "9",
+            "--param-hash",
+            &id,
+            "--eth-key-file",
+            "/k",
+        ])
+        .unwrap();
+        let Command::Submit(SubmitCommand::Vote { round, .. }) = cli.command else { panic!("vote") };
+        assert_eq!(round, 9);
+    }
+
+    #[test]
+    fn bad_ledger_arguments_name_what_is_wrong() {
+        let err = Cli::try_parse_from(["node", "checkpoints", "--run", "0x1234"]).unwrap_err().to_string();
+        assert!(err.contains("64 hex digits"), "{err}");
+        let err =
+            Cli::try_parse_from(["node", "contributions", "--run", "r", "--peer", "0x12"]).unwrap_err().to_string();
+        assert!(err.contains("--peer"), "{err}");
     }
 
     #[test]

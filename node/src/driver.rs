@@ -3,6 +3,8 @@
 //! state machines of [`p2p_proto`]; this task only decodes, checks who sent
 //! what, keeps time, and carries out their actions.
 
+use crate::ledger::outbox::RoundTally;
+use crate::ledger::task::LedgerHandle;
 use crate::net::{NetEvent, NetHandle};
 use crate::ring_io::{self, Inbound};
 use libp2p::PeerId;
@@ -36,6 +38,8 @@ pub struct DriverConfig {
     pub rounds: Option<u64>,
     /// How long to wait for a stream to the right neighbour to open.
     pub open_timeout: Duration,
+    /// Where completed rounds are reported for the on-chain ledger, if anywhere.
+    pub ledger: Option<LedgerHandle>,
 }
 
 /// What a finished driver reports.
@@ -318,6 +322,15 @@ impl Driver {
                     self.round = None;
                     self.summary.rounds_completed += 1;
                     self.summary.last_round = Some(o.view.round);
+                    if let Some(ledger) = &self.cfg.ledger {
+                        // The demonstration has no parameters: the agreed sum stands for them.
+                        ledger.round_completed(RoundTally {
+                            round: o.view.round,
+                            samples: o.own_samples,
+                            commit: o.own_commit,
+                            param_hash: o.sum_hash,
+                        });
+                    }
                     info!(
                         round = o.view.round,
                         attempt = o.view.attempt,
@@ -330,6 +343,7 @@ impl Driver {
                         reduce_us = o.reduce_us,
                         round_us = o.round_us,
                         result_hash = %hex(&o.sum_hash),
+                        commit = %hex(&o.own_commit),
                         "round complete"
                     );
                     if self.cfg.rounds.is_some_and(|n| o.view.round + 1 >= n) {

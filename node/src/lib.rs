@@ -7,11 +7,14 @@
 //! ring frames and timer ticks into actions, and those into gossip and stream
 //! writes. [`ring_io`] moves framed ring payloads over streams, checking every
 //! frame before it reaches the driver. [`store`] keeps the peer's identity.
+//! [`ledger`] records the peer's work on chain through a durable outbox, in its
+//! own task, fed by the driver over a channel it never waits on.
 //! [`train`] is the compute half: datasets, models and the flat-gradient
 //! training step, on burn.
 
 pub mod cli;
 pub mod driver;
+pub mod ledger;
 pub mod net;
 pub mod ring_io;
 pub mod store;

@@ -1,9 +1,13 @@
 //! `node`: parses the command line, sets up logging, and runs the peer.
 
+use alloy::primitives::B256;
 use anyhow::Context;
 use clap::Parser;
-use node::cli::{Cli, Command, LogFormat, StartArgs};
+use node::cli::{ChainArgs, Cli, Command, LogFormat, StartArgs, SubmitCommand};
 use node::driver::{self, DriverConfig};
+use node::ledger::client::{self, Client, ClientError};
+use node::ledger::outbox::{Outbox, Record};
+use node::ledger::{show, task};
 use node::{net, store::Store};
 use p2p_proto::FixedPoint;
 use p2p_proto::chunk::SEGMENT_ELEMS;
@@ -11,7 +15,7 @@ use p2p_proto::membership::MembershipConfig;
 use p2p_proto::message::RunId;
 use p2p_proto::round::RoundConfig;
 use std::time::Duration;
-use tracing::info;
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
@@ -26,14 +30,141 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Start(args) => runtime.block_on(start(args)),
         Command::Train(args) => node::train::run::run(args),
+        Command::Deploy(args) => runtime.block_on(deploy(args.chain)),
+        Command::Contributions(args) => runtime.block_on(async {
+            let client = Client::connect(&args.chain.rpc_url, None, args.chain.contract()?).await?;
+            let c = show::contributions(&client, B256::from(args.run.0), args.peer).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                print!("{}", show::contributions_table(&c));
+            }
+            Ok(())
+        }),
+        Command::Checkpoints(args) => runtime.block_on(async {
+            let client = Client::connect(&args.chain.rpc_url, None, args.chain.contract()?).await?;
+            let c = show::checkpoints(&client, B256::from(args.run.0)).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                print!("{}", show::checkpoints_table(&c));
+            }
+            Ok(())
+        }),
+        Command::Submit(cmd) => runtime.block_on(submit(cmd)),
     }
+}
+
+async fn deploy(chain: ChainArgs) -> anyhow::Result<()> {
+    let signer = client::load_signer(chain.eth_key_file.as_deref())?;
+    let deployer = signer.address();
+    let (address, tx) = client::deploy(&chain.rpc_url, signer).await?;
+    info!(%address, %tx, %deployer, endpoint = %client::endpoint_label(&chain.rpc_url), "ledger contract deployed");
+    println!("{address}");
+    Ok(())
+}
+
+/// Sends one record by hand: dry run first, so a rejection is explained before gas is spent.
+async fn submit(cmd: SubmitCommand) -> anyhow::Result<()> {
+    let (target, record) = match cmd {
+        SubmitCommand::CreateRun { target, config_hash, ledger } => {
+            let r = Record::CreateRun {
+                run: target.run.0,
+                config_hash: config_hash.0,
+                epoch_rounds: ledger.epoch_rounds,
+                quorum_bps: ledger.quorum_bps,
+                min_votes: ledger.min_votes,
+            };
+            (target, r)
+        }
+        SubmitCommand::Register { target, peer_id } => {
+            let r = Record::Register { run: target.run.0, peer_id: peer_id.to_bytes() };
+            (target, r)
+        }
+        SubmitCommand::Contribution { target, epoch, rounds, samples, commit_root } => {
+            let r = Record::Contribution { run: target.run.0, epoch, rounds, samples, commit_root: commit_root.0 };
+            (target, r)
+        }
+        SubmitCommand::Vote { target, round, param_hash } => {
+            let r = Record::Vote { run: target.run.0, round, param_hash: param_hash.0 };
+            (target, r)
+        }
+        SubmitCommand::Fault { target, accused, round, kind, evidence } => {
+            let r = Record::Fault { run: target.run.0, accused: accused.0.0, round, kind, evidence: evidence.0 };
+            (target, r)
+        }
+    };
+    let signer = client::load_signer(target.chain.eth_key_file.as_deref())?;
+    let client = Client::connect(&target.chain.rpc_url, Some(signer), target.chain.contract()?).await?;
+    client.simulate(&record).await?;
+    let tx = client.send(&record, None).await?;
+    match client.receipt(tx, Duration::from_secs(120)).await? {
+        Some((true, block)) => {
+            println!("{} recorded in block {block}, transaction {tx}", record.kind());
+            Ok(())
+        }
+        Some((false, block)) => {
+            anyhow::bail!("transaction {tx} reverted in block {block}: run the command again to see why")
+        }
+        None => {
+            anyhow::bail!("transaction {tx} was not mined within 120 s: check the chain, then `node contributions`")
+        }
+    }
+}
+
+/// Connects the ledger for `node start`, when a contract is given.
+async fn start_ledger(
+    args: &StartArgs,
+    store: &Store,
+    run: RunId,
+    peer_id: libp2p::PeerId,
+) -> anyhow::Result<Option<task::LedgerHandle>> {
+    let Some(address) = args.chain.contract else {
+        info!("no --contract: this peer records nothing on chain");
+        return Ok(None);
+    };
+    let signer = client::load_signer(args.chain.eth_key_file.as_deref())?;
+    let account = signer.address();
+    let client = Client::connect(&args.chain.rpc_url, Some(signer), address).await?;
+    match client.check_contract().await {
+        Ok(()) => {}
+        Err(e @ ClientError::Unreachable { .. }) => {
+            warn!(reason = %e, "chain unreachable at start; ledger records wait in the outbox")
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let outbox = Outbox::new(store.database())?;
+    let l = &args.ledger;
+    let cfg = task::LedgerConfig {
+        run: run.0,
+        config_hash: demo_config_hash(args),
+        epoch_rounds: l.epoch_rounds,
+        quorum_bps: l.quorum_bps,
+        min_votes: l.min_votes,
+        peer_id: peer_id.to_bytes(),
+    };
+    info!(%account, contract = %address, endpoint = client.endpoint(), epoch_rounds = l.epoch_rounds, "recording on chain");
+    Ok(Some(task::spawn(client, outbox, cfg)?))
+}
+
+/// The configuration every peer of a demonstration run must share, hashed for the ledger.
+fn demo_config_hash(args: &StartArgs) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"dtrain/demo-config/v1");
+    h.update(&(args.run.demo_vector_len as u64).to_le_bytes());
+    h.update(&args.ledger.epoch_rounds.to_le_bytes());
+    h.update(&args.ledger.quorum_bps.to_le_bytes());
+    h.update(&args.ledger.min_votes.to_le_bytes());
+    h.finalize().into()
 }
 
 async fn start(args: StartArgs) -> anyhow::Result<()> {
     let store = Store::open(&args.network.data_dir)?;
     let key = store.identity()?;
     let run = RunId::from_name(&args.run.run);
-    info!(peer_id = %key.public().to_peer_id(), run = %run, data_dir = %args.network.data_dir.display(), "starting");
+    let peer_id = key.public().to_peer_id();
+    info!(%peer_id, run = %run, data_dir = %args.network.data_dir.display(), "starting");
+    let ledger = start_ledger(&args, &store, run, peer_id).await?;
     let (handle, events, event_loop) = net::new(
         key,
         net::NetConfig { listen: args.network.listen, bootstrap: args.network.bootstrap, topic: run.topic() },
@@ -61,9 +192,21 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         demo_len: args.run.demo_vector_len,
         rounds: (args.run.rounds > 0).then_some(args.run.rounds),
         open_timeout: Duration::from_millis(t.step_timeout_ms),
+        ledger: ledger.clone(),
     };
     let summary = driver::run(cfg, handle.clone(), events, shutdown_signal()).await;
     info!(completed = summary.rounds_completed, failed = summary.rounds_failed, "stopped");
+    if let Some(ledger) = ledger {
+        let wait = Duration::from_secs(args.ledger.ledger_flush_timeout_s);
+        info!(timeout_s = wait.as_secs(), "flushing the ledger outbox");
+        match ledger.finish(wait).await {
+            Some(d) => info!(done = d.done, rejected = d.rejected, "ledger outbox flushed"),
+            None => warn!(
+                timeout_s = wait.as_secs(),
+                "ledger records still wait in the outbox; they are sent when this node next starts with this --data-dir"
+            ),
+        }
+    }
     // Let the last gossip (our Done) leave before the swarm goes away.
     tokio::time::sleep(Duration::from_millis(500)).await;
     drop(handle);

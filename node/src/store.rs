@@ -1,9 +1,11 @@
-//! Local state in redb: for now the peer's identity key, so that a restarted
-//! peer keeps its peer id.
+//! Local state in redb: the peer's identity key, so that a restarted peer
+//! keeps its peer id, and (through [`crate::ledger::outbox`], which shares the
+//! database) the ledger outbox.
 
 use libp2p::identity::Keypair;
 use redb::{Database, ReadableDatabase, TableDefinition};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const IDENTITY: TableDefinition<&str, &[u8]> = TableDefinition::new("identity");
 const KEYPAIR: &str = "ed25519-keypair";
@@ -24,7 +26,7 @@ pub enum StoreError {
 /// The node's local database.
 #[derive(Debug)]
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
     path: PathBuf,
 }
 
@@ -34,7 +36,17 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir { path: dir.to_owned(), source })?;
         let path = dir.join("node.redb");
         let db = Database::create(&path).map_err(|e| StoreError::Open { path: path.clone(), source: Box::new(e) })?;
-        Ok(Self { db, path })
+        Ok(Self { db: Arc::new(db), path })
+    }
+
+    /// The database, shared with the other owners of local state.
+    pub fn database(&self) -> Arc<Database> {
+        self.db.clone()
+    }
+
+    /// Where the database lives, for error messages.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     fn db_err(&self, e: impl Into<redb::Error>) -> StoreError {

@@ -140,6 +140,13 @@ pub struct GradientCommit {
     pub joiners: Vec<PeerKey>,
 }
 
+impl GradientCommit {
+    /// blake3 of the commit's wire encoding: the digest a peer's ledger record builds on.
+    pub fn digest(&self) -> Hash {
+        blake3::hash(&crate::codec::encode_frame(self)).into()
+    }
+}
+
 /// One outgoing partial sum of the reduce-scatter: which step, which chunk, its hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartialSum {

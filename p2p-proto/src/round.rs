@@ -82,6 +82,11 @@ pub struct Outcome {
     pub sum_hash: Hash,
     /// Total samples behind the sum.
     pub samples: u64,
+    /// Samples behind this member's own contribution.
+    pub own_samples: u64,
+    /// blake3 of this member's gossiped commit message: what it committed to before any
+    /// payload moved, recomputable by anyone who received the commit.
+    pub own_commit: Hash,
     pub next: RingView,
     pub bytes_sent: u64,
     pub bytes_received: u64,
@@ -392,12 +397,15 @@ impl Round {
             self.stage = Stage::Finished;
             let (sum, sum_hash) = self.sum.take().expect("sum");
             let samples = self.commits.iter().flatten().map(|c| c.samples).sum();
+            let own = self.commits[self.pos].as_ref().expect("own commit");
             out.push(RoundAction::Completed(Box::new(Outcome {
                 view: self.view.clone(),
                 position: self.pos,
                 sum,
                 sum_hash,
                 samples,
+                own_samples: own.samples,
+                own_commit: own.digest(),
                 next: self.next.take().expect("next ring"),
                 bytes_sent: self.bytes.0,
                 bytes_received: self.bytes.1,

@@ -1,8 +1,10 @@
 //! The local cluster: starts real `node` processes on loopback, follows their
 //! rounds from their JSON logs, and measures the all-reduce against the
-//! machine's own TCP ceiling.
+//! machine's own TCP ceiling. [`chain`] runs a local Anvil with the ledger
+//! contract deployed.
 
 pub mod bench;
+pub mod chain;
 pub mod cluster;
 pub mod process;
 pub mod verify;

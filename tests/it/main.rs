@@ -3,5 +3,7 @@
 mod allreduce;
 mod bad_input;
 mod bootstrap_killed;
+mod contracts;
 mod identity;
+mod ledger;
 mod train;

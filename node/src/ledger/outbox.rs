@@ -1,0 +1,439 @@
+//! The durable outbox: every ledger write is stored here before it is sent,
+//! and stays until the chain shows it. Entries move Pending -> Sent -> Done
+//! (or Rejected, with the contract's reason). Each record has a key naming
+//! what it is about (`vote:<run>:<round>`), so pushing the same record twice,
+//! for example after a restart, adds nothing.
+//!
+//! The outbox also keeps the per-round tally of this peer's completed rounds,
+//! from which the contribution of each epoch of K rounds is built; closing an
+//! epoch deletes its tally and stores its records in one transaction, so a
+//! crash loses neither.
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger_outbox");
+const KEYS: TableDefinition<&str, u64> = TableDefinition::new("ledger_outbox_keys");
+const TALLY: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger_round_tally");
+
+pub type B32 = [u8; 32];
+
+/// One write to the ledger contract, as this peer will send it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Record {
+    CreateRun { run: B32, config_hash: B32, epoch_rounds: u64, quorum_bps: u16, min_votes: u16 },
+    Register { run: B32, peer_id: Vec<u8> },
+    Contribution { run: B32, epoch: u64, rounds: u64, samples: u64, commit_root: B32 },
+    Vote { run: B32, round: u64, param_hash: B32 },
+    Fault { run: B32, accused: [u8; 20], round: u64, kind: u8, evidence: B32 },
+}
+
+impl Record {
+    /// What the record is about: two records with one key are one write.
+    pub fn key(&self) -> String {
+        match self {
+            Record::CreateRun { run, .. } => format!("create-run:{}", hex::encode(run)),
+            Record::Register { run, .. } => format!("register:{}", hex::encode(run)),
+            Record::Contribution { run, epoch, .. } => format!("contribution:{}:{epoch}", hex::encode(run)),
+            Record::Vote { run, round, .. } => format!("vote:{}:{round}", hex::encode(run)),
+            Record::Fault { run, accused, round, kind, .. } => {
+                format!("fault:{}:{}:{round}:{kind}", hex::encode(run), hex::encode(accused))
+            }
+        }
+    }
+
+    /// Short name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Record::CreateRun { .. } => "create-run",
+            Record::Register { .. } => "register",
+            Record::Contribution { .. } => "contribution",
+            Record::Vote { .. } => "vote",
+            Record::Fault { .. } => "fault",
+        }
+    }
+
+    /// Records later ones depend on (the run must exist and this peer be registered before it
+    /// records anything): sent alone and waited for.
+    pub fn is_barrier(&self) -> bool {
+        matches!(self, Record::CreateRun { .. } | Record::Register { .. })
+    }
+}
+
+/// Where an entry stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    Pending,
+    /// Handed to the RPC endpoint as transaction `tx` with `nonce`; not yet seen mined.
+    Sent {
+        tx: B32,
+        nonce: u64,
+    },
+    /// On chain: mined by us in `tx` at `block`, or found there already (`tx` unknown).
+    Done {
+        tx: Option<B32>,
+        block: Option<u64>,
+    },
+    /// The contract refuses it for good; `reason` is the readable explanation.
+    Rejected {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub seq: u64,
+    pub record: Record,
+    pub status: Status,
+    /// Send attempts so far.
+    pub attempts: u32,
+}
+
+impl Entry {
+    pub fn is_open(&self) -> bool {
+        matches!(self.status, Status::Pending | Status::Sent { .. })
+    }
+}
+
+/// One completed round, as this peer's contribution counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundTally {
+    pub round: u64,
+    pub samples: u64,
+    /// Digest of this peer's gradient commit in the round.
+    pub commit: B32,
+    /// The parameter hash every member held after the round.
+    pub param_hash: B32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("ledger outbox: {0}")]
+    Db(Box<redb::Error>),
+    #[error("ledger outbox entry {seq} is corrupt ({reason}): move the data directory aside or repair it")]
+    Corrupt { seq: u64, reason: String },
+}
+
+impl<E: Into<redb::Error>> From<E> for OutboxError {
+    fn from(e: E) -> Self {
+        OutboxError::Db(Box::new(e.into()))
+    }
+}
+
+/// Counts by status, for logs and status pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Depth {
+    pub pending: usize,
+    pub sent: usize,
+    pub done: usize,
+    pub rejected: usize,
+}
+
+/// The outbox, over the node's redb database.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    db: Arc<Database>,
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("outbox values serialize")
+}
+
+impl Outbox {
+    pub fn new(db: Arc<Database>) -> Result<Self, OutboxError> {
+        let w = db.begin_write()?;
+        w.open_table(ENTRIES)?;
+        w.open_table(KEYS)?;
+        w.open_table(TALLY)?;
+        w.commit()?;
+        Ok(Self { db })
+    }
+
+    /// Stores `record` as pending unless a record with its key exists; returns its sequence
+    /// number and whether it was new.
+    pub fn push(&self, record: Record) -> Result<(u64, bool), OutboxError> {
+        let w = self.db.begin_write()?;
+        let out = Self::push_in(&w, record)?;
+        w.commit()?;
+        Ok(out)
+    }
+
+    fn push_in(w: &redb::WriteTransaction, record: Record) -> Result<(u64, bool), OutboxError> {
+        let key = record.key();
+        let mut keys = w.open_table(KEYS)?;
+        if let Some(seq) = keys.get(key.as_str())? {
+            return Ok((seq.value(), false));
+        }
+        let mut entries = w.open_table(ENTRIES)?;
+        let seq = entries.last()?.map_or(0, |(k, _)| k.value() + 1);
+        let entry = Entry { seq, record, status: Status::Pending, attempts: 0 };
+        entries.insert(seq, encode(&entry).as_slice())?;
+        keys.insert(key.as_str(), seq)?;
+        Ok((seq, true))
+    }
+
+    /// Every entry not yet done or rejected, oldest first.
+    pub fn open_entries(&self) -> Result<Vec<Entry>, OutboxError> {
+        Ok(self.entries()?.into_iter().filter(Entry::is_open).collect())
+    }
+
+    /// Every entry, oldest first.
+    pub fn entries(&self) -> Result<Vec<Entry>, OutboxError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(ENTRIES)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let entry: Entry = postcard::from_bytes(v.value())
+                .map_err(|e| OutboxError::Corrupt { seq: k.value(), reason: e.to_string() })?;
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    /// Sets the status of entry `seq` (and counts an attempt when it was sent).
+    pub fn set_status(&self, seq: u64, status: Status) -> Result<(), OutboxError> {
+        let w = self.db.begin_write()?;
+        {
+            let mut t = w.open_table(ENTRIES)?;
+            let mut entry: Entry = match t.get(seq)? {
+                Some(v) => {
+                    postcard::from_bytes(v.value()).map_err(|e| OutboxError::Corrupt { seq, reason: e.to_string() })?
+                }
+                None => return Ok(()),
+            };
+            if matches!(status, Status::Sent { .. }) {
+                entry.attempts += 1;
+            }
+            entry.status = status;
+            t.insert(seq, encode(&entry).as_slice())?;
+        }
+        w.commit()?;
+        Ok(())
+    }
+
+    pub fn depth(&self) -> Result<Depth, OutboxError> {
+        let mut d = Depth::default();
+        for e in self.entries()? {
+            match e.status {
+                Status::Pending => d.pending += 1,
+                Status::Sent { .. } => d.sent += 1,
+                Status::Done { .. } => d.done += 1,
+                Status::Rejected { .. } => d.rejected += 1,
+            }
+        }
+        Ok(d)
+    }
+
+    /// Notes a completed round, then closes every epoch of `epoch_rounds` rounds that this
+    /// round ends or leaves behind (see [`close_epochs`]); the records are stored in the same
+    /// transaction that removes their tally. Returns the records created.
+    pub fn round_completed(&self, run: B32, epoch_rounds: u64, tally: RoundTally) -> Result<Vec<Record>, OutboxError> {
+        let w = self.db.begin_write()?;
+        let records = {
+            let mut t = w.open_table(TALLY)?;
+            t.insert(tally.round, encode(&tally).as_slice())?;
+            let all = Self::read_tally(&t)?;
+            let (records, closed) = close_epochs(run, epoch_rounds, &all, Some(tally.round));
+            for round in closed {
+                t.remove(round)?;
+            }
+            records
+        };
+        for r in &records {
+            Self::push_in(&w, r.clone())?;
+        }
+        w.commit()?;
+        Ok(records)
+    }
+
+    /// Closes every epoch still tallied, the current one included: this peer is leaving the
+    /// run (it finished, or was asked to stop). Its last round gets a checkpoint vote.
+    pub fn close_all(&self, run: B32, epoch_rounds: u64) -> Result<Vec<Record>, OutboxError> {
+        let w = self.db.begin_write()?;
+        let records = {
+            let mut t = w.open_table(TALLY)?;
+            let all = Self::read_tally(&t)?;
+            let (records, closed) = close_epochs(run, epoch_rounds, &all, None);
+            for round in closed {
+                t.remove(round)?;
+            }
+            records
+        };
+        for r in &records {
+            Self::push_in(&w, r.clone())?;
+        }
+        w.commit()?;
+        Ok(records)
+    }
+
+    fn read_tally(t: &redb::Table<u64, &[u8]>) -> Result<BTreeMap<u64, RoundTally>, OutboxError> {
+        let mut all = BTreeMap::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let tally: RoundTally = postcard::from_bytes(v.value())
+                .map_err(|e| OutboxError::Corrupt { seq: k.value(), reason: e.to_string() })?;
+            all.insert(k.value(), tally);
+        }
+        Ok(all)
+    }
+}
+
+/// The root a contribution record carries: blake3 over the epoch's (round, commit digest)
+/// pairs in round order, so anyone holding the gossiped commits can recompute it.
+pub fn commit_root(rounds: &[RoundTally]) -> B32 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"dtrain/commit-root/v1");
+    for t in rounds {
+        h.update(&t.round.to_le_bytes());
+        h.update(&t.commit);
+    }
+    h.finalize().into()
+}
+
+/// Builds the records of the epochs that are over. With `latest = Some(r)` (round `r` just
+/// completed), an epoch is over when `r` is its last round or lies in a later epoch; with
+/// `None`, every tallied epoch is closed. An epoch whose last round this peer completed also
+/// gets its checkpoint vote (the parameter hash after that round), as does the very last
+/// tallied round when everything is closed. Returns the records and the rounds they consumed.
+pub fn close_epochs(
+    run: B32,
+    epoch_rounds: u64,
+    tally: &BTreeMap<u64, RoundTally>,
+    latest: Option<u64>,
+) -> (Vec<Record>, Vec<u64>) {
+    let k = epoch_rounds.max(1);
+    let mut by_epoch: BTreeMap<u64, Vec<RoundTally>> = BTreeMap::new();
+    for t in tally.values() {
+        by_epoch.entry(t.round / k).or_default().push(*t);
+    }
+    let last_tallied = tally.keys().next_back().copied();
+    let mut records = Vec::new();
+    let mut closed = Vec::new();
+    for (epoch, rounds) in by_epoch {
+        let end = epoch * k + k - 1;
+        let over = match latest {
+            Some(r) => r >= end,
+            None => true,
+        };
+        if !over {
+            continue;
+        }
+        let samples = rounds.iter().map(|t| t.samples).sum();
+        records.push(Record::Contribution {
+            run,
+            epoch,
+            rounds: rounds.len() as u64,
+            samples,
+            commit_root: commit_root(&rounds),
+        });
+        let last = rounds.last().expect("an epoch has rounds");
+        if last.round == end || (latest.is_none() && Some(last.round) == last_tallied) {
+            records.push(Record::Vote { run, round: last.round, param_hash: last.param_hash });
+        }
+        closed.extend(rounds.iter().map(|t| t.round));
+    }
+    (records, closed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_db(name: &str) -> (Arc<Database>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("dtrain-outbox-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = Database::create(dir.join("node.redb")).unwrap();
+        (Arc::new(db), dir)
+    }
+
+    fn tally(round: u64) -> RoundTally {
+        RoundTally { round, samples: 10 + round, commit: [round as u8; 32], param_hash: [100 + round as u8; 32] }
+    }
+
+    const RUN: B32 = [7; 32];
+
+    #[test]
+    fn push_is_idempotent_per_key_and_survives_reopen() {
+        let (db, dir) = temp_db("push");
+        let outbox = Outbox::new(db).unwrap();
+        let vote = Record::Vote { run: RUN, round: 3, param_hash: [1; 32] };
+        assert_eq!(outbox.push(vote.clone()).unwrap(), (0, true));
+        assert_eq!(outbox.push(Record::Register { run: RUN, peer_id: vec![1, 2] }).unwrap(), (1, true));
+        // The same vote again (say, replayed after a restart) is the same entry.
+        assert_eq!(outbox.push(vote.clone()).unwrap(), (0, false));
+        outbox.set_status(0, Status::Sent { tx: [9; 32], nonce: 4 }).unwrap();
+        drop(outbox);
+
+        let db = Arc::new(Database::create(dir.join("node.redb")).unwrap());
+        let outbox = Outbox::new(db).unwrap();
+        let open = outbox.open_entries().unwrap();
+        assert_eq!(open.len(), 2);
+        assert_eq!(open[0].record, vote);
+        assert_eq!(open[0].status, Status::Sent { tx: [9; 32], nonce: 4 });
+        assert_eq!(open[0].attempts, 1);
+        outbox.set_status(0, Status::Done { tx: Some([9; 32]), block: Some(12) }).unwrap();
+        outbox.set_status(1, Status::Rejected { reason: "no".into() }).unwrap();
+        assert!(outbox.open_entries().unwrap().is_empty());
+        assert_eq!(outbox.depth().unwrap(), Depth { pending: 0, sent: 0, done: 1, rejected: 1 });
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn epochs_close_at_their_last_round_with_a_vote() {
+        let (db, dir) = temp_db("epochs");
+        let outbox = Outbox::new(db).unwrap();
+        // K = 3: rounds 0,1 tally; round 2 ends epoch 0.
+        assert!(outbox.round_completed(RUN, 3, tally(0)).unwrap().is_empty());
+        assert!(outbox.round_completed(RUN, 3, tally(1)).unwrap().is_empty());
+        let recs = outbox.round_completed(RUN, 3, tally(2)).unwrap();
+        let expected_root = commit_root(&[tally(0), tally(1), tally(2)]);
+        assert_eq!(
+            recs,
+            vec![
+                Record::Contribution { run: RUN, epoch: 0, rounds: 3, samples: 33, commit_root: expected_root },
+                Record::Vote { run: RUN, round: 2, param_hash: tally(2).param_hash },
+            ]
+        );
+        // Epoch 1: this peer misses round 5 (its last) and next completes round 6 (epoch 2):
+        // epoch 1 closes with what it has and without a vote.
+        outbox.round_completed(RUN, 3, tally(3)).unwrap();
+        let recs = outbox.round_completed(RUN, 3, tally(6)).unwrap();
+        assert_eq!(
+            recs,
+            vec![Record::Contribution {
+                run: RUN,
+                epoch: 1,
+                rounds: 1,
+                samples: 13,
+                commit_root: commit_root(&[tally(3)])
+            }]
+        );
+        // Leaving closes the open epoch 2 and votes its last round.
+        outbox.round_completed(RUN, 3, tally(7)).unwrap();
+        let recs = outbox.close_all(RUN, 3).unwrap();
+        assert_eq!(recs.len(), 2);
+        assert!(matches!(recs[0], Record::Contribution { epoch: 2, rounds: 2, samples: 33, .. }));
+        assert_eq!(recs[1], Record::Vote { run: RUN, round: 7, param_hash: tally(7).param_hash });
+        // Everything lands in the outbox exactly once, in order.
+        let kinds: Vec<_> = outbox.entries().unwrap().iter().map(|e| e.record.key()).collect();
+        assert_eq!(kinds.len(), 5);
+        assert!(outbox.close_all(RUN, 3).unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn commit_root_depends_on_every_round_and_commit() {
+        let base = commit_root(&[tally(0), tally(1)]);
+        let mut other = tally(1);
+        other.commit[31] ^= 1;
+        assert_ne!(base, commit_root(&[tally(0), other]));
+        let mut moved = tally(1);
+        moved.round = 2;
+        assert_ne!(base, commit_root(&[tally(0), moved]));
+        assert_ne!(base, commit_root(&[tally(0)]));
+    }
+}

@@ -1,0 +1,293 @@
+//! The ledger actor. It owns the outbox and the contract client; the round
+//! driver sends it completed rounds over an unbounded channel and never waits.
+//!
+//! Sending, oldest record first: a record already on chain is marked done
+//! without sending; one the contract would refuse (checked by a dry run) is
+//! marked rejected with the contract's reason; the rest are sent with
+//! consecutive nonces from this task, the only writer for its key, then their
+//! receipts awaited. Registration and run creation are barriers: later records
+//! depend on them, so they are sent alone. While the chain is unreachable,
+//! records wait and the task retries with exponential backoff. A record is
+//! never lost (it is in redb before anything is sent) and never lands twice
+//! (the contract keeps one record per key, and the outbox checks the chain
+//! before every resend).
+
+use super::client::{Client, ClientError, OnChain};
+use super::outbox::{B32, Depth, Entry, Outbox, OutboxError, Record, RoundTally, Status};
+use alloy::primitives::B256;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+/// Records sent back to back before their receipts are awaited.
+const MAX_IN_FLIGHT: usize = 16;
+/// Longest wait for one receipt before the task checks again on its next pass.
+const RECEIPT_TIMEOUT: Duration = Duration::from_secs(30);
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// What the run looks like on chain.
+#[derive(Debug, Clone)]
+pub struct LedgerConfig {
+    pub run: B32,
+    pub config_hash: B32,
+    /// K: one contribution record per K rounds.
+    pub epoch_rounds: u64,
+    pub quorum_bps: u16,
+    pub min_votes: u16,
+    /// This peer's libp2p peer id (multihash bytes).
+    pub peer_id: Vec<u8>,
+}
+
+enum Event {
+    Round(RoundTally),
+    Finish(oneshot::Sender<Depth>),
+}
+
+/// The driver's handle: cheap to clone, never blocks.
+#[derive(Debug, Clone)]
+pub struct LedgerHandle {
+    tx: mpsc::UnboundedSender<Event>,
+}
+
+impl LedgerHandle {
+    /// Notes a round this peer completed.
+    pub fn round_completed(&self, tally: RoundTally) {
+        let _ = self.tx.send(Event::Round(tally));
+    }
+
+    /// Closes the open epochs and waits up to `timeout` for every record to be on chain.
+    /// Returns the outbox depth when it emptied, or `None` on timeout (the records stay in the
+    /// outbox and are sent when the node next starts with this data directory).
+    pub async fn finish(&self, timeout: Duration) -> Option<Depth> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Event::Finish(reply)).ok()?;
+        tokio::time::timeout(timeout, rx).await.ok()?.ok()
+    }
+}
+
+/// Starts the ledger task: queues the run creation (a no-op on chain if the run exists with
+/// the same configuration) and this peer's registration, then sends whatever is open.
+pub fn spawn(client: Client, outbox: Outbox, cfg: LedgerConfig) -> Result<LedgerHandle, OutboxError> {
+    outbox.push(Record::CreateRun {
+        run: cfg.run,
+        config_hash: cfg.config_hash,
+        epoch_rounds: cfg.epoch_rounds,
+        quorum_bps: cfg.quorum_bps,
+        min_votes: cfg.min_votes,
+    })?;
+    outbox.push(Record::Register { run: cfg.run, peer_id: cfg.peer_id.clone() })?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = Task { client, outbox, cfg, nonce: None, backoff: BACKOFF_MIN, unreachable_since: None };
+    tokio::spawn(task.run(rx));
+    Ok(LedgerHandle { tx })
+}
+
+struct Task {
+    client: Client,
+    outbox: Outbox,
+    cfg: LedgerConfig,
+    /// Next nonce of this account, while it is known; re-read from the chain after any error.
+    nonce: Option<u64>,
+    backoff: Duration,
+    unreachable_since: Option<Instant>,
+}
+
+/// Why a pass stopped early.
+enum Stop {
+    /// The chain could not be asked; retry after the backoff.
+    Transient(ClientError),
+    /// A sent transaction is still waiting to be mined; look again soon.
+    Waiting,
+}
+
+impl Task {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
+        let mut finishing: Option<oneshot::Sender<Depth>> = None;
+        let mut next_pass = Instant::now();
+        loop {
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Some(Event::Round(t)) => self.on_round(t),
+                    Some(Event::Finish(reply)) => {
+                        match self.outbox.close_all(self.cfg.run, self.cfg.epoch_rounds) {
+                            Ok(recs) => self.log_queued(&recs),
+                            Err(e) => error!(reason = %e, "cannot close the open epoch"),
+                        }
+                        finishing = Some(reply);
+                        next_pass = Instant::now();
+                    }
+                    // The node is gone without finishing: what is open stays in the outbox.
+                    None => return,
+                },
+                () = tokio::time::sleep_until(next_pass) => {
+                    let open = self.pass().await;
+                    next_pass = Instant::now() + if open == 0 { Duration::from_secs(3600) } else { self.backoff };
+                    if open == 0 && let Some(reply) = finishing.take() {
+                        let depth = self.outbox.depth().unwrap_or_default();
+                        let _ = reply.send(depth);
+                        return;
+                    }
+                }
+            }
+            if !rx.is_empty() {
+                continue;
+            }
+            // New records go out at once unless the chain is backing off.
+            if self.unreachable_since.is_none() {
+                next_pass = next_pass.min(Instant::now());
+            }
+        }
+    }
+
+    fn on_round(&mut self, t: RoundTally) {
+        match self.outbox.round_completed(self.cfg.run, self.cfg.epoch_rounds, t) {
+            Ok(recs) => self.log_queued(&recs),
+            Err(e) => error!(round = t.round, reason = %e, "cannot store the round in the ledger outbox"),
+        }
+    }
+
+    fn log_queued(&self, recs: &[Record]) {
+        for r in recs {
+            match r {
+                Record::Contribution { epoch, rounds, samples, .. } => {
+                    info!(epoch, rounds, samples, "contribution queued for the ledger")
+                }
+                Record::Vote { round, param_hash, .. } => {
+                    info!(round, hash = %B256::from(*param_hash), "checkpoint vote queued for the ledger")
+                }
+                other => debug!(kind = other.kind(), "record queued for the ledger"),
+            }
+        }
+    }
+
+    /// One pass over the open entries; returns how many are still open.
+    async fn pass(&mut self) -> usize {
+        let result = self.send_open().await;
+        let open = match self.outbox.open_entries() {
+            Ok(o) => o.len(),
+            Err(e) => {
+                error!(reason = %e, "cannot read the ledger outbox");
+                return 1;
+            }
+        };
+        match result {
+            Ok(()) | Err(Stop::Waiting) => {
+                if let Some(since) = self.unreachable_since.take() {
+                    info!(down_ms = since.elapsed().as_millis() as u64, open, "chain reachable again");
+                }
+                self.backoff = if result.is_ok() { BACKOFF_MIN } else { Duration::from_millis(200) };
+            }
+            Err(Stop::Transient(e)) => {
+                self.nonce = None;
+                if self.unreachable_since.is_none() {
+                    self.unreachable_since = Some(Instant::now());
+                    warn!(reason = %e, open, "ledger writes wait in the outbox; training goes on");
+                } else {
+                    debug!(reason = %e, open, "chain still unreachable");
+                }
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+        open
+    }
+
+    async fn send_open(&mut self) -> Result<(), Stop> {
+        loop {
+            let open = self.outbox.open_entries().map_err(|e| Stop::Transient(ClientError::Other(e.to_string())))?;
+            if open.is_empty() {
+                return Ok(());
+            }
+            // A barrier goes alone; otherwise a run of independent records, up to the limit.
+            let batch: Vec<Entry> = if open[0].record.is_barrier() {
+                vec![open[0].clone()]
+            } else {
+                open.iter().take_while(|e| !e.record.is_barrier()).take(MAX_IN_FLIGHT).cloned().collect()
+            };
+            let mut in_flight = Vec::new();
+            for entry in &batch {
+                if let Some(tx) = self.advance(entry).await? {
+                    in_flight.push((entry.seq, tx));
+                }
+            }
+            for (seq, tx) in in_flight {
+                self.await_receipt(seq, tx).await?;
+            }
+        }
+    }
+
+    fn set(&self, seq: u64, status: Status) {
+        if let Err(e) = self.outbox.set_status(seq, status) {
+            error!(seq, reason = %e, "cannot update the ledger outbox");
+        }
+    }
+
+    /// Moves one entry forward: done if the chain has it, rejected if the contract refuses it,
+    /// otherwise sent. Returns the transaction to wait for.
+    async fn advance(&mut self, entry: &Entry) -> Result<Option<B256>, Stop> {
+        let transient = Stop::Transient;
+        if let Status::Sent { tx, .. } = entry.status {
+            let tx = B256::from(tx);
+            match self.client.receipt(tx, Duration::ZERO).await.map_err(transient)? {
+                Some(_) => return Ok(Some(tx)),
+                None if self.client.tx_known(tx).await.map_err(transient)? => return Err(Stop::Waiting),
+                // The endpoint lost it (a restarted chain, a dropped pool): check and resend.
+                None => debug!(seq = entry.seq, %tx, "sent transaction unknown to the chain; resending"),
+            }
+        }
+        match self.client.on_chain(&entry.record).await.map_err(transient)? {
+            OnChain::Same => {
+                info!(kind = entry.record.kind(), key = %entry.record.key(), "record already on chain");
+                self.set(entry.seq, Status::Done { tx: None, block: None });
+                return Ok(None);
+            }
+            OnChain::Different(reason) => {
+                error!(kind = entry.record.kind(), key = %entry.record.key(), %reason, "ledger record rejected");
+                self.set(entry.seq, Status::Rejected { reason });
+                return Ok(None);
+            }
+            OnChain::Absent => {}
+        }
+        match self.client.simulate(&entry.record).await {
+            Ok(()) => {}
+            Err(ClientError::Rejected { name, message, .. }) => {
+                error!(kind = entry.record.kind(), key = %entry.record.key(), error = name, reason = %message, "ledger record rejected by the contract");
+                self.set(entry.seq, Status::Rejected { reason: format!("{name}: {message}") });
+                return Ok(None);
+            }
+            Err(e) => return Err(transient(e)),
+        }
+        let nonce = match self.nonce {
+            Some(n) => n,
+            None => self.client.next_nonce().await.map_err(transient)?,
+        };
+        let tx = self.client.send(&entry.record, Some(nonce)).await.map_err(transient)?;
+        self.nonce = Some(nonce + 1);
+        self.set(entry.seq, Status::Sent { tx: tx.0, nonce });
+        debug!(kind = entry.record.kind(), nonce, %tx, "ledger record sent");
+        Ok(Some(tx))
+    }
+
+    async fn await_receipt(&mut self, seq: u64, tx: B256) -> Result<(), Stop> {
+        match self.client.receipt(tx, RECEIPT_TIMEOUT).await.map_err(Stop::Transient)? {
+            Some((true, block)) => {
+                let entry = self.outbox.entries().ok().and_then(|e| e.into_iter().find(|e| e.seq == seq));
+                if let Some(e) = entry {
+                    info!(kind = e.record.kind(), key = %e.record.key(), block, %tx, "recorded on chain");
+                }
+                self.set(seq, Status::Done { tx: Some(tx.0), block: Some(block) });
+                Ok(())
+            }
+            Some((false, block)) => {
+                // Someone changed the state between the dry run and the block (another peer
+                // created the run first, say): look at the chain again on the next pass.
+                debug!(seq, block, %tx, "ledger transaction reverted; will re-check");
+                self.set(seq, Status::Pending);
+                self.nonce = None;
+                Ok(())
+            }
+            None => Err(Stop::Waiting),
+        }
+    }
+}

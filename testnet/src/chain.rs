@@ -1,0 +1,207 @@
+//! A local chain for the cluster and the tests: the pinned Foundry tools
+//! (installed from npm into `contracts/node_modules` when missing), an Anvil
+//! process that is stopped on drop, its funded dev accounts, and the ledger
+//! contract deployed with `node deploy`.
+
+use crate::process::{TempDir, node_bin, wait_until};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// The repository root (this crate lives in `testnet/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repository root").to_owned()
+}
+
+/// The Foundry project.
+pub fn contracts_dir() -> PathBuf {
+    repo_root().join("contracts")
+}
+
+/// Paths of the pinned tools.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub anvil: PathBuf,
+    pub forge: PathBuf,
+    pub cast: PathBuf,
+}
+
+/// Installs the pinned toolchain (`contracts/package.json` and its lock file: anvil, forge,
+/// cast 1.7.1 and solc 0.8.30) with `npm ci` when it is missing. Idempotent, and safe when
+/// several processes ask at once (a file lock serializes the install).
+pub fn ensure_tools() -> &'static Tools {
+    static TOOLS: OnceLock<Tools> = OnceLock::new();
+    TOOLS.get_or_init(|| {
+        let dir = contracts_dir();
+        let bin = dir.join("node_modules").join(".bin");
+        let tools = Tools { anvil: bin.join("anvil"), forge: bin.join("forge"), cast: bin.join("cast") };
+        let complete = |t: &Tools| t.anvil.exists() && t.forge.exists() && t.cast.exists();
+        if complete(&tools) {
+            return tools;
+        }
+        let lock_path = std::env::temp_dir().join("dtrain-contract-tools.lock");
+        let lock = std::fs::File::create(&lock_path).expect("create the tool install lock file");
+        lock.lock().expect("lock the tool install");
+        if !complete(&tools) {
+            eprintln!("installing the pinned contract toolchain (npm ci in {})", dir.display());
+            let status = Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund"])
+                .current_dir(&dir)
+                .status()
+                .expect("run npm: install Node.js and npm to build and test the contracts");
+            assert!(status.success(), "npm ci in {} failed", dir.display());
+        }
+        assert!(complete(&tools), "npm ci did not install anvil, forge and cast under {}", bin.display());
+        tools
+    })
+}
+
+/// A dev account of Anvil's default mnemonic: funded with 10,000 ETH.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub address: String,
+    pub key: String,
+}
+
+/// A running Anvil, stopped when dropped.
+#[derive(Debug)]
+pub struct Anvil {
+    child: Option<Child>,
+    pub port: u16,
+    pub url: String,
+    pub accounts: Vec<Account>,
+    state: Option<PathBuf>,
+    dir: TempDir,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Anvil {
+    /// Starts Anvil on an ephemeral loopback port with a fresh chain.
+    pub fn start() -> Self {
+        Self::spawn(None, 0, TempDir::new("anvil"))
+    }
+
+    /// Starts Anvil whose state is loaded from and dumped to `state` (the file is written on
+    /// a clean stop and every second), on `port` (0: any).
+    pub fn start_with_state(state: &Path, port: u16) -> Self {
+        Self::spawn(Some(state.to_owned()), port, TempDir::new("anvil"))
+    }
+
+    fn spawn(state: Option<PathBuf>, port: u16, dir: TempDir) -> Self {
+        let tools = ensure_tools();
+        let config = dir.path().join("anvil.json");
+        let mut cmd = Command::new(&tools.anvil);
+        cmd.args(["--host", "127.0.0.1", "--port", &port.to_string(), "--config-out"]).arg(&config);
+        if let Some(s) = &state {
+            cmd.arg("--state").arg(s).args(["--state-interval", "1"]);
+        }
+        let mut child =
+            cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn anvil");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        for pipe in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let l = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    l.lock().unwrap().push(line);
+                }
+            });
+        }
+        let port = wait_until(Duration::from_secs(30), || {
+            log.lock()
+                .unwrap()
+                .iter()
+                .find_map(|l| l.strip_prefix("Listening on 127.0.0.1:").and_then(|p| p.trim().parse::<u16>().ok()))
+        })
+        .unwrap_or_else(|| panic!("anvil did not start listening: {:?}", log.lock().unwrap()));
+        let accounts = read_accounts(&config);
+        Self { child: Some(child), port, url: format!("http://127.0.0.1:{port}"), accounts, state, dir, log }
+    }
+
+    /// Writes dev account `i`'s key to a file (mode 0600) and returns its path.
+    pub fn key_file(&self, i: usize) -> PathBuf {
+        let path = self.dir.path().join(format!("key-{i}"));
+        std::fs::write(&path, &self.accounts[i].key).expect("write key file");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod key file");
+        }
+        path
+    }
+
+    /// Stops Anvil cleanly (SIGTERM, so it dumps its state) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            if wait_until(Duration::from_secs(10), || child.try_wait().ok().flatten()).is_none() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops Anvil and starts it again on the same port from its dumped state.
+    pub fn restart(&mut self) {
+        let state = self.state.clone().expect("restart needs a chain started with a state file");
+        self.stop();
+        let dir = std::mem::replace(&mut self.dir, TempDir::new("anvil-old"));
+        let again = Self::spawn(Some(state), self.port, dir);
+        *self = again;
+    }
+
+    /// Everything Anvil printed.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Anvil {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn read_accounts(config: &Path) -> Vec<Account> {
+    let text = wait_until(Duration::from_secs(10), || std::fs::read_to_string(config).ok())
+        .unwrap_or_else(|| panic!("anvil wrote no {}", config.display()));
+    let v: serde_json::Value = serde_json::from_str(&text).expect("anvil config JSON");
+    let addrs = v["available_accounts"].as_array().expect("available_accounts");
+    let keys = v["private_keys"].as_array().expect("private_keys");
+    addrs
+        .iter()
+        .zip(keys)
+        .map(|(a, k)| Account { address: a.as_str().unwrap().to_owned(), key: k.as_str().unwrap().to_owned() })
+        .collect()
+}
+
+/// Runs the `node` binary with `args` to completion.
+pub fn node_command(args: &[&str]) -> Output {
+    Command::new(node_bin()).args(args).env("RUST_LOG", "warn").output().expect("run node")
+}
+
+/// Deploys the ledger with `node deploy` from dev account 0; returns the contract address.
+pub fn deploy(anvil: &Anvil) -> String {
+    let key = anvil.key_file(0);
+    let out = node_command(&["deploy", "--rpc-url", &anvil.url, "--eth-key-file", key.to_str().unwrap()]);
+    assert!(out.status.success(), "node deploy failed: {}", String::from_utf8_lossy(&out.stderr));
+    let address = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(address.starts_with("0x") && address.len() == 42, "node deploy printed `{address}`");
+    address
+}
+
+/// Reads a ledger query (`contributions`/`checkpoints` with `--json`) as JSON.
+pub fn ledger_json(anvil: &Anvil, contract: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["--rpc-url", &anvil.url, "--contract", contract, "--json"]);
+    let out = node_command(&all);
+    assert!(out.status.success(), "node {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("ledger JSON")
+}

@@ -1,0 +1,221 @@
+//! The on-chain ledger against a real Anvil: peers register, record their
+//! contributions every K rounds and vote their hashes; checkpoints finalize by
+//! quorum; the node's commands read it all back; rejected writes are explained;
+//! and a chain outage loses nothing and duplicates nothing.
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tests::{Anvil, Node, Round, TempDir, deploy, ledger_json, node_command, wait_until};
+
+const K: u64 = 2;
+
+fn chain_flags(anvil: &Anvil, contract: &str, account: usize) -> Vec<String> {
+    vec![
+        "--rpc-url".into(),
+        anvil.url.clone(),
+        "--contract".into(),
+        contract.into(),
+        "--eth-key-file".into(),
+        anvil.key_file(account).to_str().unwrap().into(),
+        "--epoch-rounds".into(),
+        K.to_string(),
+    ]
+}
+
+fn start(name: &str, run: &str, min_peers: usize, rounds: u64, chain: &[String], bootstrap: Option<&str>) -> Node {
+    let mut flags: Vec<String> = [
+        "--run",
+        run,
+        "--min-peers",
+        &min_peers.to_string(),
+        "--rounds",
+        &rounds.to_string(),
+        "--demo-vector-len",
+        "20000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    flags.extend(chain.iter().cloned());
+    if let Some(b) = bootstrap {
+        flags.extend(["--bootstrap".to_owned(), b.to_owned()]);
+    }
+    let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    Node::start_in(name, TempDir::new(name), &refs)
+}
+
+/// The commit root of one epoch, recomputed from the commit digests the node logged.
+fn commit_root(rounds: &[&Value]) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"dtrain/commit-root/v1");
+    for r in rounds {
+        h.update(&r["round"].as_u64().unwrap().to_le_bytes());
+        h.update(&hex::decode(r["commit"].as_str().unwrap()).unwrap());
+    }
+    format!("0x{}", hex::encode(h.finalize().as_bytes()))
+}
+
+/// Checks the chain against what each node logged: per peer, the totals and every epoch's
+/// record (rounds, samples, commit root) equal the rounds it completed; every epoch's last
+/// round is a finalized checkpoint holding the hash all peers logged.
+fn assert_ledger_matches(anvil: &Anvil, contract: &str, run: &str, nodes: &[(&Node, usize)], rounds: u64) {
+    let all = ledger_json(anvil, contract, &["contributions", "--run", run]);
+    assert_eq!(all["peers"].as_array().unwrap().len(), nodes.len(), "registered peers: {all}");
+    let mut hashes: BTreeMap<u64, String> = BTreeMap::new();
+    for (node, account) in nodes {
+        let events = node.events("round complete");
+        let done: Vec<Round> = node.rounds();
+        assert_eq!(done.len() as u64, rounds, "{} completed every round", node.name);
+        for r in &done {
+            let prev = hashes.insert(r.round, r.result_hash.clone());
+            assert!(prev.is_none_or(|p| p == r.result_hash), "peers disagree at round {}", r.round);
+        }
+        let address = &anvil.accounts[*account].address;
+        let mine = ledger_json(anvil, contract, &["contributions", "--run", run, "--peer", address]);
+        let totals = &mine["peers"][0];
+        assert_eq!(totals["rounds"], rounds, "{}: on-chain rounds equal the rounds it completed", node.name);
+        // A demonstration round's contribution counts one sample.
+        assert_eq!(totals["samples"], rounds, "{}: on-chain samples", node.name);
+        assert_eq!(totals["epochs"], rounds.div_ceil(K), "{}: one record per epoch", node.name);
+        assert_eq!(totals["peer_id"], node.peer_id(), "{}: bound to its libp2p peer id", node.name);
+        let epochs = mine["epochs"].as_array().unwrap();
+        let listed: Vec<u64> = epochs.iter().map(|e| e["epoch"].as_u64().unwrap()).collect();
+        let mut unique = listed.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), listed.len(), "{}: an epoch recorded twice: {listed:?}", node.name);
+        for e in epochs {
+            let epoch = e["epoch"].as_u64().unwrap();
+            let in_epoch: Vec<&Value> = events.iter().filter(|v| v["round"].as_u64().unwrap() / K == epoch).collect();
+            assert_eq!(e["rounds"], in_epoch.len() as u64, "{} epoch {epoch} rounds", node.name);
+            assert_eq!(e["commit_root"], commit_root(&in_epoch), "{} epoch {epoch} commit root", node.name);
+        }
+    }
+    let cps = ledger_json(anvil, contract, &["checkpoints", "--run", run]);
+    let finalized: BTreeMap<u64, String> = cps["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["round"].as_u64().unwrap(), c["param_hash"].as_str().unwrap().to_owned()))
+        .collect();
+    let expected: BTreeMap<u64, String> = hashes
+        .iter()
+        .filter(|(r, _)| (*r + 1) % K == 0 || **r + 1 == rounds)
+        .map(|(r, h)| (*r, format!("0x{h}")))
+        .collect();
+    assert_eq!(finalized, expected, "finalized checkpoints are exactly the epoch ends, with the peers' hashes");
+    assert_eq!(cps["latest"]["round"], rounds - 1);
+}
+
+#[test]
+fn peers_record_contributions_and_finalize_checkpoints_on_anvil() {
+    let anvil = Anvil::start();
+    let contract = deploy(&anvil);
+    let run = "it-ledger";
+    let rounds = 6;
+    let a = start("ledger-a", run, 3, rounds, &chain_flags(&anvil, &contract, 1), None);
+    let boot = a.address();
+    let b = start("ledger-b", run, 3, rounds, &chain_flags(&anvil, &contract, 2), Some(&boot));
+    let c = start("ledger-c", run, 3, rounds, &chain_flags(&anvil, &contract, 3), Some(&boot));
+    let mut nodes = [a, b, c];
+    for n in &mut nodes {
+        let code = n.wait_exit(Duration::from_secs(180));
+        if code != Some(0) {
+            n.dump();
+        }
+        assert_eq!(code, Some(0), "{} exits cleanly after flushing its outbox", n.name);
+        assert_eq!(n.events("ledger outbox flushed").len(), 1, "{} flushed its outbox", n.name);
+    }
+    let [a, b, c] = &nodes;
+    assert_ledger_matches(&anvil, &contract, run, &[(a, 1), (b, 2), (c, 3)], rounds);
+
+    // The run on chain: created once, by one of the peers, with their configuration.
+    let info = &ledger_json(&anvil, &contract, &["checkpoints", "--run", run])["run"];
+    assert_eq!(info["epoch_rounds"], K);
+    assert_eq!(info["peers"], 3);
+    let creators: Vec<&str> = (1..=3).map(|i| anvil.accounts[i].address.as_str()).collect();
+    assert!(creators.iter().any(|c| c.eq_ignore_ascii_case(info["creator"].as_str().unwrap())), "{info}");
+
+    // Writes the contract refuses come back as readable messages, with nothing recorded.
+    let submit = |account: usize, what: &[&str]| {
+        let key = anvil.key_file(account);
+        let mut args = vec!["submit"];
+        args.extend_from_slice(what);
+        args.extend(["--run", run, "--rpc-url", &anvil.url, "--contract", &contract]);
+        args.extend(["--eth-key-file", key.to_str().unwrap()]);
+        let out = node_command(&args);
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let root = format!("0x{}", "11".repeat(32));
+    let contribution = ["contribution", "--epoch", "0", "--rounds", "1", "--samples", "5", "--commit-root", &root];
+    let (ok, err) = submit(9, &contribution);
+    assert!(!ok, "an unregistered address cannot record");
+    assert!(err.contains("NotRegistered") && err.contains("is not a registered peer"), "{err}");
+    let (ok, err) = submit(1, &contribution);
+    assert!(!ok, "a second record for an epoch is refused");
+    assert!(
+        err.contains("ContributionExists") && err.contains("already recorded its contribution for epoch 0"),
+        "{err}"
+    );
+    let (ok, err) = submit(2, &["vote", "--round", "1", "--param-hash", &root]);
+    assert!(!ok, "a second vote for a round is refused");
+    assert!(err.contains("AlreadyVoted") && err.contains("one vote per peer and round"), "{err}");
+    assert!(!err.contains(&anvil.accounts[2].key[2..]), "the key never appears in output");
+    // Nothing changed.
+    assert_ledger_matches(&anvil, &contract, run, &[(a, 1), (b, 2), (c, 3)], rounds);
+}
+
+#[test]
+fn a_chain_outage_loses_no_record_and_duplicates_none() {
+    let state_dir = TempDir::new("anvil-state");
+    let state = state_dir.path().join("state.json");
+    let mut anvil = Anvil::start_with_state(&state, 0);
+    let contract = deploy(&anvil);
+    let run = "it-ledger-outage";
+    let rounds = 8;
+    // Three peers register while the chain is up, but wait for a fourth before round 0.
+    let a = start("outage-a", run, 4, rounds, &chain_flags(&anvil, &contract, 1), None);
+    let boot = a.address();
+    let b = start("outage-b", run, 4, rounds, &chain_flags(&anvil, &contract, 2), Some(&boot));
+    let c = start("outage-c", run, 4, rounds, &chain_flags(&anvil, &contract, 3), Some(&boot));
+    let registered = wait_until(Duration::from_secs(60), || {
+        let v = ledger_json(&anvil, &contract, &["contributions", "--run", run]);
+        (v["peers"].as_array().map_or(0, Vec::len) == 3).then_some(())
+    });
+    assert!(registered.is_some(), "three peers registered");
+
+    // The chain goes down; the fourth peer arrives and all four train through the outage.
+    anvil.stop();
+    let d = start("outage-d", run, 4, rounds, &chain_flags(&anvil, &contract, 4), Some(&boot));
+    let mut nodes = [a, b, c, d];
+    for n in &nodes {
+        let done = wait_until(Duration::from_secs(120), || (!n.events("all rounds done").is_empty()).then_some(()));
+        if done.is_none() {
+            n.dump();
+        }
+        assert!(done.is_some(), "{} trained every round while the chain was down", n.name);
+    }
+    for n in &mut nodes {
+        assert!(n.is_running(), "{} waits for its outbox instead of exiting", n.name);
+        assert!(
+            !n.events("ledger writes wait in the outbox; training goes on").is_empty(),
+            "{} noticed the outage",
+            n.name
+        );
+        assert!(n.events("ledger outbox flushed").is_empty(), "{} cannot have flushed yet", n.name);
+    }
+
+    // The chain comes back with its state: every waiting record lands, once.
+    anvil.restart();
+    for n in &mut nodes {
+        let code = n.wait_exit(Duration::from_secs(120));
+        if code != Some(0) {
+            n.dump();
+        }
+        assert_eq!(code, Some(0), "{} flushed its outbox and exited", n.name);
+        assert!(!n.events("chain reachable again").is_empty(), "{} saw the chain return", n.name);
+    }
+    let [a, b, c, d] = &nodes;
+    assert_ledger_matches(&anvil, &contract, run, &[(a, 1), (b, 2), (c, 3), (d, 4)], rounds);
+}
