@@ -3,7 +3,7 @@
 //! process that is stopped on drop, its funded dev accounts, and the ledger
 //! contract deployed with `node deploy`.
 
-use crate::process::{TempDir, node_bin, wait_until};
+use crate::process::{TempDir, apt_install, node_bin, wait_until};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -29,8 +29,9 @@ pub struct Tools {
 }
 
 /// Installs the pinned toolchain (`contracts/package.json` and its lock file: anvil, forge,
-/// cast 1.7.1 and solc 0.8.30) with `npm ci` when it is missing. Idempotent, and safe when
-/// several processes ask at once (a file lock serializes the install).
+/// cast 1.7.1 and solc 0.8.30) with `npm ci` when it is missing, and npm itself from Debian's
+/// packages when that is missing. Idempotent, and safe when several processes ask at once (a
+/// file lock serializes the install).
 pub fn ensure_tools() -> &'static Tools {
     static TOOLS: OnceLock<Tools> = OnceLock::new();
     TOOLS.get_or_init(|| {
@@ -45,12 +46,20 @@ pub fn ensure_tools() -> &'static Tools {
         let lock = std::fs::File::create(&lock_path).expect("create the tool install lock file");
         lock.lock().expect("lock the tool install");
         if !complete(&tools) {
+            let has_npm = || Command::new("npm").arg("--version").output().is_ok_and(|o| o.status.success());
+            if !has_npm() {
+                eprintln!("npm is missing: installing Debian's nodejs and npm");
+                assert!(
+                    apt_install(&["nodejs", "npm"]) && has_npm(),
+                    "npm is missing and could not be installed: run `apt-get install nodejs npm` as root"
+                );
+            }
             eprintln!("installing the pinned contract toolchain (npm ci in {})", dir.display());
             let status = Command::new("npm")
                 .args(["ci", "--no-audit", "--no-fund"])
                 .current_dir(&dir)
                 .status()
-                .expect("run npm: install Node.js and npm to build and test the contracts");
+                .expect("run npm");
             assert!(status.success(), "npm ci in {} failed", dir.display());
         }
         assert!(complete(&tools), "npm ci did not install anvil, forge and cast under {}", bin.display());

@@ -174,6 +174,11 @@ impl Node {
 
     /// Kills the node and returns its data directory, to restart from it.
     pub fn into_dir(mut self) -> TempDir {
+        self.take_dir()
+    }
+
+    /// Kills the node (if still running) and takes its data directory, keeping its logs.
+    pub fn take_dir(&mut self) -> TempDir {
         self.kill();
         std::mem::replace(&mut self.dir, TempDir(PathBuf::new()))
     }
@@ -254,6 +259,20 @@ pub const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 
 /// Installs Debian's `dataset-fashion-mnist` package if its files are missing
 /// (idempotent), and returns their directory.
+/// Installs Debian packages (needs root, as on CI); tries once more after refreshing the
+/// package lists. Returns whether it worked.
+pub fn apt_install(packages: &[&str]) -> bool {
+    let apt = |args: &[&str]| {
+        Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").status().is_ok_and(|s| s.success())
+    };
+    let install = |pkgs: &[&str]| {
+        let mut args = vec!["install", "-y", "-qq"];
+        args.extend_from_slice(pkgs);
+        apt(&args)
+    };
+    install(packages) || (apt(&["update", "-qq"]) && install(packages))
+}
+
 pub fn ensure_fashion_mnist() -> &'static Path {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
@@ -261,15 +280,7 @@ pub fn ensure_fashion_mnist() -> &'static Path {
         if dir.join("train-images-idx3-ubyte.gz").exists() {
             return;
         }
-        let apt = |args: &[&str]| {
-            Command::new("apt-get")
-                .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        let ok = apt(&["install", "-y", "-qq", "dataset-fashion-mnist"])
-            || (apt(&["update", "-qq"]) && apt(&["install", "-y", "-qq", "dataset-fashion-mnist"]));
+        let ok = apt_install(&["dataset-fashion-mnist"]);
         assert!(
             ok && dir.join("train-images-idx3-ubyte.gz").exists(),
             "Fashion-MNIST is missing and could not be installed: run `apt-get install dataset-fashion-mnist` as root"

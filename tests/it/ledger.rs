@@ -24,6 +24,18 @@ fn chain_flags(anvil: &Anvil, contract: &str, account: usize) -> Vec<String> {
 }
 
 fn start(name: &str, run: &str, min_peers: usize, rounds: u64, chain: &[String], bootstrap: Option<&str>) -> Node {
+    start_in(name, TempDir::new(name), run, min_peers, rounds, chain, bootstrap)
+}
+
+fn start_in(
+    name: &str,
+    dir: TempDir,
+    run: &str,
+    min_peers: usize,
+    rounds: u64,
+    chain: &[String],
+    bootstrap: Option<&str>,
+) -> Node {
     let mut flags: Vec<String> = [
         "--run",
         run,
@@ -42,7 +54,7 @@ fn start(name: &str, run: &str, min_peers: usize, rounds: u64, chain: &[String],
         flags.extend(["--bootstrap".to_owned(), b.to_owned()]);
     }
     let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
-    Node::start_in(name, TempDir::new(name), &refs)
+    Node::start_in(name, dir, &refs)
 }
 
 /// The commit root of one epoch, recomputed from the commit digests the node logged.
@@ -218,4 +230,69 @@ fn a_chain_outage_loses_no_record_and_duplicates_none() {
     }
     let [a, b, c, d] = &nodes;
     assert_ledger_matches(&anvil, &contract, run, &[(a, 1), (b, 2), (c, 3), (d, 4)], rounds);
+}
+
+#[test]
+fn records_left_in_the_outbox_are_sent_when_the_node_restarts() {
+    let state_dir = TempDir::new("anvil-state");
+    let state = state_dir.path().join("state.json");
+    let mut anvil = Anvil::start_with_state(&state, 0);
+    let contract = deploy(&anvil);
+    // The chain is down for the whole run; the peers give up waiting for it after 2 s.
+    anvil.stop();
+    let run = "it-ledger-restart";
+    let rounds = 4;
+    let chain = |i| {
+        let mut f = chain_flags(&anvil, &contract, i);
+        f.extend(["--ledger-flush-timeout-s".to_owned(), "2".to_owned()]);
+        f
+    };
+    // The chain comes back on the same URL, so the flags hold for the restart too.
+    let (flags_a, flags_b) = (chain(1), chain(2));
+    let mut a = start("restart-a", run, 2, rounds, &flags_a, None);
+    let boot = a.address();
+    let mut b = start("restart-b", run, 2, rounds, &flags_b, Some(&boot));
+    for n in [&mut a, &mut b] {
+        let code = n.wait_exit(Duration::from_secs(120));
+        if code != Some(0) {
+            n.dump();
+        }
+        assert_eq!(code, Some(0), "{} trained and exited", n.name);
+        assert_eq!(n.rounds().len() as u64, rounds);
+        let left = n.events_containing("ledger records still wait in the outbox");
+        assert_eq!(left.len(), 1, "{} kept its records for later", n.name);
+    }
+
+    // The chain is back; each peer restarts from its data directory. A third peer is
+    // required before any round, so the restarted peers only send what their outbox holds.
+    anvil.restart();
+    let a_again = start_in("restart-a2", a.take_dir(), run, 3, rounds, &flags_a, None);
+    let boot = a_again.address();
+    let b_again = start_in("restart-b2", b.take_dir(), run, 3, rounds, &flags_b, Some(&boot));
+    let landed = wait_until(Duration::from_secs(60), || {
+        let v = ledger_json(&anvil, &contract, &["checkpoints", "--run", run]);
+        let epochs: u64 = [1, 2]
+            .iter()
+            .map(|i| {
+                let p = ledger_json(
+                    &anvil,
+                    &contract,
+                    &["contributions", "--run", run, "--peer", &anvil.accounts[*i].address],
+                );
+                p["peers"][0]["epochs"].as_u64().unwrap_or(0)
+            })
+            .sum();
+        (v["checkpoints"].as_array().map_or(0, Vec::len) == 2 && epochs == 4).then_some(())
+    });
+    if landed.is_none() {
+        a_again.dump();
+        b_again.dump();
+    }
+    assert!(landed.is_some(), "the restarted peers sent what their outboxes held");
+    for n in [&a_again, &b_again] {
+        assert!(n.rounds().is_empty(), "{} ran no round after the restart", n.name);
+        assert!(!n.events("recorded on chain").is_empty(), "{} sent its records after the restart", n.name);
+    }
+    // The chain shows exactly the work of the first run, once.
+    assert_ledger_matches(&anvil, &contract, run, &[(&a, 1), (&b, 2)], rounds);
 }
