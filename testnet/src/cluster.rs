@@ -1,6 +1,8 @@
-//! `testnet cluster`: N peers on this machine, one bootstrap, a bounded number
-//! of rounds, and a report of what every peer computed.
+//! `testnet cluster`: a local Anvil with the ledger contract, N peers on this
+//! machine with one bootstrap, a bounded number of rounds, and a report of what
+//! every peer computed and what the chain recorded.
 
+use crate::chain::{self, Anvil};
 use crate::process::{Node, Round};
 use crate::verify::expected_sum_hash;
 use anyhow::bail;
@@ -14,6 +16,10 @@ pub struct ClusterOpts {
     pub rounds: u64,
     pub vector_len: usize,
     pub run: String,
+    /// Record on a local Anvil chain (started and stopped here).
+    pub chain: bool,
+    /// K: rounds per on-chain epoch.
+    pub epoch_rounds: u64,
 }
 
 /// Starts the peers, waits for them to finish, prints the rounds.
@@ -24,18 +30,48 @@ pub fn run(o: &ClusterOpts) -> anyhow::Result<()> {
     let rounds = o.rounds.to_string();
     let (min, len) = (o.nodes.to_string(), o.vector_len.to_string());
     let flags = ["--run", o.run.as_str(), "--min-peers", &min, "--rounds", &rounds, "--demo-vector-len", &len];
+    let ledger = if o.chain {
+        let anvil = Anvil::start();
+        if anvil.accounts.len() <= o.nodes {
+            bail!(
+                "Anvil has {} dev accounts: at most {} peers can record on chain",
+                anvil.accounts.len(),
+                anvil.accounts.len() - 1
+            );
+        }
+        let contract = chain::deploy(&anvil);
+        println!("anvil   {}  ledger contract {contract}", anvil.url);
+        Some((anvil, contract))
+    } else {
+        None
+    };
+    let chain_flags = |i: usize| -> Vec<String> {
+        let Some((anvil, contract)) = &ledger else { return Vec::new() };
+        let key = anvil.key_file(i + 1);
+        let k = o.epoch_rounds.to_string();
+        ["--rpc-url", &anvil.url, "--contract", contract, "--eth-key-file", key.to_str().unwrap(), "--epoch-rounds", &k]
+            .map(String::from)
+            .to_vec()
+    };
     println!(
         "starting {} peers on 127.0.0.1 (run '{}', {} rounds, vector of {} values)",
         o.nodes, o.run, o.rounds, o.vector_len
     );
-    let first = Node::start("peer-0", &flags);
+    let start = |i: usize, boot: Option<&str>| {
+        let mut f: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+        f.extend(chain_flags(i));
+        if let Some(b) = boot {
+            f.extend(["--bootstrap".to_owned(), b.to_owned()]);
+        }
+        let refs: Vec<&str> = f.iter().map(String::as_str).collect();
+        Node::start(&format!("peer-{i}"), &refs)
+    };
+    let first = start(0, None);
     let boot = first.address();
     println!("peer-0  {}  (bootstrap)", boot);
     let mut nodes = vec![first];
     for i in 1..o.nodes {
-        let mut f = flags.to_vec();
-        f.extend(["--bootstrap", boot.as_str()]);
-        let n = Node::start(&format!("peer-{i}"), &f);
+        let n = start(i, Some(&boot));
         println!("peer-{i}  {}", n.address());
         nodes.push(n);
     }
@@ -49,7 +85,7 @@ pub fn run(o: &ClusterOpts) -> anyhow::Result<()> {
     );
     let mut printed = 0u64;
     let mut exact_all = true;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60 + 30 * o.rounds);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120 + 30 * o.rounds);
     loop {
         let all: Vec<Vec<Round>> = nodes.iter().map(Node::rounds).collect();
         while printed < o.rounds {
@@ -87,7 +123,7 @@ pub fn run(o: &ClusterOpts) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let codes: Vec<Option<i32>> = nodes.iter_mut().map(|n| n.wait_exit(Duration::from_secs(10))).collect();
+    let codes: Vec<Option<i32>> = nodes.iter_mut().map(|n| n.wait_exit(Duration::from_secs(90))).collect();
     println!();
     for (i, n) in nodes.iter().enumerate() {
         let found: Vec<String> = n.discovered().iter().filter_map(|p| names.get(p.as_str()).cloned()).collect();
@@ -101,5 +137,100 @@ pub fn run(o: &ClusterOpts) -> anyhow::Result<()> {
         bail!("some round's sum differed between peers or from the exact sum");
     }
     println!("\nall {} peers held the same, exact sum in every one of {} rounds", o.nodes, o.rounds);
+    if let Some((anvil, contract)) = &ledger {
+        report_chain(o, anvil, contract, &nodes)?;
+    }
     Ok(())
+}
+
+/// Prints what the chain recorded and checks it against what the peers logged: each peer's
+/// totals equal the rounds it completed, and the finalized checkpoints are the epoch ends with
+/// the hashes every peer held.
+fn report_chain(o: &ClusterOpts, anvil: &Anvil, contract: &str, nodes: &[Node]) -> anyhow::Result<()> {
+    let show = |args: &[&str]| -> anyhow::Result<String> {
+        let mut all = args.to_vec();
+        all.extend(["--rpc-url", &anvil.url, "--contract", contract]);
+        let out = chain::node_command(&all);
+        if !out.status.success() {
+            bail!("node {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    println!("\non chain (node contributions --run {}):\n", o.run);
+    print!("{}", show(&["contributions", "--run", &o.run])?);
+    println!("\non chain (node checkpoints --run {}):\n", o.run);
+    print!("{}", show(&["checkpoints", "--run", &o.run])?);
+
+    let totals: serde_json::Value = serde_json::from_str(&show(&["contributions", "--run", &o.run, "--json"])?)?;
+    let checkpoints: serde_json::Value = serde_json::from_str(&show(&["checkpoints", "--run", &o.run, "--json"])?)?;
+    let run_id = totals["run"]["run"].as_str().unwrap_or_default().to_owned();
+    let mut ok = true;
+    for (i, n) in nodes.iter().enumerate() {
+        let address = &anvil.accounts[i + 1].address;
+        let row = totals["peers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["address"].as_str().is_some_and(|a| a.eq_ignore_ascii_case(address))));
+        let on_chain = row.and_then(|r| r["rounds"].as_u64()).unwrap_or(0);
+        let done = n.rounds().len() as u64;
+        ok &= on_chain == done;
+        println!(
+            "peer-{i}: completed {done} rounds, on chain {on_chain}{}",
+            if on_chain == done { "" } else { "  MISMATCH" }
+        );
+    }
+    let hashes: BTreeMap<u64, String> = nodes[0].rounds().into_iter().map(|r| (r.round, r.result_hash)).collect();
+    for c in checkpoints["checkpoints"].as_array().into_iter().flatten() {
+        let round = c["round"].as_u64().unwrap_or(u64::MAX);
+        let held = hashes.get(&round).map(|h| format!("0x{h}"));
+        let same = held.as_deref() == c["param_hash"].as_str();
+        ok &= same;
+        println!(
+            "checkpoint at round {round}: {}",
+            if same { "the hash every peer held" } else { "DIFFERS from the peers' hash" }
+        );
+    }
+    let cast_path = &chain::ensure_tools().cast;
+    let cast = cast_path.strip_prefix(chain::repo_root()).unwrap_or(cast_path).display().to_string();
+    println!("\nthe same with cast (while a chain runs at {}):", anvil.url);
+    for i in 0..nodes.len() {
+        let address = &anvil.accounts[i + 1].address;
+        let args = [
+            "call",
+            contract,
+            "totalsOf(bytes32,address)((uint64,uint64,uint128,uint32))",
+            &run_id,
+            address,
+            "--rpc-url",
+            &anvil.url,
+        ];
+        let out = std::process::Command::new(cast_path).args(args).output()?;
+        println!(
+            "  {cast} {}\n    -> (epochs, rounds, samples, faults) = {}",
+            quote(&args),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    let args = [
+        "call",
+        contract,
+        "latestCheckpoint(bytes32)((uint64,bytes32,uint32,uint64))",
+        &run_id,
+        "--rpc-url",
+        &anvil.url,
+    ];
+    let out = std::process::Command::new(cast_path).args(args).output()?;
+    println!(
+        "  {cast} {}\n    -> (round, hash, votes, block) = {}",
+        quote(&args),
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    if !ok {
+        bail!("the chain does not match what the peers did");
+    }
+    println!("\nthe chain records exactly the rounds each peer completed, and the hashes they agreed on");
+    Ok(())
+}
+
+fn quote(args: &[&str]) -> String {
+    args.iter().map(|a| if a.contains('(') { format!("'{a}'") } else { (*a).to_owned() }).collect::<Vec<_>>().join(" ")
 }

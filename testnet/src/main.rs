@@ -12,7 +12,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Start N peers on loopback, run a bounded number of rounds, print every round.
+    /// Start a local chain with the ledger and N peers on loopback, run a bounded number of
+    /// rounds, print every round and what the chain recorded.
     Cluster {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
@@ -22,6 +23,12 @@ enum Cmd {
         vector_len: usize,
         #[arg(long, default_value = "testnet")]
         run: String,
+        /// Skip the local chain: no Anvil, nothing recorded.
+        #[arg(long)]
+        no_chain: bool,
+        /// Rounds per on-chain epoch (K).
+        #[arg(long, default_value_t = 5)]
+        epoch_rounds: u64,
     },
     /// All-reduce between N node processes next to the TCP ceiling of this machine.
     Bench {
@@ -45,8 +52,8 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Cmd::Cluster { nodes, rounds, vector_len, run } => {
-            cluster::run(&cluster::ClusterOpts { nodes, rounds, vector_len, run })
+        Cmd::Cluster { nodes, rounds, vector_len, run, no_chain, epoch_rounds } => {
+            cluster::run(&cluster::ClusterOpts { nodes, rounds, vector_len, run, chain: !no_chain, epoch_rounds })
         }
         Cmd::Bench { peers, sizes, rounds } => bench::run(&bench::BenchOpts { peers, sizes, rounds }),
         Cmd::TcpPeer { send, recv } => bench::tcp_peer(send, recv),
