@@ -141,6 +141,30 @@ contract TrainingLedgerTest is Test {
         assertEq(ledger.ownerOfPeerId(RUN, "alice"), ALICE, "first run unchanged");
     }
 
+    /// Any peer id: accepted exactly when 1..=128 bytes and unbound; then bound to its caller once.
+    function testFuzz_register(bytes calldata peerId, address who) public {
+        vm.assume(who != ALICE && who != BOB && who != CAROL && who != DAVE && who != address(0));
+        bool taken = ledger.ownerOfPeerId(RUN, peerId) != address(0);
+        if (peerId.length == 0 || peerId.length > 128) {
+            vm.expectRevert(abi.encodeWithSelector(ITrainingLedger.InvalidPeerId.selector, peerId.length));
+        } else if (taken) {
+            vm.expectRevert(
+                abi.encodeWithSelector(ITrainingLedger.PeerIdTaken.selector, RUN, ledger.ownerOfPeerId(RUN, peerId))
+            );
+        }
+        vm.prank(who);
+        ledger.register(RUN, peerId);
+        bool ok = peerId.length >= 1 && peerId.length <= 128 && !taken;
+        (bool registered,,) = ledger.peerInfo(RUN, who);
+        assertTrue(registered == ok, "registered exactly when valid");
+        assertEq(ledger.peerCount(RUN), ok ? 5 : 4, "peer count");
+        if (ok) {
+            vm.expectRevert(abi.encodeWithSelector(ITrainingLedger.AlreadyRegistered.selector, RUN, who));
+            vm.prank(who);
+            ledger.register(RUN, "another id");
+        }
+    }
+
     function test_peers_pages() public view {
         address[] memory all = ledger.peers(RUN, 0, 100);
         assertEq(all.length, 4, "all peers");
@@ -395,6 +419,25 @@ contract TrainingLedgerTest is Test {
         assertTrue(ledger.isFaultReported(RUN, DAVE, 12, 3), "reported");
         assertTrue(!ledger.isFaultReported(RUN, DAVE, 12, 4), "other kind not reported");
         assertEq(ledger.totalsOf(RUN, DAVE).faults, 1, "fault counted");
+    }
+
+    /// Any fault: counted once for the accused, whoever reports it first.
+    function testFuzz_reportFault(uint64 round, uint8 kind, bytes32 evidence) public {
+        if (evidence == bytes32(0)) {
+            vm.expectRevert(abi.encodeWithSelector(ITrainingLedger.ZeroHash.selector));
+        }
+        vm.prank(ALICE);
+        ledger.reportFault(RUN, DAVE, round, kind, evidence);
+        uint256 expected = evidence == bytes32(0) ? 0 : 1;
+        assertEq(ledger.totalsOf(RUN, DAVE).faults, expected, "faults");
+        assertTrue(ledger.isFaultReported(RUN, DAVE, round, kind) == (expected == 1), "reported flag");
+        if (expected == 1) {
+            vm.expectRevert(
+                abi.encodeWithSelector(ITrainingLedger.FaultAlreadyReported.selector, RUN, DAVE, round, kind)
+            );
+            vm.prank(BOB);
+            ledger.reportFault(RUN, DAVE, round, kind, evidence);
+        }
     }
 
     function test_reportFault_reverts() public {

@@ -187,14 +187,23 @@ impl Client {
         Ok(Self { provider, contract, account, endpoint })
     }
 
-    /// Checks that the address holds contract code (the chain must be reachable).
+    /// Checks that the address holds a TrainingLedger (the chain must be reachable).
     pub async fn check_contract(&self) -> Result<(), ClientError> {
         let address = *self.contract.address();
         let code = bounded(&self.endpoint, async {
             self.provider.get_code_at(address).await.map_err(|e| classify_rpc(&self.endpoint, e))
         })
         .await?;
-        if code.is_empty() { Err(ClientError::NoContract { address }) } else { Ok(()) }
+        if code.is_empty() {
+            return Err(ClientError::NoContract { address });
+        }
+        // Any contract answering the ledger's views the ledger's way will do.
+        match self.read(self.contract.runExists(B256::ZERO).call()).await {
+            Ok(false) => Ok(()),
+            Ok(true) => Err(ClientError::NoContract { address }),
+            Err(e @ ClientError::Unreachable { .. }) => Err(e),
+            Err(_) => Err(ClientError::NoContract { address }),
+        }
     }
 
     pub fn address(&self) -> Address {
