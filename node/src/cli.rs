@@ -303,9 +303,18 @@ pub struct RunArgs {
     /// Stop after this many rounds (0: run until stopped).
     #[arg(long, env = "DTRAIN_ROUNDS", default_value_t = 0)]
     pub rounds: u64,
-    /// Length of the deterministic pseudo-random vector all-reduced each round.
+    /// Length of the deterministic pseudo-random vector all-reduced each round (without --config).
     #[arg(long, env = "DTRAIN_DEMO_VECTOR_LEN", default_value_t = 1_000_000)]
     pub demo_vector_len: usize,
+    /// Train under this run configuration (TOML): the run id, rounds, peers and ledger
+    /// settings come from it; --run, if a run id (0x...), must match it.
+    #[arg(long, env = "DTRAIN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The training data (with --config); its hash must match the run's.
+    #[arg(long, env = "DTRAIN_DATASET", default_value = crate::train::data::DEFAULT_DATASET_DIR)]
+    pub dataset: PathBuf,
+    #[arg(long, env = "DTRAIN_BACKEND", value_enum, default_value = "cpu")]
+    pub backend: Backend,
 }
 
 /// Failure detection and timeouts, in milliseconds.

@@ -7,6 +7,7 @@ use crate::ledger::outbox::RoundTally;
 use crate::ledger::task::LedgerHandle;
 use crate::net::{NetEvent, NetHandle};
 use crate::ring_io::{self, Inbound};
+use crate::train::worker::{Reply, Worker};
 use libp2p::PeerId;
 use p2p_proto::codec::{decode_exact, encode_frame};
 use p2p_proto::demo::demo_vector;
@@ -16,6 +17,7 @@ use p2p_proto::message::{Gossip, PeerKey, RingStep, RunId};
 use p2p_proto::round::{Contribution, Round, RoundAction, RoundConfig};
 use p2p_proto::{FixedPoint, Hash};
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -32,14 +34,38 @@ pub struct DriverConfig {
     pub membership: MembershipConfig,
     pub round: RoundConfig,
     pub fixed: FixedPoint,
-    /// Length of the demonstration vector all-reduced each round.
-    pub demo_len: usize,
+    /// What each round all-reduces.
+    pub compute: Compute,
     /// Stop after this many rounds (round numbers `0..rounds`).
     pub rounds: Option<u64>,
     /// How long to wait for a stream to the right neighbour to open.
     pub open_timeout: Duration,
     /// Where completed rounds are reported for the on-chain ledger, if anywhere.
     pub ledger: Option<LedgerHandle>,
+}
+
+/// What the peers all-reduce each round.
+#[derive(Debug, Clone)]
+pub enum Compute {
+    /// A deterministic pseudo-random vector of this many values per peer, so anyone can
+    /// recompute the exact sum.
+    Demo { len: usize },
+    /// Training: each member's gradient of its micro-batch, weighted so the sum is the ring's
+    /// average; every member applies it and checks the parameter hash of the next round.
+    Train(TrainSpec),
+}
+
+/// How a peer trains.
+#[derive(Debug, Clone)]
+pub struct TrainSpec {
+    pub worker: Worker,
+    /// Samples per member per round.
+    pub batch: usize,
+    /// Evaluate every N rounds (0: only after the last).
+    pub eval_every: u64,
+    /// Rounds per on-chain epoch: a local checkpoint is saved at each epoch's last round.
+    pub epoch_rounds: u64,
+    pub checkpoint_dir: PathBuf,
 }
 
 /// What a finished driver reports.
@@ -59,8 +85,15 @@ struct Driver {
     round: Option<Round>,
     writer: Option<mpsc::UnboundedSender<RingStep>>,
     pending: VecDeque<Gossip>,
-    /// Contributions being computed off the event loop, for a ring.
-    prepared_tx: mpsc::UnboundedSender<(RingView, Contribution)>,
+    /// Contributions being computed off the event loop, for a ring, with the local loss.
+    prepared_tx: mpsc::UnboundedSender<(RingView, Contribution, Option<f32>)>,
+    /// Work after a training round (logs, ledger, evaluation, checkpoint), in round order.
+    post_tx: mpsc::UnboundedSender<PostRound>,
+    /// Samples consumed by the rounds completed so far: where the next round's stretch of the
+    /// sample stream starts.
+    cursor: u64,
+    /// The local loss of the current round's micro-batch.
+    loss: Option<f32>,
     summary: Summary,
     finished: bool,
 }
@@ -76,8 +109,13 @@ pub async fn run(
     ring_io::spawn_acceptor(net.control(), inbound_tx);
     let me = net.local_peer_id.to_string();
     let (prepared_tx, mut prepared) = mpsc::unbounded_channel();
+    let (post_tx, post_rx) = mpsc::unbounded_channel();
+    let post_task = tokio::spawn(post_rounds(post_rx, cfg.ledger.clone()));
     let mut d = Driver {
         prepared_tx,
+        post_tx,
+        cursor: 0,
+        loss: None,
         membership: Membership::new(cfg.run, me.clone(), cfg.membership.clone()),
         cfg,
         net,
@@ -96,7 +134,10 @@ pub async fn run(
         tokio::select! {
             Some(ev) = events.recv() => d.on_net_event(ev),
             Some(msg) = inbound.recv() => d.on_inbound(msg),
-            Some((view, input)) = prepared.recv() => d.on_prepared(view, input),
+            Some((view, input, loss)) = prepared.recv() => {
+                d.loss = loss;
+                d.on_prepared(view, input);
+            }
             _ = tick.tick() => d.on_tick(),
             () = &mut shutdown => {
                 info!("shutting down");
@@ -104,7 +145,67 @@ pub async fn run(
             }
         }
     }
-    d.summary
+    let summary = d.summary.clone();
+    // Let the last round's apply, evaluation, checkpoint and ledger tally finish.
+    drop(d);
+    let _ = post_task.await;
+    summary
+}
+
+/// What is left to do once a training round completed; the futures were queued on the
+/// worker in round order when the round completed.
+struct PostRound {
+    round: u64,
+    ring_size: usize,
+    loss: Option<f32>,
+    ring_samples: u64,
+    own_samples: u64,
+    own_commit: Hash,
+    bytes_sent: u64,
+    round_us: u64,
+    applied: Reply<Hash>,
+    evaluated: Option<Reply<f64>>,
+    saved: Option<(PathBuf, Reply<Result<Hash, String>>)>,
+}
+
+async fn post_rounds(mut rx: mpsc::UnboundedReceiver<PostRound>, ledger: Option<LedgerHandle>) {
+    while let Some(p) = rx.recv().await {
+        let Ok(hash) = p.applied.await else {
+            warn!(round = p.round, "the compute thread stopped; no more rounds can be applied");
+            return;
+        };
+        let secs = (p.round_us as f64 / 1e6).max(1e-9);
+        info!(
+            round = p.round,
+            ring_size = p.ring_size,
+            loss = p.loss.unwrap_or(f32::NAN),
+            samples = p.ring_samples,
+            samples_per_s = p.ring_samples as f64 / secs,
+            bytes_sent = p.bytes_sent,
+            param_hash = %hex(&hash),
+            "round trained"
+        );
+        if let Some(ledger) = &ledger {
+            ledger.round_completed(RoundTally {
+                round: p.round,
+                samples: p.own_samples,
+                commit: p.own_commit,
+                param_hash: hash,
+            });
+        }
+        if let Some(eval) = p.evaluated
+            && let Ok(accuracy) = eval.await
+        {
+            info!(round = p.round, accuracy, "evaluated");
+        }
+        if let Some((path, saved)) = p.saved {
+            match saved.await {
+                Ok(Ok(h)) => info!(round = p.round, path = %path.display(), param_hash = %hex(&h), "checkpoint saved"),
+                Ok(Err(e)) => warn!(round = p.round, path = %path.display(), reason = %e, "cannot save the checkpoint"),
+                Err(_) => {}
+            }
+        }
+    }
 }
 
 impl Driver {
@@ -257,16 +358,53 @@ impl Driver {
             "round started"
         );
         let joiners = self.membership.joiners(now);
-        let (run, me, len, fixed, seg) =
-            (self.cfg.run, self.me.clone(), self.cfg.demo_len, self.cfg.fixed, self.cfg.round.segment_elems);
+        let (run, me, fixed, seg) = (self.cfg.run, self.me.clone(), self.cfg.fixed, self.cfg.round.segment_elems);
         let tx = self.prepared_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let values = demo_vector(run, view.round, &me, len);
-            let data = fixed.encode(&values).expect("demo values are finite");
-            // The demonstration has no parameters: its parameter hash is zero.
-            let input = Contribution::new(data, 1, Hash::default(), joiners, view.len(), seg);
-            let _ = tx.send((view, input));
-        });
+        match &self.cfg.compute {
+            Compute::Demo { len } => {
+                let len = *len;
+                tokio::task::spawn_blocking(move || {
+                    let values = demo_vector(run, view.round, &me, len);
+                    let data = fixed.encode(&values).expect("demo values are finite");
+                    // The demonstration has no parameters: its parameter hash is zero.
+                    let input = Contribution::new(data, 1, Hash::default(), joiners, view.len(), seg);
+                    let _ = tx.send((view, input, None));
+                });
+            }
+            Compute::Train(spec) => {
+                let n = view.len();
+                let pos = view.position(&me).expect("a started ring holds this peer");
+                // Every member takes `batch` samples: member p the stretch after members 0..p.
+                let start = self.cursor + (pos * spec.batch) as u64;
+                let gradient = spec.worker.gradient(start, spec.batch, 1.0 / n as f32);
+                tokio::spawn(async move {
+                    let Ok(g) = gradient.await else { return };
+                    if !g.loss.is_finite() {
+                        warn!(
+                            round = view.round,
+                            loss = g.loss,
+                            "the loss is not finite; not contributing to this round"
+                        );
+                        return;
+                    }
+                    let prepared = tokio::task::spawn_blocking(move || {
+                        let data = fixed.encode(&g.weighted).map_err(|e| e.to_string())?;
+                        Ok::<_, String>((
+                            Contribution::new(data, g.samples as u64, g.param_hash, joiners, n, seg),
+                            g.loss,
+                        ))
+                    })
+                    .await;
+                    match prepared {
+                        Ok(Ok((input, loss))) => {
+                            let _ = tx.send((view, input, Some(loss)));
+                        }
+                        Ok(Err(e)) => warn!(round = view.round, reason = %e, "cannot encode the gradient"),
+                        Err(_) => {}
+                    }
+                });
+            }
+        }
     }
 
     fn on_prepared(&mut self, view: RingView, input: Contribution) {
@@ -322,14 +460,44 @@ impl Driver {
                     self.round = None;
                     self.summary.rounds_completed += 1;
                     self.summary.last_round = Some(o.view.round);
-                    if let Some(ledger) = &self.cfg.ledger {
-                        // The demonstration has no parameters: the agreed sum stands for them.
-                        ledger.round_completed(RoundTally {
-                            round: o.view.round,
-                            samples: o.own_samples,
-                            commit: o.own_commit,
-                            param_hash: o.sum_hash,
-                        });
+                    self.cursor += o.samples;
+                    match &self.cfg.compute {
+                        Compute::Demo { .. } => {
+                            if let Some(ledger) = &self.cfg.ledger {
+                                // The demonstration has no parameters: the agreed sum stands for them.
+                                ledger.round_completed(RoundTally {
+                                    round: o.view.round,
+                                    samples: o.own_samples,
+                                    commit: o.own_commit,
+                                    param_hash: o.sum_hash,
+                                });
+                            }
+                        }
+                        Compute::Train(spec) => {
+                            let round = o.view.round;
+                            let last = self.cfg.rounds.is_some_and(|n| round + 1 >= n);
+                            // Queued now, in round order, before any later round's gradient.
+                            let applied = spec.worker.apply(self.cfg.fixed.decode(&o.sum));
+                            let evaluated = (last || (spec.eval_every > 0 && (round + 1) % spec.eval_every == 0))
+                                .then(|| spec.worker.evaluate());
+                            let saved = (last || (round + 1) % spec.epoch_rounds.max(1) == 0).then(|| {
+                                let path = spec.checkpoint_dir.join(format!("round-{round}.safetensors"));
+                                (path.clone(), spec.worker.save(path))
+                            });
+                            let _ = self.post_tx.send(PostRound {
+                                round,
+                                ring_size: o.view.len(),
+                                loss: self.loss.take(),
+                                ring_samples: o.samples,
+                                own_samples: o.own_samples,
+                                own_commit: o.own_commit,
+                                bytes_sent: o.bytes_sent,
+                                round_us: o.round_us,
+                                applied,
+                                evaluated,
+                                saved,
+                            });
+                        }
                     }
                     info!(
                         round = o.view.round,

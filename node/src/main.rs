@@ -4,16 +4,20 @@ use alloy::primitives::B256;
 use anyhow::Context;
 use clap::Parser;
 use node::cli::{ChainArgs, Cli, Command, LogFormat, StartArgs, SubmitCommand};
-use node::driver::{self, DriverConfig};
+use node::driver::{self, Compute, DriverConfig, TrainSpec};
 use node::ledger::client::{self, Client, ClientError};
 use node::ledger::outbox::{Outbox, Record};
 use node::ledger::{show, task};
+use node::train::config::{ConfigError, RunConfig};
+use node::train::data;
+use node::train::worker::Worker;
 use node::{net, store::Store};
 use p2p_proto::FixedPoint;
 use p2p_proto::chunk::SEGMENT_ELEMS;
 use p2p_proto::membership::MembershipConfig;
 use p2p_proto::message::RunId;
 use p2p_proto::round::RoundConfig;
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
@@ -112,11 +116,20 @@ async fn submit(cmd: SubmitCommand) -> anyhow::Result<()> {
     }
 }
 
+/// What the ledger records about the run.
+struct RunOnChain {
+    config_hash: [u8; 32],
+    epoch_rounds: u64,
+    quorum_bps: u16,
+    min_votes: u16,
+}
+
 /// Connects the ledger for `node start`, when a contract is given.
 async fn start_ledger(
     args: &StartArgs,
     store: &Store,
     run: RunId,
+    on_chain: &RunOnChain,
     peer_id: libp2p::PeerId,
 ) -> anyhow::Result<Option<task::LedgerHandle>> {
     let Some(address) = args.chain.contract else {
@@ -134,16 +147,15 @@ async fn start_ledger(
         Err(e) => return Err(e.into()),
     }
     let outbox = Outbox::new(store.database())?;
-    let l = &args.ledger;
     let cfg = task::LedgerConfig {
         run: run.0,
-        config_hash: demo_config_hash(args),
-        epoch_rounds: l.epoch_rounds,
-        quorum_bps: l.quorum_bps,
-        min_votes: l.min_votes,
+        config_hash: on_chain.config_hash,
+        epoch_rounds: on_chain.epoch_rounds,
+        quorum_bps: on_chain.quorum_bps,
+        min_votes: on_chain.min_votes,
         peer_id: peer_id.to_bytes(),
     };
-    info!(%account, contract = %address, endpoint = client.endpoint(), epoch_rounds = l.epoch_rounds, "recording on chain");
+    info!(%account, contract = %address, endpoint = client.endpoint(), epoch_rounds = cfg.epoch_rounds, "recording on chain");
     Ok(Some(task::spawn(client, outbox, cfg)?))
 }
 
@@ -158,13 +170,83 @@ fn demo_config_hash(args: &StartArgs) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// What a started peer does: train under a run configuration, or all-reduce the demo vector.
+struct Plan {
+    run: RunId,
+    compute: Compute,
+    on_chain: RunOnChain,
+    rounds: u64,
+    min_peers: usize,
+}
+
+fn plan(args: &StartArgs) -> anyhow::Result<Plan> {
+    let Some(path) = &args.run.config else {
+        let on_chain = RunOnChain {
+            config_hash: demo_config_hash(args),
+            epoch_rounds: args.ledger.epoch_rounds,
+            quorum_bps: args.ledger.quorum_bps,
+            min_votes: args.ledger.min_votes,
+        };
+        return Ok(Plan {
+            run: RunId::from_name(&args.run.run),
+            compute: Compute::Demo { len: args.run.demo_vector_len },
+            on_chain,
+            rounds: args.run.rounds,
+            min_peers: args.run.min_peers,
+        });
+    };
+    let cfg = RunConfig::load(path)?;
+    let ds = data::load(&args.run.dataset)?;
+    let cfg = cfg.bind(&ds)?;
+    let run = cfg.run_id();
+    if args.run.run.starts_with("0x") {
+        let expected = node::cli::parse_run(&args.run.run).map_err(|e| anyhow::anyhow!(e))?;
+        if expected != run {
+            return Err(ConfigError::RunMismatch { actual: hex::encode(run.0), expected: args.run.run.clone() }.into());
+        }
+    }
+    let worker = Worker::spawn(&cfg, Arc::new(ds), node::train::run::device(args.run.backend)?)?;
+    info!(
+        run_id = %format!("0x{}", hex::encode(run.0)),
+        name = %cfg.name,
+        config_hash = %format!("0x{}", hex::encode(cfg.hash())),
+        model = %cfg.model,
+        params = worker.params,
+        param_hash = %p2p_proto::hash::hex(&worker.initial_hash),
+        batch = cfg.batch,
+        rounds = cfg.rounds,
+        "training run"
+    );
+    let spec = TrainSpec {
+        worker,
+        batch: cfg.batch,
+        eval_every: cfg.eval_every,
+        epoch_rounds: cfg.epoch_rounds,
+        checkpoint_dir: args.network.data_dir.join("checkpoints"),
+    };
+    std::fs::create_dir_all(&spec.checkpoint_dir)?;
+    Ok(Plan {
+        run,
+        compute: Compute::Train(spec),
+        on_chain: RunOnChain {
+            config_hash: cfg.hash(),
+            epoch_rounds: cfg.epoch_rounds,
+            quorum_bps: cfg.quorum_bps,
+            min_votes: cfg.min_votes,
+        },
+        rounds: cfg.rounds,
+        min_peers: cfg.min_peers,
+    })
+}
+
 async fn start(args: StartArgs) -> anyhow::Result<()> {
     let store = Store::open(&args.network.data_dir)?;
     let key = store.identity()?;
-    let run = RunId::from_name(&args.run.run);
+    let plan = plan(&args)?;
+    let run = plan.run;
     let peer_id = key.public().to_peer_id();
     info!(%peer_id, run = %run, data_dir = %args.network.data_dir.display(), "starting");
-    let ledger = start_ledger(&args, &store, run, peer_id).await?;
+    let ledger = start_ledger(&args, &store, run, &plan.on_chain, peer_id).await?;
     let (handle, events, event_loop) = net::new(
         key,
         net::NetConfig { listen: args.network.listen, bootstrap: args.network.bootstrap, topic: run.topic() },
@@ -177,7 +259,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         membership: MembershipConfig {
             heartbeat_us: t.heartbeat_ms * 1000,
             peer_timeout_us: t.peer_timeout_ms * 1000,
-            min_peers: args.run.min_peers,
+            min_peers: plan.min_peers,
             max_peers: fixed.max_peers() as usize,
         },
         round: RoundConfig {
@@ -189,8 +271,8 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             max_peers: fixed.max_peers() as usize,
         },
         fixed,
-        demo_len: args.run.demo_vector_len,
-        rounds: (args.run.rounds > 0).then_some(args.run.rounds),
+        compute: plan.compute,
+        rounds: (plan.rounds > 0).then_some(plan.rounds),
         open_timeout: Duration::from_millis(t.step_timeout_ms),
         ledger: ledger.clone(),
     };

@@ -254,6 +254,13 @@ impl Round {
             self.fail(format!("peer {} formed another ring for this round: views differ", c.peer), &mut out);
         } else if c.len != mine.len || c.chunk_hashes.len() != self.view.len() {
             self.fail(format!("peer {} committed to a vector of another shape", c.peer), &mut out);
+        } else if c.param_hash != mine.param_hash {
+            // A gradient computed on other parameters would be averaged into ours: no round
+            // with a member whose parameters differ (it must resync first).
+            self.fail(
+                format!("peer {} holds other parameters ({})", c.peer, crate::hash::hex(&c.param_hash)),
+                &mut out,
+            );
         } else if let Some(prev) = &self.commits[i] {
             if *prev != c {
                 self.fail(format!("peer {} sent two different commits for one round", c.peer), &mut out);
@@ -661,5 +668,17 @@ mod tests {
         let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
         let out = a.on_commit(c.clone(), 0);
         assert!(out.iter().any(|x| matches!(x, RoundAction::Failed(r) if r.contains("another ring"))));
+    }
+
+    #[test]
+    fn a_member_holding_other_parameters_fails_the_round() {
+        let run = RunId::from_name(RUN);
+        let view = RingView::order(run, 0, 0, ["a".to_string(), "b".to_string()]);
+        let input = |p| Contribution::new(vec![1; 4], 1, [p; 32], vec![], 2, 3);
+        let (mut a, _) = Round::new(run, "a", view.clone(), input(1), cfg(), 0);
+        let (_, acts) = Round::new(run, "b", view, input(2), cfg(), 0);
+        let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
+        let out = a.on_commit(c.clone(), 0);
+        assert!(out.iter().any(|x| matches!(x, RoundAction::Failed(r) if r.contains("holds other parameters"))));
     }
 }

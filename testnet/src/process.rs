@@ -257,8 +257,6 @@ pub fn run_node(args: &[&str]) -> (Option<i32>, Vec<Value>) {
 /// Where Debian's `dataset-fashion-mnist` package keeps the real Fashion-MNIST.
 pub const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 
-/// Installs Debian's `dataset-fashion-mnist` package if its files are missing
-/// (idempotent), and returns their directory.
 /// Installs Debian packages (needs root, as on CI); tries once more after refreshing the
 /// package lists. Returns whether it worked.
 pub fn apt_install(packages: &[&str]) -> bool {
@@ -273,6 +271,8 @@ pub fn apt_install(packages: &[&str]) -> bool {
     install(packages) || (apt(&["update", "-qq"]) && install(packages))
 }
 
+/// Installs Debian's `dataset-fashion-mnist` package if its files are missing
+/// (idempotent), and returns their directory.
 pub fn ensure_fashion_mnist() -> &'static Path {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {

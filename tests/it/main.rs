@@ -7,3 +7,4 @@ mod contracts;
 mod identity;
 mod ledger;
 mod train;
+mod train_ring;

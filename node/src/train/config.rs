@@ -1,0 +1,229 @@
+//! The configuration of a training run, which every peer of the run shares:
+//! model, data, optimizer, batch, rounds, the ledger's epoch and quorum, and
+//! the compute build. Its blake3 is the run's configuration hash (recorded on
+//! chain) and keys the run id, so peers with another configuration land in
+//! another run, and a peer whose dataset differs is refused before it trains.
+
+use super::data::Dataset;
+use p2p_proto::Hash;
+use p2p_proto::message::RunId;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The compute build: bit-exact gradients hold only between identical builds (burn's flex
+/// backend gives other bits with and without `simd`), so it is part of the configuration.
+pub fn compute_build() -> String {
+    let mut features = vec!["flex", "simd", "rayon"];
+    if cfg!(feature = "vulkan") {
+        features.push("vulkan");
+    }
+    if cfg!(feature = "cuda") {
+        features.push("cuda");
+    }
+    format!("burn-0.22.1/{}", features.join("+"))
+}
+
+/// A run's configuration, as written in its TOML file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// A name for people; the run id is derived from the whole configuration.
+    pub name: String,
+    /// mlp, cnn or resnet.
+    pub model: String,
+    /// blake3 of the decoded dataset (hex). Filled in from the creator's dataset when absent.
+    #[serde(default)]
+    pub dataset_hash: Option<String>,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// adam or sgd.
+    #[serde(default = "default_optimizer")]
+    pub optimizer: String,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default = "default_clip_norm")]
+    pub clip_norm: f32,
+    /// Samples per peer per round.
+    pub batch: usize,
+    /// Rounds in the run: one optimizer step each.
+    pub rounds: u64,
+    /// K: rounds per on-chain epoch (one contribution record and one vote per peer).
+    #[serde(default = "default_epoch_rounds")]
+    pub epoch_rounds: u64,
+    #[serde(default = "default_quorum_bps")]
+    pub quorum_bps: u16,
+    #[serde(default = "default_min_votes")]
+    pub min_votes: u16,
+    /// Peers the first round waits for.
+    #[serde(default = "default_min_peers")]
+    pub min_peers: usize,
+    /// Evaluate on the test split every N rounds (0: only at the end).
+    #[serde(default)]
+    pub eval_every: u64,
+    /// The compute build every peer must run (see [`compute_build`]); filled in when absent.
+    #[serde(default)]
+    pub compute: Option<String>,
+}
+
+fn default_seed() -> u64 {
+    1
+}
+fn default_optimizer() -> String {
+    "adam".into()
+}
+fn default_lr() -> f64 {
+    1e-3
+}
+fn default_clip_norm() -> f32 {
+    5.0
+}
+fn default_epoch_rounds() -> u64 {
+    10
+}
+fn default_quorum_bps() -> u16 {
+    6667
+}
+fn default_min_votes() -> u16 {
+    1
+}
+fn default_min_peers() -> usize {
+    2
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the run configuration {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("the run configuration {path} is invalid: {reason}")]
+    Invalid { path: String, reason: String },
+    #[error(
+        "this peer's dataset hashes to {local}, but the run trains on {expected}: point --dataset at the run's dataset"
+    )]
+    DatasetMismatch { local: String, expected: String },
+    #[error(
+        "this node's compute build is {local}, but the run uses {expected}: peers of a run must run the same build"
+    )]
+    BuildMismatch { local: String, expected: String },
+    #[error("the configuration hashes to run {actual}, but --run asks for {expected}: use the run's own configuration")]
+    RunMismatch { actual: String, expected: String },
+}
+
+impl RunConfig {
+    /// Reads and checks a TOML configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+        let cfg: RunConfig =
+            toml::from_str(&text).map_err(|e| ConfigError::Invalid { path: p.clone(), reason: e.to_string() })?;
+        cfg.validate().map_err(|reason| ConfigError::Invalid { path: p, reason })?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !matches!(self.model.as_str(), "mlp" | "cnn" | "resnet") {
+            return Err(format!("model `{}` is not one of mlp, cnn, resnet", self.model));
+        }
+        if !matches!(self.optimizer.as_str(), "adam" | "sgd") {
+            return Err(format!("optimizer `{}` is not one of adam, sgd", self.optimizer));
+        }
+        if self.batch == 0 || self.rounds == 0 || self.epoch_rounds == 0 || self.min_peers == 0 {
+            return Err("batch, rounds, epoch_rounds and min_peers must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.clip_norm.is_finite() && self.clip_norm > 0.0) {
+            return Err("lr and clip_norm must be positive".into());
+        }
+        if self.quorum_bps == 0 || self.quorum_bps > 10_000 || self.min_votes == 0 {
+            return Err("quorum_bps must be in 1..=10000 and min_votes at least 1".into());
+        }
+        if let Some(h) = &self.dataset_hash
+            && (h.len() != 64 || hex::decode(h).is_err())
+        {
+            return Err(format!("dataset_hash `{h}` is not 64 hex digits"));
+        }
+        Ok(())
+    }
+
+    /// Binds the configuration to this peer's dataset and build: fills in what is absent,
+    /// refuses what differs.
+    pub fn bind(mut self, ds: &Dataset) -> Result<Self, ConfigError> {
+        let local = hex::encode(ds.hash);
+        match &self.dataset_hash {
+            Some(expected) if *expected != local => {
+                return Err(ConfigError::DatasetMismatch { local, expected: expected.clone() });
+            }
+            Some(_) => {}
+            None => self.dataset_hash = Some(local),
+        }
+        let build = compute_build();
+        match &self.compute {
+            Some(expected) if *expected != build => {
+                return Err(ConfigError::BuildMismatch { local: build, expected: expected.clone() });
+            }
+            Some(_) => {}
+            None => self.compute = Some(build),
+        }
+        Ok(self)
+    }
+
+    /// blake3 of the configuration (after [`RunConfig::bind`]): what the chain records.
+    pub fn hash(&self) -> Hash {
+        let json = serde_json::to_vec(self).expect("the configuration serializes");
+        let mut h = blake3::Hasher::new();
+        h.update(b"dtrain/run-config/v1");
+        h.update(&json);
+        h.finalize().into()
+    }
+
+    /// The run id: derived from the configuration hash.
+    pub fn run_id(&self) -> RunId {
+        let mut h = blake3::Hasher::new();
+        h.update(b"dtrain/run-id/v1");
+        h.update(&self.hash());
+        RunId(h.finalize().into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        name = "fashion"
+        model = "mlp"
+        batch = 32
+        rounds = 100
+    "#;
+
+    fn write(name: &str, text: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("dtrain-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn every_field_keys_the_run_id() {
+        let cfg = RunConfig::load(&write("a.toml", BASE)).unwrap();
+        assert_eq!((cfg.optimizer.as_str(), cfg.epoch_rounds, cfg.min_peers), ("adam", 10, 2));
+        let mut other = cfg.clone();
+        other.lr *= 2.0;
+        assert_ne!(cfg.run_id(), other.run_id());
+        let mut other = cfg.clone();
+        other.dataset_hash = Some("00".repeat(32));
+        assert_ne!(cfg.run_id(), other.run_id());
+        assert_eq!(cfg.run_id(), RunConfig::load(&write("b.toml", BASE)).unwrap().run_id());
+    }
+
+    #[test]
+    fn bad_configurations_name_the_fault() {
+        let err = RunConfig::load(&write("c.toml", &BASE.replace("mlp", "gpt"))).unwrap_err().to_string();
+        assert!(err.contains("model `gpt`"), "{err}");
+        let err = RunConfig::load(&write("d.toml", &format!("{BASE}\nbatchsize = 3"))).unwrap_err().to_string();
+        assert!(err.contains("batchsize"), "{err}");
+        let err = RunConfig::load(&write("e.toml", &BASE.replace("batch = 32", "batch = 0"))).unwrap_err().to_string();
+        assert!(err.contains("at least 1"), "{err}");
+        let err = RunConfig::load(&write("f.toml", &format!("{BASE}\ndataset_hash = \"xyz\""))).unwrap_err();
+        assert!(err.to_string().contains("64 hex digits"), "{err}");
+    }
+}
