@@ -138,15 +138,26 @@ pub fn run(o: &ClusterOpts) -> anyhow::Result<()> {
     }
     println!("\nall {} peers held the same, exact sum in every one of {} rounds", o.nodes, o.rounds);
     if let Some((anvil, contract)) = &ledger {
-        report_chain(o, anvil, contract, &nodes)?;
+        let done: Vec<u64> = nodes.iter().map(|n| n.rounds().len() as u64).collect();
+        let hashes: BTreeMap<u64, String> = nodes[0].rounds().into_iter().map(|r| (r.round, r.result_hash)).collect();
+        // A demonstration round counts one sample.
+        report_chain(anvil, contract, &o.run, &done, 1, &hashes)?;
     }
     Ok(())
 }
 
-/// Prints what the chain recorded and checks it against what the peers logged: each peer's
-/// totals equal the rounds it completed, and the finalized checkpoints are the epoch ends with
-/// the hashes every peer held.
-fn report_chain(o: &ClusterOpts, anvil: &Anvil, contract: &str, nodes: &[Node]) -> anyhow::Result<()> {
+/// Prints what the chain recorded and checks it against what the peers did: peer `i` (dev
+/// account `i + 1`) completed `done[i]` rounds of `samples_per_round` samples, and `hashes`
+/// holds the hash all peers agreed on at each round; the finalized checkpoints must be
+/// rounds of `hashes`, with those hashes.
+pub fn report_chain(
+    anvil: &Anvil,
+    contract: &str,
+    run: &str,
+    done: &[u64],
+    samples_per_round: u64,
+    hashes: &BTreeMap<u64, String>,
+) -> anyhow::Result<()> {
     let show = |args: &[&str]| -> anyhow::Result<String> {
         let mut all = args.to_vec();
         all.extend(["--rpc-url", &anvil.url, "--contract", contract]);
@@ -156,30 +167,34 @@ fn report_chain(o: &ClusterOpts, anvil: &Anvil, contract: &str, nodes: &[Node]) 
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    println!("\non chain (node contributions --run {}):\n", o.run);
-    print!("{}", show(&["contributions", "--run", &o.run])?);
-    println!("\non chain (node checkpoints --run {}):\n", o.run);
-    print!("{}", show(&["checkpoints", "--run", &o.run])?);
+    println!("\non chain (node contributions --run {run}):\n");
+    print!("{}", show(&["contributions", "--run", run])?);
+    println!("\non chain (node checkpoints --run {run}):\n");
+    print!("{}", show(&["checkpoints", "--run", run])?);
 
-    let totals: serde_json::Value = serde_json::from_str(&show(&["contributions", "--run", &o.run, "--json"])?)?;
-    let checkpoints: serde_json::Value = serde_json::from_str(&show(&["checkpoints", "--run", &o.run, "--json"])?)?;
+    let totals: serde_json::Value = serde_json::from_str(&show(&["contributions", "--run", run, "--json"])?)?;
+    let checkpoints: serde_json::Value = serde_json::from_str(&show(&["checkpoints", "--run", run, "--json"])?)?;
     let run_id = totals["run"]["run"].as_str().unwrap_or_default().to_owned();
     let mut ok = true;
-    for (i, n) in nodes.iter().enumerate() {
+    println!();
+    for (i, done) in done.iter().enumerate() {
         let address = &anvil.accounts[i + 1].address;
         let row = totals["peers"]
             .as_array()
             .and_then(|ps| ps.iter().find(|p| p["address"].as_str().is_some_and(|a| a.eq_ignore_ascii_case(address))));
-        let on_chain = row.and_then(|r| r["rounds"].as_u64()).unwrap_or(0);
-        let done = n.rounds().len() as u64;
-        ok &= on_chain == done;
+        let rounds = row.and_then(|r| r["rounds"].as_u64()).unwrap_or(0);
+        let samples = row.and_then(|r| r["samples"].as_u64()).unwrap_or(0);
+        let same = rounds == *done && samples == done * samples_per_round;
+        ok &= same;
         println!(
-            "peer-{i}: completed {done} rounds, on chain {on_chain}{}",
-            if on_chain == done { "" } else { "  MISMATCH" }
+            "peer-{i}: completed {done} rounds ({} samples); on chain {rounds} rounds ({samples} samples){}",
+            done * samples_per_round,
+            if same { "" } else { "  MISMATCH" }
         );
     }
-    let hashes: BTreeMap<u64, String> = nodes[0].rounds().into_iter().map(|r| (r.round, r.result_hash)).collect();
-    for c in checkpoints["checkpoints"].as_array().into_iter().flatten() {
+    let finalized = checkpoints["checkpoints"].as_array().cloned().unwrap_or_default();
+    ok &= !finalized.is_empty();
+    for c in &finalized {
         let round = c["round"].as_u64().unwrap_or(u64::MAX);
         let held = hashes.get(&round).map(|h| format!("0x{h}"));
         let same = held.as_deref() == c["param_hash"].as_str();
@@ -192,7 +207,7 @@ fn report_chain(o: &ClusterOpts, anvil: &Anvil, contract: &str, nodes: &[Node]) 
     let cast_path = &chain::ensure_tools().cast;
     let cast = cast_path.strip_prefix(chain::repo_root()).unwrap_or(cast_path).display().to_string();
     println!("\nthe same with cast (while a chain runs at {}):", anvil.url);
-    for i in 0..nodes.len() {
+    for i in 0..done.len() {
         let address = &anvil.accounts[i + 1].address;
         let args = [
             "call",
@@ -227,10 +242,10 @@ fn report_chain(o: &ClusterOpts, anvil: &Anvil, contract: &str, nodes: &[Node]) 
     if !ok {
         bail!("the chain does not match what the peers did");
     }
-    println!("\nthe chain records exactly the rounds each peer completed, and the hashes they agreed on");
+    println!("\nthe chain records exactly the rounds and samples each peer contributed, and the hashes they agreed on");
     Ok(())
 }
 
-fn quote(args: &[&str]) -> String {
+pub(crate) fn quote(args: &[&str]) -> String {
     args.iter().map(|a| if a.contains('(') { format!("'{a}'") } else { (*a).to_owned() }).collect::<Vec<_>>().join(" ")
 }

@@ -1,10 +1,12 @@
 //! The local cluster: starts real `node` processes on loopback, follows their
 //! rounds from their JSON logs, and measures the all-reduce against the
 //! machine's own TCP ceiling. [`chain`] runs a local Anvil with the ledger
-//! contract deployed.
+//! contract deployed. [`train`] is the training testnet: real training on
+//! Fashion-MNIST through the ring, recorded on chain.
 
 pub mod bench;
 pub mod chain;
 pub mod cluster;
 pub mod process;
+pub mod train;
 pub mod verify;

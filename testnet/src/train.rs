@@ -1,0 +1,181 @@
+//! `testnet train` (the README's first command): a local Anvil with the ledger
+//! contract, N peers on loopback that train a real model on real Fashion-MNIST
+//! through the verified ring, then the final test accuracy, each peer's
+//! on-chain totals, the finalized checkpoints, and the same read with `cast`.
+
+use crate::chain::{self, Anvil};
+use crate::cluster::report_chain;
+use crate::process::{Node, TempDir, ensure_fashion_mnist};
+use anyhow::bail;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// What the training testnet runs.
+#[derive(Debug, Clone)]
+pub struct TrainOpts {
+    pub nodes: usize,
+    pub rounds: u64,
+    /// Samples per peer per round.
+    pub batch: usize,
+    pub model: String,
+    pub lr: f64,
+    /// K: rounds per on-chain epoch.
+    pub epoch_rounds: u64,
+    pub eval_every: u64,
+    /// Record on a local Anvil chain.
+    pub chain: bool,
+}
+
+fn trained(n: &Node) -> BTreeMap<u64, Value> {
+    n.events("round trained").into_iter().map(|e| (e["round"].as_u64().unwrap_or(u64::MAX), e)).collect()
+}
+
+pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
+    if o.nodes == 0 || o.rounds == 0 || o.batch == 0 || o.epoch_rounds == 0 {
+        bail!("--nodes, --rounds, --batch and --epoch-rounds must be at least 1");
+    }
+    let data = ensure_fashion_mnist().to_str().expect("utf-8 path").to_owned();
+    let ledger = if o.chain {
+        let anvil = Anvil::start();
+        if anvil.accounts.len() <= o.nodes {
+            bail!(
+                "Anvil has {} dev accounts: at most {} peers can record on chain",
+                anvil.accounts.len(),
+                anvil.accounts.len() - 1
+            );
+        }
+        let contract = chain::deploy(&anvil);
+        println!("anvil   {}  ledger contract {contract}", anvil.url);
+        Some((anvil, contract))
+    } else {
+        None
+    };
+    let dir = TempDir::new("testnet-train");
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"testnet\"\nmodel = \"{}\"\nbatch = {}\nrounds = {}\nepoch_rounds = {}\nmin_peers = {}\n\
+             lr = {}\neval_every = {}\n",
+            o.model, o.batch, o.rounds, o.epoch_rounds, o.nodes, o.lr, o.eval_every
+        ),
+    )?;
+    println!(
+        "starting {} peers on 127.0.0.1: {} on Fashion-MNIST, {} rounds of {} samples per peer, K = {}",
+        o.nodes, o.model, o.rounds, o.batch, o.epoch_rounds
+    );
+    let start = |i: usize, boot: Option<&str>| {
+        let mut f: Vec<String> =
+            ["--config", config.to_str().expect("utf-8 path"), "--dataset", &data].map(String::from).to_vec();
+        if let Some((anvil, contract)) = &ledger {
+            let key = anvil.key_file(i + 1);
+            f.extend(
+                ["--rpc-url", &anvil.url, "--contract", contract, "--eth-key-file", key.to_str().expect("utf-8 path")]
+                    .map(String::from),
+            );
+        }
+        if let Some(b) = boot {
+            f.extend(["--bootstrap".to_owned(), b.to_owned()]);
+        }
+        let refs: Vec<&str> = f.iter().map(String::as_str).collect();
+        Node::start(&format!("peer-{i}"), &refs)
+    };
+    let first = start(0, None);
+    let boot = first.address();
+    println!("peer-0  {boot}  (bootstrap)");
+    let mut nodes = vec![first];
+    for i in 1..o.nodes {
+        let n = start(i, Some(&boot));
+        println!("peer-{i}  {}", n.address());
+        nodes.push(n);
+    }
+    let run_id = crate::process::wait_until(Duration::from_secs(120), || {
+        nodes[0].events("training run").first().and_then(|e| e["run_id"].as_str().map(String::from))
+    })
+    .ok_or_else(|| anyhow::anyhow!("peer-0 did not start training"))?;
+    println!("run {run_id}\n");
+    println!(
+        "{:>6}  {:>4}  {:>8}  {:<18} {:>6} {:>10} {:>9}",
+        "round", "ring", "loss", "parameter hash", "agree", "samples/s", "MiB/peer"
+    );
+
+    let every = (o.rounds / 20).max(1);
+    let mut printed = 0u64;
+    let mut evals_shown = 0usize;
+    let mut agree_all = true;
+    let began = Instant::now();
+    let deadline = began + Duration::from_secs(300 + 10 * o.rounds);
+    loop {
+        let per: Vec<BTreeMap<u64, Value>> = nodes.iter().map(trained).collect();
+        while printed < o.rounds && per.iter().all(|t| t.contains_key(&printed)) {
+            let r = printed;
+            let hashes: Vec<&str> = per.iter().map(|t| t[&r]["param_hash"].as_str().unwrap_or("")).collect();
+            let agree = hashes.iter().all(|h| *h == hashes[0]);
+            agree_all &= agree;
+            if r % every == 0 || r + 1 == o.rounds || !agree {
+                let loss =
+                    per.iter().map(|t| t[&r]["loss"].as_f64().unwrap_or(f64::NAN)).sum::<f64>() / per.len() as f64;
+                let e = &per[0][&r];
+                println!(
+                    "{:>6}  {:>4}  {:>8.4}  {:<18} {:>6} {:>10.0} {:>9.2}",
+                    r,
+                    e["ring_size"],
+                    loss,
+                    format!("{}…", &hashes[0][..hashes[0].len().min(16)]),
+                    if agree { "yes" } else { "NO" },
+                    e["samples_per_s"].as_f64().unwrap_or(0.0),
+                    e["bytes_sent"].as_f64().unwrap_or(0.0) / f64::from(1 << 20)
+                );
+            }
+            printed += 1;
+        }
+        let evals = nodes[0].events("evaluated");
+        for e in &evals[evals_shown..] {
+            println!(
+                "        test accuracy after round {}: {:.2}%",
+                e["round"],
+                100.0 * e["accuracy"].as_f64().unwrap_or(0.0)
+            );
+        }
+        evals_shown = evals.len();
+        let mut running = 0;
+        for n in &mut nodes {
+            running += usize::from(n.is_running());
+        }
+        if running == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the run did not finish in time; {printed} of {} rounds trained", o.rounds);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let codes: Vec<Option<i32>> = nodes.iter_mut().map(|n| n.wait_exit(Duration::from_secs(90))).collect();
+    if printed < o.rounds || codes.iter().any(|c| *c != Some(0)) {
+        nodes.iter().for_each(Node::dump);
+        bail!("not every peer trained every round (exit codes {codes:?})");
+    }
+    if !agree_all {
+        bail!("the peers' parameters diverged");
+    }
+    let accuracy = nodes[0].events("evaluated").last().and_then(|e| e["accuracy"].as_f64()).unwrap_or(0.0);
+    let samples = o.rounds * (o.batch * o.nodes) as u64;
+    println!(
+        "\nall {} peers held the same parameters after every one of {} rounds; final test accuracy {:.2}% \
+         ({samples} samples in {:.1} s)",
+        o.nodes,
+        o.rounds,
+        100.0 * accuracy,
+        began.elapsed().as_secs_f64()
+    );
+    if let Some((anvil, contract)) = &ledger {
+        let done: Vec<u64> = nodes.iter().map(|n| trained(n).len() as u64).collect();
+        let hashes: BTreeMap<u64, String> = trained(&nodes[0])
+            .into_iter()
+            .map(|(r, e)| (r, e["param_hash"].as_str().unwrap_or_default().to_owned()))
+            .collect();
+        report_chain(anvil, contract, &run_id, &done, o.batch as u64, &hashes)?;
+    }
+    Ok(())
+}
