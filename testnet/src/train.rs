@@ -113,7 +113,7 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
             let hashes: Vec<&str> = per.iter().map(|t| t[&r]["param_hash"].as_str().unwrap_or("")).collect();
             let agree = hashes.iter().all(|h| *h == hashes[0]);
             agree_all &= agree;
-            if r % every == 0 || r + 1 == o.rounds || !agree {
+            if r.is_multiple_of(every) || r + 1 == o.rounds || !agree {
                 let loss =
                     per.iter().map(|t| t[&r]["loss"].as_f64().unwrap_or(f64::NAN)).sum::<f64>() / per.len() as f64;
                 let e = &per[0][&r];
