@@ -310,6 +310,10 @@ pub struct RunArgs {
     /// settings come from it; --run, if a run id (0x...), must match it.
     #[arg(long, env = "DTRAIN_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Samples this peer contributes per round (with --config; default: the run's batch).
+    /// Peers on faster hardware take more; the average weighs each peer by its samples.
+    #[arg(long, env = "DTRAIN_BATCH")]
+    pub batch: Option<usize>,
     /// The training data (with --config); its hash must match the run's.
     #[arg(long, env = "DTRAIN_DATASET", default_value = crate::train::data::DEFAULT_DATASET_DIR)]
     pub dataset: PathBuf,

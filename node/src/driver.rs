@@ -59,8 +59,10 @@ pub enum Compute {
 #[derive(Debug, Clone)]
 pub struct TrainSpec {
     pub worker: Worker,
-    /// Samples per member per round.
+    /// Samples this peer contributes per round (announced in its heartbeats).
     pub batch: usize,
+    /// The run's batch, assumed for a member whose announcement this peer has not heard.
+    pub default_batch: usize,
     /// Evaluate every N rounds (0: only after the last).
     pub eval_every: u64,
     /// Rounds per on-chain epoch: a local checkpoint is saved at each epoch's last round.
@@ -94,6 +96,8 @@ struct Driver {
     cursor: u64,
     /// The local loss of the current round's micro-batch.
     loss: Option<f32>,
+    /// Samples per round each peer announced (heartbeats, joins).
+    batches: std::collections::HashMap<PeerKey, u64>,
     summary: Summary,
     finished: bool,
 }
@@ -116,6 +120,7 @@ pub async fn run(
         post_tx,
         cursor: 0,
         loss: None,
+        batches: std::collections::HashMap::new(),
         membership: Membership::new(cfg.run, me.clone(), cfg.membership.clone()),
         cfg,
         net,
@@ -246,8 +251,14 @@ impl Driver {
         let now = self.now();
         self.membership.observe(msg.peer(), now);
         match msg {
-            Gossip::Heartbeat(h) => self.membership.on_heartbeat(&h, now),
-            Gossip::Join(j) => self.membership.on_join(&j, now),
+            Gossip::Heartbeat(h) => {
+                self.batches.insert(h.peer.clone(), u64::from(h.batch));
+                self.membership.on_heartbeat(&h, now)
+            }
+            Gossip::Join(j) => {
+                self.batches.insert(j.peer.clone(), u64::from(j.batch));
+                self.membership.on_join(&j, now)
+            }
             Gossip::Commit(ref c) => {
                 if let Some(r) = self.round.as_mut().filter(|r| r.is_for(c.round, c.attempt)) {
                     let acts = r.on_commit(c.clone(), now);
@@ -374,9 +385,24 @@ impl Driver {
             Compute::Train(spec) => {
                 let n = view.len();
                 let pos = view.position(&me).expect("a started ring holds this peer");
-                // Every member takes `batch` samples: member p the stretch after members 0..p.
-                let start = self.cursor + (pos * spec.batch) as u64;
-                let gradient = spec.worker.gradient(start, spec.batch, 1.0 / n as f32);
+                // Member p takes its batch of the stream right after those of members 0..p,
+                // and weighs its mean gradient by its share of the round's samples, so the
+                // ring's sum is the mean over all of them.
+                let batches: Vec<u64> = view
+                    .members
+                    .iter()
+                    .map(|m| {
+                        if *m == me {
+                            spec.batch as u64
+                        } else {
+                            self.batches.get(m).copied().unwrap_or(spec.default_batch as u64)
+                        }
+                    })
+                    .collect();
+                let total: u64 = batches.iter().sum();
+                let start = self.cursor + batches[..pos].iter().sum::<u64>();
+                let weight = (spec.batch as f64 / total as f64) as f32;
+                let gradient = spec.worker.gradient(start, spec.batch, weight);
                 tokio::spawn(async move {
                     let Ok(g) = gradient.await else { return };
                     if !g.loss.is_finite() {
@@ -389,10 +415,9 @@ impl Driver {
                     }
                     let prepared = tokio::task::spawn_blocking(move || {
                         let data = fixed.encode(&g.weighted).map_err(|e| e.to_string())?;
-                        Ok::<_, String>((
-                            Contribution::new(data, g.samples as u64, g.param_hash, joiners, n, seg),
-                            g.loss,
-                        ))
+                        let input = Contribution::new(data, g.samples as u64, g.param_hash, joiners, n, seg)
+                            .with_ring_batches(batches);
+                        Ok::<_, String>((input, g.loss))
                     })
                     .await;
                     match prepared {

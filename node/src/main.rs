@@ -173,6 +173,8 @@ fn demo_config_hash(args: &StartArgs) -> [u8; 32] {
 /// What a started peer does: train under a run configuration, or all-reduce the demo vector.
 struct Plan {
     run: RunId,
+    /// Samples this peer contributes per round.
+    batch: usize,
     compute: Compute,
     on_chain: RunOnChain,
     rounds: u64,
@@ -190,6 +192,7 @@ fn plan(args: &StartArgs) -> anyhow::Result<Plan> {
         return Ok(Plan {
             run: RunId::from_name(&args.run.run),
             compute: Compute::Demo { len: args.run.demo_vector_len },
+            batch: 1,
             on_chain,
             rounds: args.run.rounds,
             min_peers: args.run.min_peers,
@@ -213,13 +216,18 @@ fn plan(args: &StartArgs) -> anyhow::Result<Plan> {
         model = %cfg.model,
         params = worker.params,
         param_hash = %p2p_proto::hash::hex(&worker.initial_hash),
-        batch = cfg.batch,
+        batch = args.run.batch.unwrap_or(cfg.batch),
         rounds = cfg.rounds,
         "training run"
     );
+    let batch = args.run.batch.unwrap_or(cfg.batch);
+    if batch == 0 || batch > u32::MAX as usize {
+        anyhow::bail!("--batch {batch} is out of range: use 1 or more samples per round");
+    }
     let spec = TrainSpec {
         worker,
-        batch: cfg.batch,
+        batch,
+        default_batch: cfg.batch,
         eval_every: cfg.eval_every,
         epoch_rounds: cfg.epoch_rounds,
         checkpoint_dir: args.network.data_dir.join("checkpoints"),
@@ -228,6 +236,7 @@ fn plan(args: &StartArgs) -> anyhow::Result<Plan> {
     Ok(Plan {
         run,
         compute: Compute::Train(spec),
+        batch,
         on_chain: RunOnChain {
             config_hash: cfg.hash(),
             epoch_rounds: cfg.epoch_rounds,
@@ -261,6 +270,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             peer_timeout_us: t.peer_timeout_ms * 1000,
             min_peers: plan.min_peers,
             max_peers: fixed.max_peers() as usize,
+            batch: plan.batch as u32,
         },
         round: RoundConfig {
             commit_timeout_us: t.commit_timeout_ms * 1000,

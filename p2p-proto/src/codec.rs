@@ -111,6 +111,7 @@ mod tests {
             peer: "12D3KooWpeer".into(),
             seq: 7,
             status: PeerStatus::Forming { round: 3, attempt: 1, view: [9; 32] },
+            batch: 64,
         });
         let step = RingFrame::Step(RingStep::new(
             run,

@@ -38,6 +38,8 @@ pub struct MembershipConfig {
     pub min_peers: usize,
     /// Largest ring; further joiners wait for a later round.
     pub max_peers: usize,
+    /// Samples this peer contributes per round, announced in its heartbeats and joins.
+    pub batch: u32,
 }
 
 /// The ordered members of one attempt of one round.
@@ -228,6 +230,7 @@ impl Membership {
             peer: self.me.clone(),
             seq: self.seq,
             status: self.status(),
+            batch: self.cfg.batch,
         }))
     }
 
@@ -347,6 +350,7 @@ impl Membership {
                     run: self.run,
                     peer: self.me.clone(),
                     round,
+                    batch: self.cfg.batch,
                 })));
             }
             return out;
@@ -376,7 +380,7 @@ mod tests {
     const MS: u64 = 1000;
 
     fn cfg(min_peers: usize) -> MembershipConfig {
-        MembershipConfig { heartbeat_us: 200 * MS, peer_timeout_us: 1000 * MS, min_peers, max_peers: 64 }
+        MembershipConfig { heartbeat_us: 200 * MS, peer_timeout_us: 1000 * MS, min_peers, max_peers: 64, batch: 1 }
     }
 
     /// Delivers every published message to every other peer (a perfect gossip
@@ -508,6 +512,7 @@ mod tests {
                 peer: format!("ghost-{i}"),
                 seq: 1,
                 status: PeerStatus::Forming { round: 0, attempt: 0, view: [0; 32] },
+                batch: 1,
             };
             ps[0].on_heartbeat(&hb, 0);
         }

@@ -96,6 +96,9 @@ pub struct Heartbeat {
     pub peer: PeerKey,
     pub seq: u64,
     pub status: PeerStatus,
+    /// Samples this peer contributes per round: its weight in the ring's average and the
+    /// length of its stretch of the sample stream.
+    pub batch: u32,
 }
 
 /// What a peer is doing, as its heartbeat tells.
@@ -117,6 +120,8 @@ pub struct JoinRequest {
     pub peer: PeerKey,
     /// The latest round the joiner has seen.
     pub round: u64,
+    /// Samples the joiner will contribute per round.
+    pub batch: u32,
 }
 
 /// A ring member's commitment to its gradient, gossiped before any payload moves.

@@ -52,6 +52,10 @@ pub struct Contribution {
     pub joiners: Vec<PeerKey>,
     /// blake3 of every segment of every ring chunk of `data`.
     segment_hashes: Vec<Vec<Hash>>,
+    /// Samples each member contributes, in ring order, as this member knows them (empty:
+    /// not checked). They are part of the ring's identity: members that disagree on them
+    /// disagree on the ring, and a member committing another count fails the round.
+    ring_batches: Vec<u64>,
 }
 
 impl Contribution {
@@ -68,7 +72,13 @@ impl Contribution {
     ) -> Self {
         let chunks = chunk_ranges(data.len(), n);
         let segment_hashes = segment_hashes(&data, &chunks, segment_elems);
-        Self { data, samples, param_hash, joiners, segment_hashes }
+        Self { data, samples, param_hash, joiners, segment_hashes, ring_batches: Vec::new() }
+    }
+
+    /// Sets the samples every member contributes, in ring order.
+    pub fn with_ring_batches(mut self, batches: Vec<u64>) -> Self {
+        self.ring_batches = batches;
+        self
     }
 }
 
@@ -126,6 +136,8 @@ pub struct Round {
     commits: Vec<Option<GradientCommit>>,
     data: Option<Vec<i32>>,
     own_segments: Vec<Hash>,
+    /// Expected samples per member (empty: not checked).
+    ring_batches: Vec<u64>,
     ring: Option<RingAllReduce>,
     early: Vec<VerifiedStep>,
     dones: Vec<Option<RoundDone>>,
@@ -152,7 +164,18 @@ impl Round {
     ) -> (Self, Vec<RoundAction>) {
         let n = view.len();
         let pos = view.position(me).expect("a round is only started by a member of its ring");
-        let ring_hash = view.hash(run);
+        let ring_hash = if input.ring_batches.is_empty() {
+            view.hash(run)
+        } else {
+            assert_eq!(input.ring_batches.len(), n, "one batch size per member");
+            let mut h = blake3::Hasher::new();
+            h.update(b"dtrain/ring-batches/v1");
+            h.update(&view.hash(run));
+            for b in &input.ring_batches {
+                h.update(&b.to_le_bytes());
+            }
+            h.finalize().into()
+        };
         let segs = input.segment_hashes;
         assert_eq!(segs.len(), n, "the contribution was hashed for a ring of this size");
         let commit = GradientCommit {
@@ -177,6 +200,7 @@ impl Round {
             commits,
             data: Some(input.data),
             own_segments: segs[pos].clone(),
+            ring_batches: input.ring_batches,
             ring: None,
             early: Vec::new(),
             dones: vec![None; n],
@@ -254,6 +278,12 @@ impl Round {
             self.fail(format!("peer {} formed another ring for this round: views differ", c.peer), &mut out);
         } else if c.len != mine.len || c.chunk_hashes.len() != self.view.len() {
             self.fail(format!("peer {} committed to a vector of another shape", c.peer), &mut out);
+        } else if self.ring_batches.get(i).is_some_and(|b| *b != c.samples) {
+            let expected = self.ring_batches[i];
+            self.fail(
+                format!("peer {} committed {} samples, not the {expected} it announced", c.peer, c.samples),
+                &mut out,
+            );
         } else if c.param_hash != mine.param_hash {
             // A gradient computed on other parameters would be averaged into ours: no round
             // with a member whose parameters differ (it must resync first).
@@ -680,5 +710,37 @@ mod tests {
         let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
         let out = a.on_commit(c.clone(), 0);
         assert!(out.iter().any(|x| matches!(x, RoundAction::Failed(r) if r.contains("holds other parameters"))));
+    }
+
+    #[test]
+    fn members_disagreeing_on_batches_or_committing_other_counts_fail_the_round() {
+        let run = RunId::from_name(RUN);
+        let view = RingView::order(run, 0, 0, ["a".to_string(), "b".to_string()]);
+        let input = |samples, batches: Vec<u64>| {
+            Contribution::new(vec![1; 4], samples, [0; 32], vec![], 2, 3).with_ring_batches(batches)
+        };
+        let pos_b = view.position("b").unwrap();
+        let mut batches = vec![16, 16];
+        batches[pos_b] = 32;
+        // b commits the 32 samples both expect: accepted (the round waits for more).
+        let (mut a, _) = Round::new(run, "a", view.clone(), input(16, batches.clone()), cfg(), 0);
+        let (_, acts) = Round::new(run, "b", view.clone(), input(32, batches.clone()), cfg(), 0);
+        let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
+        assert!(!a.on_commit(c.clone(), 0).iter().any(|x| matches!(x, RoundAction::Failed(_))));
+        // b commits 8 samples while announcing 32: refused.
+        let (mut a, _) = Round::new(run, "a", view.clone(), input(16, batches.clone()), cfg(), 0);
+        let (_, acts) = Round::new(run, "b", view.clone(), input(8, batches.clone()), cfg(), 0);
+        let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
+        let out = a.on_commit(c.clone(), 0);
+        assert!(
+            out.iter().any(|x| matches!(x, RoundAction::Failed(r) if r.contains("committed 8 samples"))),
+            "{out:?}"
+        );
+        // a and b see different batch sizes: different rings.
+        let (mut a, _) = Round::new(run, "a", view.clone(), input(16, vec![16, 16]), cfg(), 0);
+        let (_, acts) = Round::new(run, "b", view, input(32, batches), cfg(), 0);
+        let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
+        let out = a.on_commit(c.clone(), 0);
+        assert!(out.iter().any(|x| matches!(x, RoundAction::Failed(r) if r.contains("another ring"))), "{out:?}");
     }
 }

@@ -42,11 +42,13 @@ fn trained(n: &Node) -> BTreeMap<u64, Value> {
 }
 
 #[test]
-fn three_peers_train_identically_and_the_chain_records_their_work() {
+fn three_peers_with_different_batches_train_identically_and_the_chain_records_their_work() {
     let anvil = Anvil::start();
     let contract = deploy(&anvil);
     let dir = TempDir::new("train-ring");
     let (rounds, batch, k) = (12u64, 32u64, 4u64);
+    // Each round trains on the three batches together.
+    let ring_samples = 16 + 32 + 48;
     let config = write_config(
         &dir,
         &format!(
@@ -54,9 +56,12 @@ fn three_peers_train_identically_and_the_chain_records_their_work() {
              min_peers = 3\nlr = 0.003\neval_every = {rounds}\n"
         ),
     );
+    // Heterogeneous peers: each contributes its own batch; the average weighs them by it.
+    let batches = [16u64, 32, 48];
     let chain = |i: usize| -> Vec<String> {
         let key = anvil.key_file(i);
-        ["--rpc-url", &anvil.url, "--contract", &contract, "--eth-key-file", key.to_str().unwrap()]
+        let b = batches[i - 1].to_string();
+        ["--rpc-url", &anvil.url, "--contract", &contract, "--eth-key-file", key.to_str().unwrap(), "--batch", &b]
             .map(String::from)
             .to_vec()
     };
@@ -78,6 +83,9 @@ fn three_peers_train_identically_and_the_chain_records_their_work() {
             assert_eq!(t[&r]["param_hash"], per_node[0][&r]["param_hash"], "peers diverged at round {r}");
         }
     }
+    for t in &per_node {
+        assert!(t.values().all(|e| e["samples"] == ring_samples), "every round used every peer's batch");
+    }
     // It learns: the loss falls and the test accuracy is far above chance.
     let loss = |r: u64| per_node.iter().map(|t| t[&r]["loss"].as_f64().unwrap()).sum::<f64>() / 3.0;
     let (first, last) = ((0..3).map(loss).sum::<f64>(), (rounds - 3..rounds).map(loss).sum::<f64>());
@@ -93,7 +101,7 @@ fn three_peers_train_identically_and_the_chain_records_their_work() {
         let mine = ledger_json(&anvil, &contract, &["contributions", "--run", &run_id, "--peer", address]);
         let done = per_node[i].len() as u64;
         assert_eq!(mine["peers"][0]["rounds"], done, "{}: on-chain rounds", n.name);
-        assert_eq!(mine["peers"][0]["samples"], done * batch, "{}: on-chain samples", n.name);
+        assert_eq!(mine["peers"][0]["samples"], done * batches[i], "{}: on-chain samples", n.name);
         assert_eq!(mine["peers"][0]["epochs"], rounds / k, "{}: one record per epoch", n.name);
     }
     let cps = ledger_json(&anvil, &contract, &["checkpoints", "--run", &run_id]);
@@ -132,13 +140,13 @@ fn load_params(path: &Path) -> BTreeMap<String, Vec<f32>> {
         .collect()
 }
 
-/// Two peers with batch 16 train like one peer with batch 32 on the same samples in the same
-/// order. Not bit for bit: each peer's share of the mean is rounded to the fixed-point grid
-/// (q = 2^-20) before the exact integer sum, and floats sum a batch of 16 and one of 32 in
-/// other orders. With SGD the difference stays at that scale; the bound below is
+/// Two peers with batches 8 and 24 train like one peer with batch 32 on the same samples in
+/// the same order. Not bit for bit: each peer's share of the mean is rounded to the fixed-point grid
+/// (q = 2^-20) before the exact integer sum, and floats sum batches of 8, 24 and 32 in other
+/// orders. With SGD the difference stays at that scale; the bound below is
 /// steps × peak lr × 1/(1 − momentum) × N × q.
 #[test]
-fn a_ring_of_two_with_batch_16_trains_like_one_peer_with_batch_32() {
+fn a_ring_of_two_with_batches_8_and_24_trains_like_one_peer_with_batch_32() {
     let dir = TempDir::new("equivalence");
     let (rounds, lr) = (10u64, 0.05f64);
     let config = write_config(
@@ -148,9 +156,11 @@ fn a_ring_of_two_with_batch_16_trains_like_one_peer_with_batch_32() {
              min_peers = 2\noptimizer = \"sgd\"\nlr = {lr}\n"
         ),
     );
-    let a = start_peer("eq-a", &config, &[], None);
+    // Batches of 8 and 24: the same 32 samples per round as one peer with 32, weighted 1/4
+    // and 3/4 (equal batches would not show a wrong weighting).
+    let a = start_peer("eq-a", &config, &["--batch".to_owned(), "8".to_owned()], None);
     let boot = a.address();
-    let b = start_peer("eq-b", &config, &[], Some(&boot));
+    let b = start_peer("eq-b", &config, &["--batch".to_owned(), "24".to_owned()], Some(&boot));
     let mut nodes = [a, b];
     wait_all(&mut nodes, 300);
     let ring_path = nodes[0]
