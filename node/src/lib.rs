@@ -13,6 +13,7 @@
 //! training step, on burn.
 
 pub mod cli;
+pub mod config_io;
 pub mod driver;
 pub mod ledger;
 pub mod net;

@@ -11,7 +11,7 @@ use node::ledger::{show, task};
 use node::train::config::{ConfigError, RunConfig};
 use node::train::data;
 use node::train::worker::Worker;
-use node::{net, store::Store};
+use node::{config_io, net, store::Store};
 use p2p_proto::FixedPoint;
 use p2p_proto::chunk::SEGMENT_ELEMS;
 use p2p_proto::membership::MembershipConfig;
@@ -172,7 +172,6 @@ fn demo_config_hash(args: &StartArgs) -> [u8; 32] {
 
 /// What a started peer does: train under a run configuration, or all-reduce the demo vector.
 struct Plan {
-    run: RunId,
     /// Samples this peer contributes per round.
     batch: usize,
     compute: Compute,
@@ -181,34 +180,37 @@ struct Plan {
     min_peers: usize,
 }
 
-fn plan(args: &StartArgs) -> anyhow::Result<Plan> {
-    let Some(path) = &args.run.config else {
-        let on_chain = RunOnChain {
+/// The run configuration from `--config`, bound to this peer's dataset and build.
+fn load_config(args: &StartArgs) -> anyhow::Result<Option<(RunConfig, data::Dataset)>> {
+    let Some(path) = &args.run.config else { return Ok(None) };
+    let cfg = RunConfig::load(path)?;
+    let ds = data::load(&args.run.dataset)?;
+    Ok(Some((cfg.bind(&ds)?, ds)))
+}
+
+fn demo_plan(args: &StartArgs) -> Plan {
+    Plan {
+        compute: Compute::Demo { len: args.run.demo_vector_len },
+        batch: 1,
+        on_chain: RunOnChain {
             config_hash: demo_config_hash(args),
             epoch_rounds: args.ledger.epoch_rounds,
             quorum_bps: args.ledger.quorum_bps,
             min_votes: args.ledger.min_votes,
-        };
-        return Ok(Plan {
-            run: RunId::from_name(&args.run.run),
-            compute: Compute::Demo { len: args.run.demo_vector_len },
-            batch: 1,
-            on_chain,
-            rounds: args.run.rounds,
-            min_peers: args.run.min_peers,
-        });
-    };
-    let cfg = RunConfig::load(path)?;
-    let ds = data::load(&args.run.dataset)?;
-    let cfg = cfg.bind(&ds)?;
-    let run = cfg.run_id();
-    if args.run.run.starts_with("0x") {
-        let expected = node::cli::parse_run(&args.run.run).map_err(|e| anyhow::anyhow!(e))?;
-        if expected != run {
-            return Err(ConfigError::RunMismatch { actual: hex::encode(run.0), expected: args.run.run.clone() }.into());
-        }
+        },
+        rounds: args.run.rounds,
+        min_peers: args.run.min_peers,
     }
-    let worker = Worker::spawn(&cfg, Arc::new(ds), node::train::run::device(args.run.backend)?)?;
+}
+
+fn train_plan(args: &StartArgs, cfg: &RunConfig, ds: data::Dataset) -> anyhow::Result<Plan> {
+    let run = cfg.run_id();
+
+    let worker = Worker::spawn(cfg, Arc::new(ds), node::train::run::device(args.run.backend)?)?;
+    let batch = args.run.batch.unwrap_or(cfg.batch);
+    if batch == 0 || batch > u32::MAX as usize {
+        anyhow::bail!("--batch {batch} is out of range: use 1 or more samples per round");
+    }
     info!(
         run_id = %format!("0x{}", hex::encode(run.0)),
         name = %cfg.name,
@@ -216,14 +218,10 @@ fn plan(args: &StartArgs) -> anyhow::Result<Plan> {
         model = %cfg.model,
         params = worker.params,
         param_hash = %p2p_proto::hash::hex(&worker.initial_hash),
-        batch = args.run.batch.unwrap_or(cfg.batch),
+        batch,
         rounds = cfg.rounds,
         "training run"
     );
-    let batch = args.run.batch.unwrap_or(cfg.batch);
-    if batch == 0 || batch > u32::MAX as usize {
-        anyhow::bail!("--batch {batch} is out of range: use 1 or more samples per round");
-    }
     let spec = TrainSpec {
         worker,
         batch,
@@ -234,7 +232,6 @@ fn plan(args: &StartArgs) -> anyhow::Result<Plan> {
     };
     std::fs::create_dir_all(&spec.checkpoint_dir)?;
     Ok(Plan {
-        run,
         compute: Compute::Train(spec),
         batch,
         on_chain: RunOnChain {
@@ -248,19 +245,73 @@ fn plan(args: &StartArgs) -> anyhow::Result<Plan> {
     })
 }
 
+/// Peer ids of the bootstrap addresses (those that name one).
+fn bootstrap_peers(args: &StartArgs) -> Vec<libp2p::PeerId> {
+    args.network
+        .bootstrap
+        .iter()
+        .filter_map(|a| {
+            a.iter().find_map(|p| match p {
+                libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+                _ => None,
+            })
+        })
+        .collect()
+}
+
 async fn start(args: StartArgs) -> anyhow::Result<()> {
     let store = Store::open(&args.network.data_dir)?;
     let key = store.identity()?;
-    let plan = plan(&args)?;
-    let run = plan.run;
     let peer_id = key.public().to_peer_id();
+    // The run: from --config; or, for `--run 0x<id>` alone, fetched from the bootstrap peers
+    // once the network is up; or the demonstration run named by --run.
+    let local = load_config(&args)?;
+    let join_by_id = local.is_none() && args.run.run.starts_with("0x");
+    let run = match &local {
+        Some((cfg, _)) => {
+            let run = cfg.run_id();
+            if args.run.run.starts_with("0x") {
+                let expected = node::cli::parse_run(&args.run.run).map_err(|e| anyhow::anyhow!(e))?;
+                if expected != run {
+                    let actual = format!("0x{}", hex::encode(run.0));
+                    return Err(ConfigError::RunMismatch { actual, expected: args.run.run.clone() }.into());
+                }
+            }
+            run
+        }
+        None => node::cli::parse_run(&args.run.run).map_err(|e| anyhow::anyhow!(e))?,
+    };
     info!(%peer_id, run = %run, data_dir = %args.network.data_dir.display(), "starting");
-    let ledger = start_ledger(&args, &store, run, &plan.on_chain, peer_id).await?;
+    let bootstrap = bootstrap_peers(&args);
     let (handle, events, event_loop) = net::new(
         key,
-        net::NetConfig { listen: args.network.listen, bootstrap: args.network.bootstrap, topic: run.topic() },
+        net::NetConfig {
+            listen: args.network.listen.clone(),
+            bootstrap: args.network.bootstrap.clone(),
+            topic: run.topic(),
+        },
     )?;
     let net_task = tokio::spawn(event_loop.run());
+    let config = match local {
+        Some(c) => Some(c),
+        None if join_by_id => {
+            info!(peers = bootstrap.len(), "fetching the run's configuration from the bootstrap peers");
+            let cfg = config_io::fetch(handle.control(), &bootstrap, run, Duration::from_secs(60)).await?;
+            info!(name = %cfg.name, "configuration received; it hashes to the run id");
+            let ds = data::load(&args.run.dataset)?;
+            Some((cfg.bind(&ds)?, ds))
+        }
+        None => None,
+    };
+    let plan = match config {
+        Some((cfg, ds)) => {
+            let plan = train_plan(&args, &cfg, ds)?;
+            config_io::serve(handle.control(), run, &cfg);
+            plan
+        }
+        None => demo_plan(&args),
+    };
+    let ledger = start_ledger(&args, &store, run, &plan.on_chain, peer_id).await?;
     let fixed = FixedPoint::default();
     let t = &args.timing;
     let cfg = DriverConfig {

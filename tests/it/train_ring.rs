@@ -15,9 +15,12 @@ fn write_config(dir: &TempDir, text: &str) -> String {
     path.to_str().unwrap().to_owned()
 }
 
+/// Starts a training peer with the run's configuration file, or (`config` = `0x<run id>`)
+/// with only the run id, fetching the configuration from its bootstrap peer.
 fn start_peer(name: &str, config: &str, extra: &[String], bootstrap: Option<&str>) -> Node {
     let data = ensure_fashion_mnist().to_str().unwrap().to_owned();
-    let mut flags = vec!["--config".to_owned(), config.to_owned(), "--dataset".to_owned(), data];
+    let how = if config.starts_with("0x") { "--run" } else { "--config" };
+    let mut flags = vec![how.to_owned(), config.to_owned(), "--dataset".to_owned(), data];
     flags.extend(extra.iter().cloned());
     if let Some(b) = bootstrap {
         flags.extend(["--bootstrap".to_owned(), b.to_owned()]);
@@ -68,7 +71,13 @@ fn three_peers_with_different_batches_train_identically_and_the_chain_records_th
     let a = start_peer("train-a", &config, &chain(1), None);
     let boot = a.address();
     let b = start_peer("train-b", &config, &chain(2), Some(&boot));
-    let c = start_peer("train-c", &config, &chain(3), Some(&boot));
+    // The third peer knows only the run id: it fetches the configuration from its bootstrap
+    // peer and checks that it hashes to that id.
+    let run_id = tests::wait_until(Duration::from_secs(60), || {
+        a.events("training run").first().and_then(|e| e["run_id"].as_str().map(String::from))
+    })
+    .expect("the first peer logged its run id");
+    let c = start_peer("train-c", &run_id, &chain(3), Some(&boot));
     let mut nodes = [a, b, c];
     wait_all(&mut nodes, 300);
 
@@ -95,7 +104,7 @@ fn three_peers_with_different_batches_train_identically_and_the_chain_records_th
 
     // The chain: each peer's totals are the rounds and samples it trained on; the finalized
     // checkpoints are the epoch ends, with the parameter hash every peer held.
-    let run_id = nodes[0].events("training run")[0]["run_id"].as_str().unwrap().to_owned();
+    assert_eq!(nodes[2].events("configuration received; it hashes to the run id").len(), 1);
     for (i, n) in nodes.iter().enumerate() {
         let address = &anvil.accounts[i + 1].address;
         let mine = ledger_json(&anvil, &contract, &["contributions", "--run", &run_id, "--peer", address]);

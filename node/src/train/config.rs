@@ -119,6 +119,13 @@ impl RunConfig {
         Ok(cfg)
     }
 
+    /// Parses and checks a configuration received from a peer (JSON).
+    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+        let cfg: RunConfig = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     fn validate(&self) -> Result<(), String> {
         if !matches!(self.model.as_str(), "mlp" | "cnn" | "resnet") {
             return Err(format!("model `{}` is not one of mlp, cnn, resnet", self.model));
@@ -213,6 +220,18 @@ mod tests {
         other.dataset_hash = Some("00".repeat(32));
         assert_ne!(cfg.run_id(), other.run_id());
         assert_eq!(cfg.run_id(), RunConfig::load(&write("b.toml", BASE)).unwrap().run_id());
+    }
+
+    #[test]
+    fn the_json_a_peer_serves_round_trips_to_the_same_run() {
+        let mut cfg = RunConfig::load(&write("g.toml", BASE)).unwrap();
+        cfg.dataset_hash = Some("ab".repeat(32));
+        cfg.compute = Some(compute_build());
+        let json = serde_json::to_vec(&cfg).unwrap();
+        assert_eq!(RunConfig::from_json(&json).unwrap().run_id(), cfg.run_id());
+        assert!(RunConfig::from_json(b"{\"name\": 1}").is_err());
+        let bad = String::from_utf8(json).unwrap().replace("\"mlp\"", "\"gpt\"");
+        assert!(RunConfig::from_json(bad.as_bytes()).unwrap_err().contains("gpt"));
     }
 
     #[test]

@@ -1,0 +1,113 @@
+//! A run's configuration over direct streams, so that a peer can join with only
+//! the run id: every training peer serves its configuration (as JSON) under
+//! [`CONFIG_PROTOCOL`]; a joining peer asks its bootstrap peers for the run id
+//! and accepts an answer only if it hashes to that id.
+//!
+//! Request: the 32-byte run id. Answer: a u32 (LE) length, then that many bytes
+//! of JSON, at most [`MAX_CONFIG_BYTES`]; length 0 means "not my run".
+
+use crate::train::config::RunConfig;
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, StreamProtocol};
+use libp2p_stream::Control;
+use p2p_proto::message::RunId;
+use std::time::Duration;
+use tracing::{debug, warn};
+
+pub const CONFIG_PROTOCOL: &str = "/dtrain/config/1";
+/// A configuration is a few hundred bytes; anything near this is not one.
+pub const MAX_CONFIG_BYTES: usize = 64 * 1024;
+/// Longest a single request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(
+        "no --bootstrap peer with a /p2p/<peer id> to ask for the run's configuration: pass --config <file> or a full bootstrap address"
+    )]
+    NoPeers,
+    #[error(
+        "no peer served the configuration of run 0x{run} within {secs} s ({last}): is the run id right, and is a peer of that run reachable?"
+    )]
+    NotFound { run: String, secs: u64, last: String },
+}
+
+/// Serves `config` (the run's bound configuration) to peers asking for `run`.
+pub fn serve(mut control: Control, run: RunId, config: &RunConfig) {
+    let json = serde_json::to_vec(config).expect("the configuration serializes");
+    let Ok(mut incoming) = control.accept(StreamProtocol::new(CONFIG_PROTOCOL)) else {
+        warn!("the configuration protocol is registered twice; not serving it");
+        return;
+    };
+    tokio::spawn(async move {
+        while let Some((peer, mut stream)) = incoming.next().await {
+            let json = json.clone();
+            tokio::spawn(async move {
+                let answer = async {
+                    let mut asked = [0u8; 32];
+                    stream.read_exact(&mut asked).await?;
+                    let body: &[u8] = if asked == run.0 { &json } else { &[] };
+                    stream.write_all(&(body.len() as u32).to_le_bytes()).await?;
+                    stream.write_all(body).await?;
+                    stream.close().await
+                };
+                if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, answer)
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "request took too long")))
+                {
+                    debug!(%peer, reason = %e, "configuration request failed");
+                }
+            });
+        }
+    });
+}
+
+async fn ask(control: &mut Control, peer: PeerId, run: RunId) -> Result<RunConfig, String> {
+    let mut stream =
+        control.open_stream(peer, StreamProtocol::new(CONFIG_PROTOCOL)).await.map_err(|e| e.to_string())?;
+    stream.write_all(&run.0).await.map_err(|e| e.to_string())?;
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await.map_err(|e| e.to_string())?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 {
+        return Err(format!("peer {peer} is not in this run"));
+    }
+    if len > MAX_CONFIG_BYTES {
+        return Err(format!("peer {peer} announced a {len}-byte configuration (limit {MAX_CONFIG_BYTES})"));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    let cfg = RunConfig::from_json(&body).map_err(|e| format!("peer {peer} sent an invalid configuration: {e}"))?;
+    if cfg.run_id() != run {
+        return Err(format!("peer {peer} sent the configuration of another run"));
+    }
+    Ok(cfg)
+}
+
+/// Asks `peers` in turn, until one answers with the configuration of `run` or `wait` passes.
+pub async fn fetch(
+    mut control: Control,
+    peers: &[PeerId],
+    run: RunId,
+    wait: Duration,
+) -> Result<RunConfig, FetchError> {
+    if peers.is_empty() {
+        return Err(FetchError::NoPeers);
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut last = String::from("no answer yet");
+    loop {
+        for peer in peers {
+            match tokio::time::timeout(REQUEST_TIMEOUT, ask(&mut control, *peer, run)).await {
+                Ok(Ok(cfg)) => return Ok(cfg),
+                Ok(Err(e)) => last = e,
+                Err(_) => last = format!("peer {peer} did not answer"),
+            }
+            debug!(%peer, reason = %last, "configuration not fetched yet");
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(FetchError::NotFound { run: hex::encode(run.0), secs: wait.as_secs(), last });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
