@@ -133,8 +133,44 @@ impl Anvil {
 
     /// Writes dev account `i`'s key to a file (mode 0600) and returns its path.
     pub fn key_file(&self, i: usize) -> PathBuf {
-        let path = self.dir.path().join(format!("key-{i}"));
-        std::fs::write(&path, &self.accounts[i].key).expect("write key file");
+        self.write_key(&format!("key-{i}"), &self.accounts[i])
+    }
+
+    /// Creates `n` fresh peer accounts (new random keys) and funds each with 100 ETH from dev
+    /// account 0, so any number of peers can record on chain.
+    pub fn fund_peers(&self, n: usize) -> Vec<Account> {
+        let cast = &ensure_tools().cast;
+        let out = Command::new(cast)
+            .args(["wallet", "new", "--json", "--number", &n.to_string()])
+            .output()
+            .expect("run cast wallet new");
+        assert!(out.status.success(), "cast wallet new failed: {}", String::from_utf8_lossy(&out.stderr));
+        let wallets: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cast wallet JSON");
+        let accounts: Vec<Account> = wallets
+            .as_array()
+            .expect("a list of wallets")
+            .iter()
+            .map(|w| Account {
+                address: w["address"].as_str().expect("address").to_owned(),
+                key: w["private_key"].as_str().expect("private_key").to_owned(),
+            })
+            .collect();
+        assert_eq!(accounts.len(), n, "cast made {} wallets, not {n}", accounts.len());
+        for a in &accounts {
+            let out = Command::new(cast)
+                .args(["send", &a.address, "--value", "100ether", "--rpc-url", &self.url, "--private-key"])
+                .arg(&self.accounts[0].key)
+                .output()
+                .expect("run cast send");
+            assert!(out.status.success(), "funding {} failed: {}", a.address, String::from_utf8_lossy(&out.stderr));
+        }
+        accounts
+    }
+
+    /// Writes `account`'s key to a file (mode 0600) named `name` in the chain's directory.
+    pub fn write_key(&self, name: &str, account: &Account) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, &account.key).expect("write key file");
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -118,6 +118,9 @@ pub fn run(o: &ClusterOpts) -> anyhow::Result<()> {
         if running == 0 {
             break;
         }
+        if crate::process::interrupted() {
+            bail!("interrupted");
+        }
         if std::time::Instant::now() > deadline {
             bail!("the cluster did not finish in time; {printed} of {} rounds completed", o.rounds);
         }
@@ -141,21 +144,23 @@ pub fn run(o: &ClusterOpts) -> anyhow::Result<()> {
         let done: Vec<u64> = nodes.iter().map(|n| n.rounds().len() as u64).collect();
         let hashes: BTreeMap<u64, String> = nodes[0].rounds().into_iter().map(|r| (r.round, r.result_hash)).collect();
         // A demonstration round counts one sample.
-        report_chain(anvil, contract, &o.run, &done, 1, &hashes)?;
+        let addresses: Vec<String> = (1..=nodes.len()).map(|i| anvil.accounts[i].address.clone()).collect();
+        report_chain(anvil, contract, &o.run, &addresses, &done, &vec![1; nodes.len()], &hashes)?;
     }
     Ok(())
 }
 
-/// Prints what the chain recorded and checks it against what the peers did: peer `i` (dev
-/// account `i + 1`) completed `done[i]` rounds of `samples_per_round` samples, and `hashes`
+/// Prints what the chain recorded and checks it against what the peers did: peer `i` (account
+/// `addresses[i]`) completed `done[i]` rounds of `samples_per_round[i]` samples, and `hashes`
 /// holds the hash all peers agreed on at each round; the finalized checkpoints must be
 /// rounds of `hashes`, with those hashes.
 pub fn report_chain(
     anvil: &Anvil,
     contract: &str,
     run: &str,
+    addresses: &[String],
     done: &[u64],
-    samples_per_round: u64,
+    samples_per_round: &[u64],
     hashes: &BTreeMap<u64, String>,
 ) -> anyhow::Result<()> {
     let show = |args: &[&str]| -> anyhow::Result<String> {
@@ -178,7 +183,8 @@ pub fn report_chain(
     let mut ok = true;
     println!();
     for (i, done) in done.iter().enumerate() {
-        let address = &anvil.accounts[i + 1].address;
+        let address = &addresses[i];
+        let samples_per_round = samples_per_round[i];
         let row = totals["peers"]
             .as_array()
             .and_then(|ps| ps.iter().find(|p| p["address"].as_str().is_some_and(|a| a.eq_ignore_ascii_case(address))));
@@ -207,8 +213,7 @@ pub fn report_chain(
     let cast_path = &chain::ensure_tools().cast;
     let cast = cast_path.strip_prefix(chain::repo_root()).unwrap_or(cast_path).display().to_string();
     println!("\nthe same with cast (while a chain runs at {}):", anvil.url);
-    for i in 0..done.len() {
-        let address = &anvil.accounts[i + 1].address;
+    for address in addresses {
         let args = [
             "call",
             contract,

@@ -78,6 +78,7 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
+    testnet::process::stop_on_signals();
     match Cli::parse().command {
         Cmd::Train { nodes, rounds, batch, model, lr, epoch_rounds, eval_every, no_chain } => {
             train::run(&train::TrainOpts {

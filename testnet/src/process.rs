@@ -225,14 +225,48 @@ impl Round {
     }
 }
 
-/// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether Ctrl-C or SIGTERM arrived (after [`stop_on_signals`]).
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// On Ctrl-C or SIGTERM, sets [`interrupted`]: waits end early, the caller returns, and the
+/// drops of its [`Node`]s and chain stop every process it started.
+pub fn stop_on_signals() {
+    std::thread::spawn(|| {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        rt.block_on(async {
+            #[cfg(unix)]
+            {
+                use tokio::signal::unix::{SignalKind, signal};
+                let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+                else {
+                    return;
+                };
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            #[cfg(not(unix))]
+            let _ = tokio::signal::ctrl_c().await;
+            eprintln!("\ninterrupted: stopping every process this command started");
+            INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    });
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, `timeout` passes, or the program is
+/// interrupted.
 pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let end = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
             return Some(v);
         }
-        if Instant::now() >= end {
+        if Instant::now() >= end || interrupted() {
             return None;
         }
         std::thread::sleep(Duration::from_millis(50));

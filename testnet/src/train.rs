@@ -38,16 +38,13 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
     let data = ensure_fashion_mnist().to_str().expect("utf-8 path").to_owned();
     let ledger = if o.chain {
         let anvil = Anvil::start();
-        if anvil.accounts.len() <= o.nodes {
-            bail!(
-                "Anvil has {} dev accounts: at most {} peers can record on chain",
-                anvil.accounts.len(),
-                anvil.accounts.len() - 1
-            );
-        }
         let contract = chain::deploy(&anvil);
-        println!("anvil   {}  ledger contract {contract}", anvil.url);
-        Some((anvil, contract))
+        let accounts = anvil.fund_peers(o.nodes);
+        println!(
+            "anvil   {}  ledger contract {contract}; {} peer accounts funded with 100 ETH each",
+            anvil.url, o.nodes
+        );
+        Some((anvil, contract, accounts))
     } else {
         None
     };
@@ -68,8 +65,8 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
     let start = |i: usize, boot: Option<&str>| {
         let mut f: Vec<String> =
             ["--config", config.to_str().expect("utf-8 path"), "--dataset", &data].map(String::from).to_vec();
-        if let Some((anvil, contract)) = &ledger {
-            let key = anvil.key_file(i + 1);
+        if let Some((anvil, contract, accounts)) = &ledger {
+            let key = anvil.write_key(&format!("peer-{i}.key"), &accounts[i]);
             f.extend(
                 ["--rpc-url", &anvil.url, "--contract", contract, "--eth-key-file", key.to_str().expect("utf-8 path")]
                     .map(String::from),
@@ -104,6 +101,7 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
     let mut printed = 0u64;
     let mut evals_shown = 0usize;
     let mut agree_all = true;
+    // The clock starts once the first peer has loaded the data and built its model.
     let began = Instant::now();
     let deadline = began + Duration::from_secs(300 + 10 * o.rounds);
     loop {
@@ -133,9 +131,10 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
         let evals = nodes[0].events("evaluated");
         for e in &evals[evals_shown..] {
             println!(
-                "        test accuracy after round {}: {:.2}%",
+                "        test accuracy after round {}: {:.2}%  at {:.1} s",
                 e["round"],
-                100.0 * e["accuracy"].as_f64().unwrap_or(0.0)
+                100.0 * e["accuracy"].as_f64().unwrap_or(0.0),
+                began.elapsed().as_secs_f64()
             );
         }
         evals_shown = evals.len();
@@ -145,6 +144,9 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
         }
         if running == 0 {
             break;
+        }
+        if crate::process::interrupted() {
+            bail!("interrupted");
         }
         if Instant::now() > deadline {
             bail!("the run did not finish in time; {printed} of {} rounds trained", o.rounds);
@@ -169,13 +171,14 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
         100.0 * accuracy,
         began.elapsed().as_secs_f64()
     );
-    if let Some((anvil, contract)) = &ledger {
+    if let Some((anvil, contract, accounts)) = &ledger {
         let done: Vec<u64> = nodes.iter().map(|n| trained(n).len() as u64).collect();
+        let addresses: Vec<String> = accounts.iter().map(|a| a.address.clone()).collect();
         let hashes: BTreeMap<u64, String> = trained(&nodes[0])
             .into_iter()
             .map(|(r, e)| (r, e["param_hash"].as_str().unwrap_or_default().to_owned()))
             .collect();
-        report_chain(anvil, contract, &run_id, &done, o.batch as u64, &hashes)?;
+        report_chain(anvil, contract, &run_id, &addresses, &done, &vec![o.batch as u64; o.nodes], &hashes)?;
     }
     Ok(())
 }
