@@ -111,11 +111,7 @@ pub fn run(o: &ClusterOpts) -> anyhow::Result<()> {
             );
             printed += 1;
         }
-        let mut running = 0;
-        for n in &mut nodes {
-            running += usize::from(n.is_running());
-        }
-        if running == 0 {
+        if !crate::process::any_running(&mut nodes) {
             break;
         }
         if crate::process::interrupted() {
@@ -213,37 +209,23 @@ pub fn report_chain(
     let cast_path = &chain::ensure_tools().cast;
     let cast = cast_path.strip_prefix(chain::repo_root()).unwrap_or(cast_path).display().to_string();
     println!("\nthe same with cast (while a chain runs at {}):", anvil.url);
+    // Runs `cast call <contract> <signature> <args>` and prints the command and its answer.
+    let cast_call = |signature: &str, args: &[&str], fields: &str| -> anyhow::Result<()> {
+        let mut all = vec!["call", contract, signature];
+        all.extend_from_slice(args);
+        all.extend(["--rpc-url", &anvil.url]);
+        let out = std::process::Command::new(cast_path).args(&all).output()?;
+        println!("  {cast} {}\n    -> {fields} = {}", quote(&all), String::from_utf8_lossy(&out.stdout).trim());
+        Ok(())
+    };
     for address in addresses {
-        let args = [
-            "call",
-            contract,
+        cast_call(
             "totalsOf(bytes32,address)((uint64,uint64,uint128,uint32))",
-            &run_id,
-            address,
-            "--rpc-url",
-            &anvil.url,
-        ];
-        let out = std::process::Command::new(cast_path).args(args).output()?;
-        println!(
-            "  {cast} {}\n    -> (epochs, rounds, samples, faults) = {}",
-            quote(&args),
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
+            &[&run_id, address],
+            "(epochs, rounds, samples, faults)",
+        )?;
     }
-    let args = [
-        "call",
-        contract,
-        "latestCheckpoint(bytes32)((uint64,bytes32,uint32,uint64))",
-        &run_id,
-        "--rpc-url",
-        &anvil.url,
-    ];
-    let out = std::process::Command::new(cast_path).args(args).output()?;
-    println!(
-        "  {cast} {}\n    -> (round, hash, votes, block) = {}",
-        quote(&args),
-        String::from_utf8_lossy(&out.stdout).trim()
-    );
+    cast_call("latestCheckpoint(bytes32)((uint64,bytes32,uint32,uint64))", &[&run_id], "(round, hash, votes, block)")?;
     if !ok {
         bail!("the chain does not match what the peers did");
     }

@@ -197,6 +197,11 @@ impl Drop for Node {
     }
 }
 
+/// Whether any of `nodes` is still running.
+pub fn any_running(nodes: &mut [Node]) -> bool {
+    nodes.iter_mut().any(|n| n.is_running())
+}
+
 /// One completed round as a node logged it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Round {

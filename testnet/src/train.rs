@@ -138,11 +138,7 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
             );
         }
         evals_shown = evals.len();
-        let mut running = 0;
-        for n in &mut nodes {
-            running += usize::from(n.is_running());
-        }
-        if running == 0 {
+        if !crate::process::any_running(&mut nodes) {
             break;
         }
         if crate::process::interrupted() {

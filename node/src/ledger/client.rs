@@ -9,6 +9,7 @@ use super::{error_name, explain};
 use alloy::primitives::{Address, B256, Bytes};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::signers::local::PrivateKeySigner;
+use alloy::transports::http::reqwest::Url;
 use alloy::transports::{RpcError, TransportErrorKind};
 use std::future::{Future, IntoFuture};
 use std::path::Path;
@@ -75,7 +76,7 @@ pub fn load_signer(path: Option<&Path>) -> Result<PrivateKeySigner, ClientError>
 
 /// The RPC endpoint without credentials or path, for messages (URLs may embed API keys).
 pub fn endpoint_label(url: &str) -> String {
-    match url.parse::<reqwest_url::Url>() {
+    match url.parse::<Url>() {
         Ok(u) => format!(
             "{}://{}{}",
             u.scheme(),
@@ -84,10 +85,6 @@ pub fn endpoint_label(url: &str) -> String {
         ),
         Err(_) => "<invalid url>".into(),
     }
-}
-
-mod reqwest_url {
-    pub use alloy::transports::http::reqwest::Url;
 }
 
 /// A connection to one deployed ledger contract.
@@ -99,7 +96,7 @@ pub struct Client {
     endpoint: String,
 }
 
-fn url(rpc_url: &str) -> Result<reqwest_url::Url, ClientError> {
+fn url(rpc_url: &str) -> Result<Url, ClientError> {
     rpc_url
         .parse()
         .map_err(|e| ClientError::Other(format!("--rpc-url `{}` is not a URL: {e}", endpoint_label(rpc_url))))

@@ -231,32 +231,26 @@ impl Outbox {
     /// round ends or leaves behind (see [`close_epochs`]); the records are stored in the same
     /// transaction that removes their tally. Returns the records created.
     pub fn round_completed(&self, run: B32, epoch_rounds: u64, tally: RoundTally) -> Result<Vec<Record>, OutboxError> {
-        let w = self.db.begin_write()?;
-        let records = {
-            let mut t = w.open_table(TALLY)?;
-            t.insert(tally.round, encode(&tally).as_slice())?;
-            let all = Self::read_tally(&t)?;
-            let (records, closed) = close_epochs(run, epoch_rounds, &all, Some(tally.round));
-            for round in closed {
-                t.remove(round)?;
-            }
-            records
-        };
-        for r in &records {
-            Self::push_in(&w, r.clone())?;
-        }
-        w.commit()?;
-        Ok(records)
+        self.close(run, epoch_rounds, Some(tally))
     }
 
     /// Closes every epoch still tallied, the current one included: this peer is leaving the
     /// run (it finished, or was asked to stop). Its last round gets a checkpoint vote.
     pub fn close_all(&self, run: B32, epoch_rounds: u64) -> Result<Vec<Record>, OutboxError> {
+        self.close(run, epoch_rounds, None)
+    }
+
+    /// Adds `latest` to the tally (if any), closes the epochs that are over, and stores their
+    /// records, all in one transaction.
+    fn close(&self, run: B32, epoch_rounds: u64, latest: Option<RoundTally>) -> Result<Vec<Record>, OutboxError> {
         let w = self.db.begin_write()?;
         let records = {
             let mut t = w.open_table(TALLY)?;
+            if let Some(tally) = &latest {
+                t.insert(tally.round, encode(tally).as_slice())?;
+            }
             let all = Self::read_tally(&t)?;
-            let (records, closed) = close_epochs(run, epoch_rounds, &all, None);
+            let (records, closed) = close_epochs(run, epoch_rounds, &all, latest.map(|t| t.round));
             for round in closed {
                 t.remove(round)?;
             }

@@ -208,11 +208,11 @@ impl Task {
             let mut in_flight = Vec::new();
             for entry in &batch {
                 if let Some(tx) = self.advance(entry).await? {
-                    in_flight.push((entry.seq, tx));
+                    in_flight.push((entry, tx));
                 }
             }
-            for (seq, tx) in in_flight {
-                self.await_receipt(seq, tx).await?;
+            for (entry, tx) in in_flight {
+                self.await_receipt(entry, tx).await?;
             }
         }
     }
@@ -269,13 +269,11 @@ impl Task {
         Ok(Some(tx))
     }
 
-    async fn await_receipt(&mut self, seq: u64, tx: B256) -> Result<(), Stop> {
+    async fn await_receipt(&mut self, entry: &Entry, tx: B256) -> Result<(), Stop> {
+        let seq = entry.seq;
         match self.client.receipt(tx, RECEIPT_TIMEOUT).await.map_err(Stop::Transient)? {
             Some((true, block)) => {
-                let entry = self.outbox.entries().ok().and_then(|e| e.into_iter().find(|e| e.seq == seq));
-                if let Some(e) = entry {
-                    info!(kind = e.record.kind(), key = %e.record.key(), block, %tx, "recorded on chain");
-                }
+                info!(kind = entry.record.kind(), key = %entry.record.key(), block, %tx, "recorded on chain");
                 self.set(seq, Status::Done { tx: Some(tx.0), block: Some(block) });
                 Ok(())
             }
