@@ -6,8 +6,8 @@ import {ITrainingLedger} from "./interfaces/ITrainingLedger.sol";
 /// @title TrainingLedger
 /// @notice Records, per training run, the registered peers, each peer's contribution per epoch of
 ///         rounds, checkpoint votes and the checkpoints a quorum finalized, and fault reports.
-/// @dev Rules: only a registered peer writes its own records; one record per (run, peer, epoch), one
-///      vote per (run, peer, round), one report per (run, accused, round, kind); a finalized
+/// @dev Rules: only a registered peer writes its own records; one record per (run, peer, epoch, part)
+///      with at most K rounds per (run, peer, epoch) over all parts, one vote per (run, peer, round), one report per (run, accused, round, kind); a finalized
 ///      checkpoint never changes. Every write is O(1); lists are read in pages.
 contract TrainingLedger is ITrainingLedger {
     /// @notice Basis points in one whole.
@@ -25,8 +25,11 @@ contract TrainingLedger is ITrainingLedger {
     mapping(bytes32 runId => address[]) private _peerList;
     mapping(bytes32 runId => mapping(address peer => Peer)) private _peers;
     mapping(bytes32 runId => mapping(bytes32 peerIdHash => address)) private _peerIdOwner;
-    mapping(bytes32 runId => mapping(address peer => mapping(uint64 epoch => Contribution))) private _contributions;
-    mapping(bytes32 runId => mapping(address peer => uint64[])) private _epochs;
+    mapping(bytes32 runId => mapping(address peer => Contribution[])) private _records;
+    /// Index + 1 into `_records` of each (epoch, part); zero means none.
+    mapping(bytes32 runId => mapping(address peer => mapping(uint64 epoch => mapping(uint32 part => uint256)))) private
+        _recordIndex;
+    mapping(bytes32 runId => mapping(address peer => mapping(uint64 epoch => uint64))) private _epochRounds;
     mapping(bytes32 runId => mapping(uint64 round => mapping(address peer => bytes32))) private _votes;
     mapping(bytes32 runId => mapping(uint64 round => mapping(bytes32 paramHash => uint32))) private _voteCounts;
     mapping(bytes32 runId => mapping(uint64 round => Checkpoint)) private _checkpoints;
@@ -87,27 +90,40 @@ contract TrainingLedger is ITrainingLedger {
     }
 
     /// @inheritdoc ITrainingLedger
-    function recordContribution(bytes32 runId, uint64 epoch, uint64 rounds, uint64 samples, bytes32 commitRoot)
-        external
-        onlyRegistered(runId)
-    {
-        uint64 epochRounds = _runs[runId].epochRounds;
-        if (rounds == 0 || rounds > epochRounds) revert InvalidContribution(rounds, epochRounds);
+    function recordContribution(
+        bytes32 runId,
+        uint64 epoch,
+        uint32 part,
+        uint64 rounds,
+        uint64 samples,
+        bytes32 commitRoot
+    ) external onlyRegistered(runId) {
+        mapping(uint32 part => uint256) storage index = _recordIndex[runId][msg.sender][epoch];
+        if (index[part] != 0) revert ContributionExists(runId, msg.sender, epoch, part);
+        uint64 used = _epochRounds[runId][msg.sender][epoch];
+        uint64 room = _runs[runId].epochRounds - used;
+        if (rounds == 0 || rounds > room) revert InvalidContribution(rounds, room);
         if (commitRoot == bytes32(0)) revert ZeroHash();
-        Contribution storage record = _contributions[runId][msg.sender][epoch];
-        if (record.recordedAt != 0) revert ContributionExists(runId, msg.sender, epoch);
 
-        record.rounds = rounds;
-        record.samples = samples;
-        record.commitRoot = commitRoot;
-        record.recordedAt = uint64(block.number == 0 ? 1 : block.number);
-        _epochs[runId][msg.sender].push(epoch);
+        Contribution[] storage records = _records[runId][msg.sender];
+        records.push(
+            Contribution({
+                epoch: epoch,
+                part: part,
+                rounds: rounds,
+                samples: samples,
+                commitRoot: commitRoot,
+                recordedAt: uint64(block.number == 0 ? 1 : block.number)
+            })
+        );
+        index[part] = records.length;
+        _epochRounds[runId][msg.sender][epoch] = used + rounds;
 
         Totals storage totals = _peers[runId][msg.sender].totals;
-        totals.epochs += 1;
+        if (used == 0) totals.epochs += 1;
         totals.rounds += rounds;
         totals.samples += samples;
-        emit ContributionRecorded(runId, msg.sender, epoch, rounds, samples, commitRoot);
+        emit ContributionRecorded(runId, msg.sender, epoch, part, rounds, samples, commitRoot);
     }
 
     /// @inheritdoc ITrainingLedger
@@ -212,25 +228,35 @@ contract TrainingLedger is ITrainingLedger {
         return _peers[runId][peer].totals;
     }
 
-    /// @notice A peer's record for an epoch; `recordedAt == 0` means none.
-    function contributionOf(bytes32 runId, address peer, uint64 epoch) external view returns (Contribution memory) {
-        return _contributions[runId][peer][epoch];
-    }
-
-    /// @notice Number of epochs a peer has recorded.
-    function contributionCount(bytes32 runId, address peer) external view returns (uint256) {
-        return _epochs[runId][peer].length;
-    }
-
-    /// @notice Up to `limit` of a peer's recorded epochs starting at `offset`, in recording order.
-    function contributionEpochs(bytes32 runId, address peer, uint256 offset, uint256 limit)
+    /// @notice A peer's record for part `part` of an epoch; `recordedAt == 0` means none.
+    function contributionOf(bytes32 runId, address peer, uint64 epoch, uint32 part)
         external
         view
-        returns (uint64[] memory page)
+        returns (Contribution memory record)
     {
-        uint64[] storage list = _epochs[runId][peer];
+        uint256 i = _recordIndex[runId][peer][epoch][part];
+        if (i != 0) record = _records[runId][peer][i - 1];
+    }
+
+    /// @notice Rounds a peer's records for an epoch cover, over all parts.
+    function epochRoundsOf(bytes32 runId, address peer, uint64 epoch) external view returns (uint64) {
+        return _epochRounds[runId][peer][epoch];
+    }
+
+    /// @notice Number of contribution records (parts of epochs) a peer has made.
+    function contributionCount(bytes32 runId, address peer) external view returns (uint256) {
+        return _records[runId][peer].length;
+    }
+
+    /// @notice Up to `limit` of a peer's records starting at `offset`, in recording order.
+    function contributions(bytes32 runId, address peer, uint256 offset, uint256 limit)
+        external
+        view
+        returns (Contribution[] memory page)
+    {
+        Contribution[] storage list = _records[runId][peer];
         uint256 end = _pageEnd(list.length, offset, limit);
-        page = new uint64[](end > offset ? end - offset : 0);
+        page = new Contribution[](end > offset ? end - offset : 0);
         for (uint256 i = offset; i < end; ++i) {
             page[i - offset] = list[i];
         }

@@ -184,68 +184,97 @@ contract TrainingLedgerTest is Test {
     function test_recordContribution_storesTotalsAndEmits() public {
         vm.roll(42);
         vm.expectEmit();
-        emit ITrainingLedger.ContributionRecorded(RUN, ALICE, 0, K, 640, ROOT);
+        emit ITrainingLedger.ContributionRecorded(RUN, ALICE, 0, 0, K, 640, ROOT);
         vm.prank(ALICE);
-        ledger.recordContribution(RUN, 0, K, 640, ROOT);
+        ledger.recordContribution(RUN, 0, 0, K, 640, ROOT);
         vm.prank(ALICE);
-        ledger.recordContribution(RUN, 3, 4, 256, ROOT);
+        ledger.recordContribution(RUN, 3, 0, 4, 256, ROOT);
 
-        ITrainingLedger.Contribution memory c = ledger.contributionOf(RUN, ALICE, 0);
+        ITrainingLedger.Contribution memory c = ledger.contributionOf(RUN, ALICE, 0, 0);
+        assertEq(c.epoch, 0, "epoch");
+        assertEq(c.part, 0, "part");
         assertEq(c.rounds, K, "rounds");
         assertEq(c.samples, 640, "samples");
         assertEq(c.commitRoot, ROOT, "root");
         assertEq(c.recordedAt, 42, "block");
-        assertEq(ledger.contributionOf(RUN, ALICE, 1).recordedAt, 0, "no record for epoch 1");
+        assertEq(ledger.contributionOf(RUN, ALICE, 1, 0).recordedAt, 0, "no record for epoch 1");
+        assertEq(ledger.contributionOf(RUN, ALICE, 0, 1).recordedAt, 0, "no second part of epoch 0");
 
         ITrainingLedger.Totals memory t = ledger.totalsOf(RUN, ALICE);
         assertEq(t.epochs, 2, "epochs");
         assertEq(t.rounds, K + 4, "total rounds");
         assertEq(t.samples, 896, "total samples");
         assertEq(ledger.contributionCount(RUN, ALICE), 2, "count");
-        uint64[] memory epochs = ledger.contributionEpochs(RUN, ALICE, 0, 10);
-        assertEq(epochs.length, 2, "epochs listed");
-        assertEq(epochs[1], 3, "second epoch");
+        ITrainingLedger.Contribution[] memory records = ledger.contributions(RUN, ALICE, 0, 10);
+        assertEq(records.length, 2, "records listed");
+        assertEq(records[1].epoch, 3, "second epoch");
+        assertEq(records[1].samples, 256, "second record's samples");
+        assertEq(ledger.contributions(RUN, ALICE, 1, 10).length, 1, "page from 1");
+        assertEq(ledger.contributions(RUN, ALICE, 5, 10).length, 0, "past the end");
         assertEq(ledger.totalsOf(RUN, BOB).rounds, 0, "others untouched");
+    }
+
+    /// A peer that leaves and comes back within an epoch records each stretch as its own part; the
+    /// parts cover at most K rounds together and count the epoch once.
+    function test_recordContribution_partsOfAnEpoch() public {
+        vm.prank(ALICE);
+        ledger.recordContribution(RUN, 2, 0, 3, 30, ROOT);
+        vm.prank(ALICE);
+        ledger.recordContribution(RUN, 2, 1, K - 3, 70, keccak256("second stretch"));
+        assertEq(ledger.epochRoundsOf(RUN, ALICE, 2), K, "the epoch is full");
+        ITrainingLedger.Totals memory t = ledger.totalsOf(RUN, ALICE);
+        assertEq(t.epochs, 1, "one epoch");
+        assertEq(t.rounds, K, "rounds of both parts");
+        assertEq(t.samples, 100, "samples of both parts");
+        assertEq(ledger.contributionOf(RUN, ALICE, 2, 1).samples, 70, "second part");
+        // No room is left in the epoch: a third part is refused.
+        vm.expectRevert(abi.encodeWithSelector(ITrainingLedger.InvalidContribution.selector, uint64(1), uint64(0)));
+        vm.prank(ALICE);
+        ledger.recordContribution(RUN, 2, 2, 1, 1, ROOT);
     }
 
     function test_recordContribution_revertsOnUnknownRun() public {
         vm.expectRevert(abi.encodeWithSelector(ITrainingLedger.UnknownRun.selector, keccak256("nope")));
         vm.prank(ALICE);
-        ledger.recordContribution(keccak256("nope"), 0, 1, 1, ROOT);
+        ledger.recordContribution(keccak256("nope"), 0, 0, 1, 1, ROOT);
     }
 
     function test_recordContribution_revertsWhenNotRegistered() public {
         vm.expectRevert(abi.encodeWithSelector(ITrainingLedger.NotRegistered.selector, RUN, MALLORY));
         vm.prank(MALLORY);
-        ledger.recordContribution(RUN, 0, 1, 1, ROOT);
+        ledger.recordContribution(RUN, 0, 0, 1, 1, ROOT);
     }
 
     function test_recordContribution_revertsOnRoundsOutOfRange() public {
         vm.expectRevert(abi.encodeWithSelector(ITrainingLedger.InvalidContribution.selector, uint64(0), K));
         vm.prank(ALICE);
-        ledger.recordContribution(RUN, 0, 0, 1, ROOT);
+        ledger.recordContribution(RUN, 0, 0, 0, 1, ROOT);
         vm.expectRevert(abi.encodeWithSelector(ITrainingLedger.InvalidContribution.selector, K + 1, K));
         vm.prank(ALICE);
-        ledger.recordContribution(RUN, 0, K + 1, 1, ROOT);
+        ledger.recordContribution(RUN, 0, 0, K + 1, 1, ROOT);
     }
 
     function test_recordContribution_revertsOnZeroRoot() public {
         vm.expectRevert(abi.encodeWithSelector(ITrainingLedger.ZeroHash.selector));
         vm.prank(ALICE);
-        ledger.recordContribution(RUN, 0, 1, 1, bytes32(0));
+        ledger.recordContribution(RUN, 0, 0, 1, 1, bytes32(0));
     }
 
-    function test_recordContribution_revertsOnDuplicateEpoch() public {
+    function test_recordContribution_revertsOnDuplicatePart() public {
         vm.prank(ALICE);
-        ledger.recordContribution(RUN, 7, 1, 1, ROOT);
-        vm.expectRevert(abi.encodeWithSelector(ITrainingLedger.ContributionExists.selector, RUN, ALICE, uint64(7)));
+        ledger.recordContribution(RUN, 7, 0, 1, 1, ROOT);
+        vm.expectRevert(
+            abi.encodeWithSelector(ITrainingLedger.ContributionExists.selector, RUN, ALICE, uint64(7), uint32(0))
+        );
         vm.prank(ALICE);
-        ledger.recordContribution(RUN, 7, 2, 2, ROOT);
+        ledger.recordContribution(RUN, 7, 0, 2, 2, ROOT);
         assertEq(ledger.totalsOf(RUN, ALICE).rounds, 1, "duplicate not counted");
     }
 
     /// Any sequence of records: accepted ones add up exactly, rejected ones change nothing.
-    function testFuzz_recordContribution(uint64 epoch, uint64 rounds, uint64 samples, bytes32 root) public {
+    function testFuzz_recordContribution(uint64 epoch, uint32 part, uint64 rounds, uint64 samples, bytes32 root)
+        public
+    {
         bool validRounds = rounds >= 1 && rounds <= K;
         bool valid = validRounds && root != bytes32(0);
         if (!validRounds) {
@@ -254,19 +283,21 @@ contract TrainingLedgerTest is Test {
             vm.expectRevert(abi.encodeWithSelector(ITrainingLedger.ZeroHash.selector));
         }
         vm.prank(BOB);
-        ledger.recordContribution(RUN, epoch, rounds, samples, root);
+        ledger.recordContribution(RUN, epoch, part, rounds, samples, root);
 
         ITrainingLedger.Totals memory t = ledger.totalsOf(RUN, BOB);
         assertEq(t.epochs, valid ? 1 : 0, "epochs");
         assertEq(t.rounds, valid ? rounds : 0, "rounds");
         assertEq(t.samples, valid ? samples : 0, "samples");
-        assertEq(ledger.contributionOf(RUN, BOB, epoch).recordedAt == 0 ? 0 : 1, valid ? 1 : 0, "record");
+        assertEq(ledger.contributionOf(RUN, BOB, epoch, part).recordedAt == 0 ? 0 : 1, valid ? 1 : 0, "record");
+        assertEq(ledger.epochRoundsOf(RUN, BOB, epoch), valid ? rounds : 0, "epoch rounds");
 
         if (valid) {
-            // The same epoch again is always refused, whatever the values.
-            vm.expectRevert(abi.encodeWithSelector(ITrainingLedger.ContributionExists.selector, RUN, BOB, epoch));
+            // The same part again is always refused, whatever the values.
+            vm.expectRevert(abi.encodeWithSelector(ITrainingLedger.ContributionExists.selector, RUN, BOB, epoch, part));
             vm.prank(BOB);
-            ledger.recordContribution(RUN, epoch, 1, 1, ROOT);
+            ledger.recordContribution(RUN, epoch, part, 1, 1, ROOT);
+            assertEq(ledger.totalsOf(RUN, BOB).rounds, rounds, "nothing added");
         }
     }
 
@@ -277,7 +308,7 @@ contract TrainingLedgerTest is Test {
         for (uint64 e = 0; e < 8; ++e) {
             uint64 rounds = uint64(bound(uint256(roundsSeed) + e, 1, K));
             vm.prank(CAROL);
-            ledger.recordContribution(RUN, e, rounds, samples[e], ROOT);
+            ledger.recordContribution(RUN, e, 0, rounds, samples[e], ROOT);
             expectedRounds += rounds;
             expectedSamples += samples[e];
         }

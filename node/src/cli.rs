@@ -162,6 +162,9 @@ pub enum SubmitCommand {
         target: SubmitTarget,
         #[arg(long)]
         epoch: u64,
+        /// Which of this account's records for the epoch (0 unless it left and came back within it).
+        #[arg(long, default_value_t = 0)]
+        part: u32,
         #[arg(long)]
         rounds: u64,
         #[arg(long)]
@@ -275,6 +278,29 @@ pub struct StartArgs {
     pub chain: ChainArgs,
     #[command(flatten)]
     pub ledger: LedgerArgs,
+    #[command(flatten)]
+    pub faults: FaultArgs,
+}
+
+/// Test hooks: they exist only in builds with the `fault-injection` feature, which release
+/// builds never enable.
+#[derive(Debug, Args)]
+pub struct FaultArgs {
+    /// Freeze in the middle of this round's all-reduce, as a peer that hangs (the tests then
+    /// kill it).
+    #[cfg(feature = "fault-injection")]
+    #[arg(long, hide = true)]
+    pub fault_pause_in_round: Option<u64>,
+}
+
+impl FaultArgs {
+    /// The round to freeze in, if any.
+    pub fn pause_in_round(&self) -> Option<u64> {
+        #[cfg(feature = "fault-injection")]
+        return self.fault_pause_in_round;
+        #[cfg(not(feature = "fault-injection"))]
+        None
+    }
 }
 
 /// Where the peer listens, whom it bootstraps from, where it keeps its state.
@@ -321,19 +347,25 @@ pub struct RunArgs {
     pub backend: Backend,
 }
 
-/// Failure detection and timeouts, in milliseconds.
+/// Failure detection and timeouts, in milliseconds. A peer whose connection closes is taken
+/// as gone at once; one that hangs, after --peer-timeout-ms without a heartbeat; a ring that
+/// stalls fails after the commit, step or done timeout.
 #[derive(Debug, Args)]
 pub struct TimingArgs {
+    /// How often a peer gossips its heartbeat.
     #[arg(long, env = "DTRAIN_HEARTBEAT_MS", default_value_t = 500)]
     pub heartbeat_ms: u64,
     /// A peer silent for this long is taken as gone.
     #[arg(long, env = "DTRAIN_PEER_TIMEOUT_MS", default_value_t = 3000)]
     pub peer_timeout_ms: u64,
+    /// Longest wait for every member's gradient commit (a joiner fetches the ring's state in
+    /// this time).
     #[arg(long, env = "DTRAIN_COMMIT_TIMEOUT_MS", default_value_t = 10_000)]
     pub commit_timeout_ms: u64,
     /// Longest wait for the next ring segment.
     #[arg(long, env = "DTRAIN_STEP_TIMEOUT_MS", default_value_t = 10_000)]
     pub step_timeout_ms: u64,
+    /// Longest wait for every member's Done once this peer holds the sum.
     #[arg(long, env = "DTRAIN_DONE_TIMEOUT_MS", default_value_t = 10_000)]
     pub done_timeout_ms: u64,
 }

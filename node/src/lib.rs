@@ -6,7 +6,8 @@
 //! state ([`p2p_proto::membership`] and [`p2p_proto::round`]): it turns gossip,
 //! ring frames and timer ticks into actions, and those into gossip and stream
 //! writes. [`ring_io`] moves framed ring payloads over streams, checking every
-//! frame before it reaches the driver. [`store`] keeps the peer's identity.
+//! frame before it reaches the driver; [`state_sync`] hands the whole training
+//! state to peers that join late or come back. [`store`] keeps the peer's identity.
 //! [`ledger`] records the peer's work on chain through a durable outbox, in its
 //! own task, fed by the driver over a channel it never waits on.
 //! [`train`] is the compute half: datasets, models and the flat-gradient
@@ -18,5 +19,6 @@ pub mod driver;
 pub mod ledger;
 pub mod net;
 pub mod ring_io;
+pub mod state_sync;
 pub mod store;
 pub mod train;

@@ -4,7 +4,7 @@ use alloy::primitives::B256;
 use anyhow::Context;
 use clap::Parser;
 use node::cli::{ChainArgs, Cli, Command, LogFormat, StartArgs, SubmitCommand};
-use node::driver::{self, Compute, DriverConfig, TrainSpec};
+use node::driver::{self, Compute, DriverConfig, Resume, TrainSpec};
 use node::ledger::client::{self, Client, ClientError};
 use node::ledger::outbox::{Outbox, Record};
 use node::ledger::{show, task};
@@ -15,7 +15,7 @@ use node::{config_io, net, store::Store};
 use p2p_proto::FixedPoint;
 use p2p_proto::chunk::SEGMENT_ELEMS;
 use p2p_proto::membership::MembershipConfig;
-use p2p_proto::message::RunId;
+use p2p_proto::message::{RunId, StateTag};
 use p2p_proto::round::RoundConfig;
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,8 +85,9 @@ async fn submit(cmd: SubmitCommand) -> anyhow::Result<()> {
             let r = Record::Register { run: target.run.0, peer_id: peer_id.to_bytes() };
             (target, r)
         }
-        SubmitCommand::Contribution { target, epoch, rounds, samples, commit_root } => {
-            let r = Record::Contribution { run: target.run.0, epoch, rounds, samples, commit_root: commit_root.0 };
+        SubmitCommand::Contribution { target, epoch, part, rounds, samples, commit_root } => {
+            let r =
+                Record::Contribution { run: target.run.0, epoch, part, rounds, samples, commit_root: commit_root.0 };
             (target, r)
         }
         SubmitCommand::Vote { target, round, param_hash } => {
@@ -124,14 +125,15 @@ struct RunOnChain {
     min_votes: u16,
 }
 
-/// Connects the ledger for `node start`, when a contract is given.
+/// Connects the ledger for `node start`, when a contract is given: the handle of the ledger
+/// task, and the client (for reads).
 async fn start_ledger(
     args: &StartArgs,
     store: &Store,
     run: RunId,
     on_chain: &RunOnChain,
     peer_id: libp2p::PeerId,
-) -> anyhow::Result<Option<task::LedgerHandle>> {
+) -> anyhow::Result<Option<(task::LedgerHandle, Client)>> {
     let Some(address) = args.chain.contract else {
         info!("no --contract: this peer records nothing on chain");
         return Ok(None);
@@ -156,7 +158,70 @@ async fn start_ledger(
         peer_id: peer_id.to_bytes(),
     };
     info!(%account, contract = %address, endpoint = client.endpoint(), epoch_rounds = cfg.epoch_rounds, "recording on chain");
-    Ok(Some(task::spawn(client, outbox, cfg)?))
+    Ok(Some((task::spawn(client.clone(), outbox, cfg)?, client)))
+}
+
+/// The newest local checkpoint of this run in `dir` (`round-<r>.safetensors`), if any.
+fn latest_checkpoint(dir: &std::path::Path) -> Option<(u64, std::path::PathBuf)> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let round = name.strip_prefix("round-")?.strip_suffix(".safetensors")?.parse::<u64>().ok()?;
+            Some((round, e.path()))
+        })
+        .max_by_key(|(r, _)| *r)
+}
+
+/// A restarted training peer resumes from its newest local checkpoint of the run, unless the
+/// chain finalized another hash for that round (then it starts over and catches up from its
+/// peers). Peers further on hand it their state when it joins them.
+async fn resume_from_checkpoint(spec: &TrainSpec, run: RunId, chain: Option<&Client>) -> Option<Resume> {
+    let (round, path) = latest_checkpoint(&spec.checkpoint_dir)?;
+    let c = match spec.worker.load(path.clone()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            warn!(path = %path.display(), reason = %e, "cannot resume from the local checkpoint; starting over");
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let cursor = c.cursor?;
+    if let Some(client) = chain {
+        let call = client.contract().checkpointOf(B256::from(run.0), round);
+        match tokio::time::timeout(Duration::from_secs(5), client.read(call.call())).await {
+            Ok(Ok(k)) if k.finalizedAt != 0 && k.paramHash.0 != c.param_hash => {
+                warn!(
+                    round,
+                    local = %p2p_proto::hash::hex(&c.param_hash),
+                    chain = %k.paramHash,
+                    "the local checkpoint differs from the chain's finalized checkpoint; starting over"
+                );
+                return None;
+            }
+            Ok(Ok(k)) if k.finalizedAt != 0 => {
+                info!(round, "the local checkpoint matches the chain's finalized checkpoint")
+            }
+            Ok(Ok(_)) => info!(
+                round,
+                "no finalized checkpoint on chain for this round; the local checkpoint is checked by the ring's commits"
+            ),
+            Ok(Err(e)) => warn!(reason = %e, "cannot ask the chain about the local checkpoint"),
+            Err(_) => warn!("the chain did not answer about the local checkpoint"),
+        }
+    }
+    match spec.worker.restore(c.params, c.optimizer).await {
+        Ok(Ok(hash)) => {
+            info!(round, path = %path.display(), param_hash = %p2p_proto::hash::hex(&hash), cursor, "resumed from the local checkpoint");
+            Some(Resume { state: StateTag { round: round + 1, param_hash: hash }, cursor })
+        }
+        Ok(Err(e)) => {
+            warn!(reason = %e, "cannot resume from the local checkpoint; starting over");
+            None
+        }
+        Err(_) => None,
+    }
 }
 
 /// The configuration every peer of a demonstration run must share, hashed for the ledger.
@@ -228,7 +293,8 @@ fn train_plan(args: &StartArgs, cfg: &RunConfig, ds: data::Dataset) -> anyhow::R
         default_batch: cfg.batch,
         eval_every: cfg.eval_every,
         epoch_rounds: cfg.epoch_rounds,
-        checkpoint_dir: args.network.data_dir.join("checkpoints"),
+        // Per run: a data directory may have served several runs.
+        checkpoint_dir: args.network.data_dir.join("checkpoints").join(&hex::encode(run.0)[..16]),
     };
     std::fs::create_dir_all(&spec.checkpoint_dir)?;
     Ok(Plan {
@@ -311,7 +377,14 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         }
         None => demo_plan(&args),
     };
-    let ledger = start_ledger(&args, &store, run, &plan.on_chain, peer_id).await?;
+    let (ledger, chain) = match start_ledger(&args, &store, run, &plan.on_chain, peer_id).await? {
+        Some((l, c)) => (Some(l), Some(c)),
+        None => (None, None),
+    };
+    let resume = match &plan.compute {
+        Compute::Train(spec) => resume_from_checkpoint(spec, run, chain.as_ref()).await,
+        Compute::Demo { .. } => None,
+    };
     let fixed = FixedPoint::default();
     let t = &args.timing;
     let cfg = DriverConfig {
@@ -336,9 +409,18 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         rounds: (plan.rounds > 0).then_some(plan.rounds),
         open_timeout: Duration::from_millis(t.step_timeout_ms),
         ledger: ledger.clone(),
+        chain,
+        resume,
+        pause_in_round: args.faults.pause_in_round(),
     };
     let summary = driver::run(cfg, handle.clone(), events, shutdown_signal()).await;
-    info!(completed = summary.rounds_completed, failed = summary.rounds_failed, "stopped");
+    // A second Ctrl-C or SIGTERM stops at once; what the outbox holds is sent on the next start.
+    tokio::spawn(async {
+        shutdown_signal().await;
+        warn!("second stop signal: exiting now; the ledger outbox is kept for the next start");
+        std::process::exit(130);
+    });
+    info!(completed = summary.rounds_completed, failed = summary.rounds_failed, syncs = summary.syncs, "stopped");
     if let Some(ledger) = ledger {
         let wait = Duration::from_secs(args.ledger.ledger_flush_timeout_s);
         info!(timeout_s = wait.as_secs(), "flushing the ledger outbox");

@@ -58,6 +58,8 @@ pub enum NetEvent {
     Listening(Multiaddr),
     /// A gossip message on the run's topic, signed by `source`.
     Gossip { source: PeerId, data: Vec<u8> },
+    /// The last connection to `peer` closed (it crashed, left or lost its network).
+    Disconnected(PeerId),
 }
 
 enum Command {
@@ -251,6 +253,7 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed { peer_id, cause, num_established: 0, .. } => {
                 debug!(peer = %peer_id, cause = ?cause, "disconnected");
+                let _ = self.events.send(NetEvent::Disconnected(peer_id));
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer = ?peer_id, error = %error, "outgoing connection failed");

@@ -42,11 +42,12 @@ pub fn protocol() -> StreamProtocol {
     StreamProtocol::new(RING_PROTOCOL)
 }
 
-/// Reads one frame; `None` at a clean end of stream.
-pub async fn read_frame<R: futures::AsyncRead + Unpin>(
+/// Reads one frame (its length checked before the body is allocated); `None` at a clean end
+/// of stream.
+pub async fn read_frame<T: serde::de::DeserializeOwned, R: futures::AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
-) -> Result<Option<RingFrame>, ReadError> {
+) -> Result<Option<T>, ReadError> {
     let mut header = [0u8; HEADER_BYTES];
     let mut got = 0;
     while got < HEADER_BYTES {
@@ -84,7 +85,7 @@ async fn read_stream(peer: PeerId, mut stream: libp2p::Stream, inbound: mpsc::Se
     let close = Arc::new(Notify::new());
     loop {
         let frame = tokio::select! {
-            f = read_frame(&mut stream, &mut buf) => f,
+            f = read_frame::<RingFrame, _>(&mut stream, &mut buf) => f,
             () = close.notified() => return,
         };
         let step = match frame {

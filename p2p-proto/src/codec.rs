@@ -112,6 +112,8 @@ mod tests {
             seq: 7,
             status: PeerStatus::Forming { round: 3, attempt: 1, view: [9; 32] },
             batch: 64,
+            state: crate::message::StateTag { round: 3, param_hash: [4; 32] },
+            excluded: vec!["12D3KooWother".into()],
         });
         let step = RingFrame::Step(RingStep::new(
             run,

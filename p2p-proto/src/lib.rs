@@ -26,6 +26,7 @@ pub mod membership;
 pub mod message;
 pub mod ring;
 pub mod round;
+pub mod state;
 
 pub use codec::{FrameError, MAX_FRAME_BYTES, PROTOCOL_VERSION, decode_frame, encode_frame};
 pub use fixed::FixedPoint;

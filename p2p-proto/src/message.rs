@@ -13,6 +13,8 @@ pub const RING_PROTOCOL: &str = "/dtrain/ring/1";
 pub const KAD_PROTOCOL: &str = "/dtrain/kad/1";
 /// Identify protocol version string.
 pub const IDENTIFY_PROTOCOL: &str = "/dtrain/id/1";
+/// Stream protocol over which a peer hands its training state to a joiner.
+pub const STATE_PROTOCOL: &str = "/dtrain/state/1";
 
 /// Identifies a training run: blake3 of its name (later: of its config).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -99,6 +101,19 @@ pub struct Heartbeat {
     /// Samples this peer contributes per round: its weight in the ring's average and the
     /// length of its stretch of the sample stream.
     pub batch: u32,
+    /// The training state this peer holds: a signed statement joiners check snapshots against.
+    pub state: StateTag,
+    /// Peers this one keeps out of rings for now (its circuit breakers are open for them).
+    pub excluded: Vec<PeerKey>,
+}
+
+/// The training state a peer holds: its parameters after rounds `0..round` (so `round` is the
+/// next round it can train), and their hash. A fresh peer holds round 0, the run's initial
+/// parameters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateTag {
+    pub round: u64,
+    pub param_hash: Hash,
 }
 
 /// What a peer is doing, as its heartbeat tells.
@@ -109,6 +124,8 @@ pub enum PeerStatus {
     Forming { round: u64, attempt: u32, view: Hash },
     /// In the ring hashing to `ring` for `round`.
     Running { round: u64, attempt: u32, ring: Hash },
+    /// Fetching the training state for `round` from peers (it was behind); not in any view.
+    Syncing { round: u64 },
     /// Leaving the run.
     Leaving,
 }
@@ -143,6 +160,10 @@ pub struct GradientCommit {
     pub param_hash: Hash,
     /// Peers that asked to join, as this member saw them.
     pub joiners: Vec<PeerKey>,
+    /// Joiners this member keeps out of the next ring (its circuit breakers are open for them).
+    pub excluded: Vec<PeerKey>,
+    /// This member is leaving the run after this round: the next ring goes on without it.
+    pub leaving: bool,
 }
 
 impl GradientCommit {
@@ -199,6 +220,57 @@ pub struct CheckpointAnnounce {
     pub peer: PeerKey,
     pub round: u64,
     pub param_hash: Hash,
+}
+
+/// What a joiner asks a peer over [`STATE_PROTOCOL`]: its training state for `round` (its
+/// parameters after rounds `0..round`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateRequest {
+    pub run: RunId,
+    pub round: u64,
+}
+
+/// The first frame of the answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StateReply {
+    /// The state follows in `chunk_hashes.len()` [`StateChunk`] frames.
+    Header(StateHeader),
+    /// This peer cannot serve that round; `have` is the state it holds.
+    Refused { reason: String, have: StateTag },
+}
+
+/// Describes a training state: the parameters, then the optimizer's moment vectors (0, 1 or
+/// 2 of them, each as long as the parameters), as little-endian f32 bytes cut into chunks of
+/// [`crate::state::STATE_CHUNK_BYTES`], each hashed with blake3.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateHeader {
+    pub run: RunId,
+    pub tag: StateTag,
+    /// Samples of the run's sample stream consumed by rounds `0..tag.round`.
+    pub cursor: u64,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// blake3 of the optimizer state (configuration, step, moments).
+    pub optimizer_hash: Hash,
+    /// Values in the parameter vector.
+    pub params: u64,
+    /// Moment vectors of the optimizer (momentum: 1, Adam: 2).
+    pub moments: u8,
+    pub chunk_hashes: Vec<Hash>,
+}
+
+/// One chunk of a training state.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateChunk {
+    pub index: u32,
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
+}
+
+impl fmt::Debug for StateChunk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateChunk").field("index", &self.index).field("bytes", &self.bytes.len()).finish()
+    }
 }
 
 /// Frames on a ring stream.

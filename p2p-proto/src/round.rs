@@ -50,6 +50,10 @@ pub struct Contribution {
     pub param_hash: Hash,
     /// Peers that asked to join, as this member saw them.
     pub joiners: Vec<PeerKey>,
+    /// Joiners this member keeps out of the next ring.
+    pub excluded: Vec<PeerKey>,
+    /// This member leaves after the round: the next ring goes on without it.
+    pub leaving: bool,
     /// blake3 of every segment of every ring chunk of `data`.
     segment_hashes: Vec<Vec<Hash>>,
     /// Samples each member contributes, in ring order, as this member knows them (empty:
@@ -72,7 +76,22 @@ impl Contribution {
     ) -> Self {
         let chunks = chunk_ranges(data.len(), n);
         let segment_hashes = segment_hashes(&data, &chunks, segment_elems);
-        Self { data, samples, param_hash, joiners, segment_hashes, ring_batches: Vec::new() }
+        Self {
+            data,
+            samples,
+            param_hash,
+            joiners,
+            excluded: Vec::new(),
+            leaving: false,
+            segment_hashes,
+            ring_batches: Vec::new(),
+        }
+    }
+
+    /// Sets the joiners this member keeps out of the next ring.
+    pub fn with_excluded(mut self, excluded: Vec<PeerKey>) -> Self {
+        self.excluded = excluded;
+        self
     }
 
     /// Sets the samples every member contributes, in ring order.
@@ -106,6 +125,27 @@ pub struct Outcome {
     pub round_us: u64,
 }
 
+/// Why an attempt failed, and whom it waited for in vain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub reason: String,
+    pub kind: FailureKind,
+    /// Members the attempt timed out waiting for, or that stopped responding: what the
+    /// circuit breakers count. Empty when the failure proves nothing about a peer.
+    pub blame: Vec<PeerKey>,
+}
+
+/// The kinds of failure the node reacts to differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// A member committed on other parameters: one side is out of sync.
+    ParamsDiffer,
+    /// A member left, stopped responding, or timed out.
+    Gone,
+    /// Anything else (views differ, a rejected step, another member failed).
+    Other,
+}
+
 /// What the round asks the node to do.
 #[derive(Debug, Clone)]
 pub enum RoundAction {
@@ -113,7 +153,7 @@ pub enum RoundAction {
     /// Send to the right neighbour.
     Send(RingStep),
     Completed(Box<Outcome>),
-    Failed(String),
+    Failed(Failure),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,6 +229,8 @@ impl Round {
             samples: input.samples,
             param_hash: input.param_hash,
             joiners: input.joiners,
+            excluded: input.excluded,
+            leaving: input.leaving,
         };
         let mut commits = vec![None; n];
         commits[pos] = Some(commit.clone());
@@ -249,6 +291,10 @@ impl Round {
     }
 
     fn fail(&mut self, reason: String, out: &mut Vec<RoundAction>) {
+        self.fail_with(reason, FailureKind::Other, Vec::new(), out);
+    }
+
+    fn fail_with(&mut self, reason: String, kind: FailureKind, blame: Vec<PeerKey>, out: &mut Vec<RoundAction>) {
         if self.stage == Stage::Finished {
             return;
         }
@@ -260,7 +306,7 @@ impl Round {
             attempt: self.view.attempt,
             reason: reason.clone(),
         })));
-        out.push(RoundAction::Failed(reason));
+        out.push(RoundAction::Failed(Failure { reason, kind, blame }));
     }
 
     fn member(&self, peer: &str) -> Option<usize> {
@@ -287,8 +333,10 @@ impl Round {
         } else if c.param_hash != mine.param_hash {
             // A gradient computed on other parameters would be averaged into ours: no round
             // with a member whose parameters differ (it must resync first).
-            self.fail(
+            self.fail_with(
                 format!("peer {} holds other parameters ({})", c.peer, crate::hash::hex(&c.param_hash)),
+                FailureKind::ParamsDiffer,
+                Vec::new(),
                 &mut out,
             );
         } else if let Some(prev) = &self.commits[i] {
@@ -309,9 +357,12 @@ impl Round {
         let n = self.view.len();
         let left = (self.pos + n - 1) % n;
         let left_chunk = self.commits[left].as_ref().expect("all commits").chunk_hashes[left];
-        let mut next: Vec<PeerKey> = self.view.members.clone();
-        for c in self.commits.iter().flatten() {
-            next.extend(c.joiners.iter().cloned());
+        // This ring, less the members leaving, plus the joiners some member saw and none keeps out.
+        let commits: Vec<&GradientCommit> = self.commits.iter().flatten().collect();
+        let kept_out: std::collections::BTreeSet<&PeerKey> = commits.iter().flat_map(|c| &c.excluded).collect();
+        let mut next: Vec<PeerKey> = commits.iter().filter(|c| !c.leaving).map(|c| c.peer.clone()).collect();
+        for c in &commits {
+            next.extend(c.joiners.iter().filter(|j| !kept_out.contains(j)).cloned());
         }
         let mut next = RingView::order(self.run, self.view.round + 1, 0, next);
         // Members first, then joiners in ring order, up to the size limit.
@@ -480,13 +531,31 @@ impl Round {
         out
     }
 
-    /// Fails the round because members stopped sending heartbeats.
+    /// Fails the round because members stopped responding or left.
     pub fn members_gone(&mut self, gone: &[PeerKey]) -> Vec<RoundAction> {
         let mut out = Vec::new();
         if !gone.is_empty() {
-            self.fail(format!("ring members stopped responding: {}", gone.join(", ")), &mut out);
+            self.fail_with(
+                format!("ring members stopped responding or left: {}", gone.join(", ")),
+                FailureKind::Gone,
+                gone.to_vec(),
+                &mut out,
+            );
         }
         out
+    }
+
+    /// This member aborts the attempt (it is leaving before the ring could use its gradient).
+    pub fn abort(&mut self, reason: &str) -> Vec<RoundAction> {
+        let mut out = Vec::new();
+        self.fail(reason.to_owned(), &mut out);
+        out
+    }
+
+    /// Whether this member's gradient may already be in another member's partial sums: the
+    /// attempt is past its commit barrier.
+    pub fn is_reducing(&self) -> bool {
+        matches!(self.stage, Stage::Reducing | Stage::Certifying)
     }
 
     /// Timeouts and re-gossip.
@@ -497,27 +566,16 @@ impl Round {
         }
         if now >= self.deadline {
             let members = &self.view.members;
-            let missing = |present: Vec<bool>| -> String {
-                present
-                    .iter()
-                    .zip(members)
-                    .filter(|(p, _)| !**p)
-                    .map(|(_, m)| m.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+            let missing = |present: Vec<bool>| -> Vec<PeerKey> {
+                present.iter().zip(members).filter(|(p, _)| !**p).map(|(_, m)| m.clone()).collect()
             };
-            let reason = match self.stage {
-                Stage::Committing => format!(
-                    "timed out waiting for commits from {}",
-                    missing(self.commits.iter().map(Option::is_some).collect())
-                ),
-                Stage::Reducing => format!("timed out waiting for ring data from {}", self.left()),
-                _ => format!(
-                    "timed out waiting for Done from {}",
-                    missing(self.dones.iter().map(Option::is_some).collect())
-                ),
+            let (what, blame) = match self.stage {
+                Stage::Committing => ("commits", missing(self.commits.iter().map(Option::is_some).collect())),
+                Stage::Reducing => ("ring data", vec![self.left().clone()]),
+                _ => ("Done", missing(self.dones.iter().map(Option::is_some).collect())),
             };
-            self.fail(reason, &mut out);
+            let reason = format!("timed out waiting for {what} from {}", blame.join(", "));
+            self.fail_with(reason, FailureKind::Gone, blame, &mut out);
             return out;
         }
         if now.saturating_sub(self.last_publish) >= self.cfg.republish_us {
@@ -670,8 +728,13 @@ mod tests {
                 continue;
             }
             assert_eq!(r.len(), 1);
-            let RoundAction::Failed(reason) = &r[0] else { panic!("member {pos} did not fail: {:?}", r[0]) };
-            assert!(reason.contains("commits from") || reason.contains("failed the round"), "{reason}");
+            let RoundAction::Failed(f) = &r[0] else { panic!("member {pos} did not fail: {:?}", r[0]) };
+            assert!(f.reason.contains("commits from") || f.reason.contains("failed the round"), "{f:?}");
+            // Whoever timed out names the silent member, and only it.
+            if f.reason.contains("commits from") {
+                let view = RingView::order(RunId::from_name(RUN), 4, 0, (0..4).map(|i| format!("m{i}")));
+                assert_eq!(f.blame, vec![view.members[2].clone()]);
+            }
         }
     }
 
@@ -682,8 +745,9 @@ mod tests {
             if pos == 1 {
                 continue;
             }
-            let RoundAction::Failed(reason) = &r[0] else { panic!("member {pos} accepted a diverging Done") };
-            assert!(reason.contains("diverged"), "{reason}");
+            let RoundAction::Failed(f) = &r[0] else { panic!("member {pos} accepted a diverging Done") };
+            assert!(f.reason.contains("diverged"), "{f:?}");
+            assert!(f.blame.is_empty(), "a diverging sum proves nothing about who is wrong");
         }
     }
 
@@ -697,7 +761,7 @@ mod tests {
         let (_, acts) = Round::new(run, "b", other, input(3), cfg(), 0);
         let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
         let out = a.on_commit(c.clone(), 0);
-        assert!(out.iter().any(|x| matches!(x, RoundAction::Failed(r) if r.contains("another ring"))));
+        assert!(out.iter().any(|x| matches!(x, RoundAction::Failed(f) if f.reason.contains("another ring"))));
     }
 
     #[test]
@@ -709,7 +773,7 @@ mod tests {
         let (_, acts) = Round::new(run, "b", view, input(2), cfg(), 0);
         let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
         let out = a.on_commit(c.clone(), 0);
-        assert!(out.iter().any(|x| matches!(x, RoundAction::Failed(r) if r.contains("holds other parameters"))));
+        assert!(out.iter().any(|x| matches!(x, RoundAction::Failed(f) if f.reason.contains("holds other parameters") && f.kind == FailureKind::ParamsDiffer)));
     }
 
     #[test]
@@ -733,7 +797,7 @@ mod tests {
         let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
         let out = a.on_commit(c.clone(), 0);
         assert!(
-            out.iter().any(|x| matches!(x, RoundAction::Failed(r) if r.contains("committed 8 samples"))),
+            out.iter().any(|x| matches!(x, RoundAction::Failed(f) if f.reason.contains("committed 8 samples"))),
             "{out:?}"
         );
         // a and b see different batch sizes: different rings.
@@ -741,6 +805,9 @@ mod tests {
         let (_, acts) = Round::new(run, "b", view, input(32, batches), cfg(), 0);
         let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
         let out = a.on_commit(c.clone(), 0);
-        assert!(out.iter().any(|x| matches!(x, RoundAction::Failed(r) if r.contains("another ring"))), "{out:?}");
+        assert!(
+            out.iter().any(|x| matches!(x, RoundAction::Failed(f) if f.reason.contains("another ring"))),
+            "{out:?}"
+        );
     }
 }

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 /// Path of the `node` binary beside the running executable, (re)built once per
 /// process with the same profile, so the cluster and the tests always run the
-/// current code.
+/// current code. The integration tests (this crate's `fault-injection` feature) get the
+/// binary with its test hooks; the cluster commands never do.
 pub fn node_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -28,6 +29,9 @@ pub fn node_bin() -> &'static Path {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "-p", "node", "--bin", "node"]);
+        if cfg!(feature = "fault-injection") {
+            cmd.args(["--features", "fault-injection"]);
+        }
         if release {
             cmd.arg("--release");
         }
@@ -166,6 +170,11 @@ impl Node {
         wait_until(timeout, || self.child.try_wait().expect("try_wait")).map(|s| s.code().unwrap_or(-1))
     }
 
+    /// SIGTERM: asks the node to finish its round, leave, flush its ledger outbox and exit.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+    }
+
     /// SIGKILL.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -200,6 +209,24 @@ impl Drop for Node {
 /// Whether any of `nodes` is still running.
 pub fn any_running(nodes: &mut [Node]) -> bool {
     nodes.iter_mut().any(|n| n.is_running())
+}
+
+/// When a log event was written, in seconds since 1970 (from its RFC 3339 UTC `timestamp`).
+pub fn event_time(e: &Value) -> Option<f64> {
+    let ts = e["timestamp"].as_str()?;
+    let (date, time) = ts.strip_suffix('Z')?.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let (hh, mm, ss) = (t.next()?.parse::<f64>().ok()?, t.next()?.parse::<f64>().ok()?, t.next()?.parse::<f64>().ok()?);
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days as f64 * 86_400.0 + hh * 3600.0 + mm * 60.0 + ss)
 }
 
 /// One completed round as a node logged it.

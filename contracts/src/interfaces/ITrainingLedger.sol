@@ -31,19 +31,25 @@ interface ITrainingLedger {
         uint64 createdAt;
     }
 
-    /// @notice One peer's work in one epoch.
-    /// @param rounds Rounds of the epoch the peer completed (1..K).
+    /// @notice One record of a peer's work in an epoch. A peer that stays for a whole epoch records it
+    ///         in one part (part 0); one that leaves and comes back within the epoch records each stretch
+    ///         of rounds as its own part. The parts of an epoch cover at most K rounds together.
+    /// @param epoch The epoch (rounds epoch*K .. epoch*K + K - 1).
+    /// @param part Which of the peer's records for this epoch (0, 1, ...).
+    /// @param rounds Rounds of the epoch the peer completed in this part (1..K).
     /// @param samples Training samples the peer processed in those rounds.
-    /// @param commitRoot blake3 root over the peer's gradient commits of the epoch.
+    /// @param commitRoot blake3 root over the peer's gradient commits of those rounds.
     /// @param recordedAt Block number of the record; zero means no record.
     struct Contribution {
+        uint64 epoch;
+        uint32 part;
         uint64 rounds;
         uint64 samples;
         bytes32 commitRoot;
         uint64 recordedAt;
     }
 
-    /// @notice A peer's cumulative totals in a run.
+    /// @notice A peer's cumulative totals in a run; `epochs` counts distinct epochs with a record.
     struct Totals {
         uint64 epochs;
         uint64 rounds;
@@ -77,11 +83,12 @@ interface ITrainingLedger {
     /// @notice `peer` joined the run as the libp2p peer `libp2pPeerId` (its multihash bytes).
     event PeerRegistered(bytes32 indexed runId, address indexed peer, bytes libp2pPeerId);
 
-    /// @notice `peer` recorded its work for `epoch`.
+    /// @notice `peer` recorded its work for `epoch` (part `part` of its records for that epoch).
     event ContributionRecorded(
         bytes32 indexed runId,
         address indexed peer,
         uint64 indexed epoch,
+        uint32 part,
         uint64 rounds,
         uint64 samples,
         bytes32 commitRoot
@@ -127,10 +134,11 @@ interface ITrainingLedger {
     error PeerIdTaken(bytes32 runId, address owner);
     /// @notice `account` is not a registered peer of this run; register first.
     error NotRegistered(bytes32 runId, address account);
-    /// @notice `peer` recorded its contribution for `epoch` already; one record per epoch.
-    error ContributionExists(bytes32 runId, address peer, uint64 epoch);
-    /// @notice A contribution covers 1..=epochRounds rounds.
-    error InvalidContribution(uint64 rounds, uint64 epochRounds);
+    /// @notice `peer` recorded part `part` of its contribution for `epoch` already; one record per part.
+    error ContributionExists(bytes32 runId, address peer, uint64 epoch, uint32 part);
+    /// @notice A record covers 1..=`room` rounds: the parts of an epoch cover at most K rounds together,
+    ///         and `room` is what this peer's records for the epoch have left.
+    error InvalidContribution(uint64 rounds, uint64 room);
     /// @notice A hash argument is zero.
     error ZeroHash();
     /// @notice `peer` voted `paramHash` for `round` already; one vote per round.
@@ -151,8 +159,16 @@ interface ITrainingLedger {
     /// @notice Binds the caller to the libp2p peer id `libp2pPeerId` in the run, once.
     function register(bytes32 runId, bytes calldata libp2pPeerId) external;
 
-    /// @notice Records the caller's work in `epoch`, once per epoch.
-    function recordContribution(bytes32 runId, uint64 epoch, uint64 rounds, uint64 samples, bytes32 commitRoot) external;
+    /// @notice Records the caller's work in `epoch` as part `part`, once per (epoch, part); the parts of
+    ///         an epoch cover at most K rounds together.
+    function recordContribution(
+        bytes32 runId,
+        uint64 epoch,
+        uint32 part,
+        uint64 rounds,
+        uint64 samples,
+        bytes32 commitRoot
+    ) external;
 
     /// @notice Votes the caller's parameter hash at `round`, once per round; may finalize the checkpoint.
     function voteCheckpoint(bytes32 runId, uint64 round, bytes32 paramHash) external;

@@ -276,8 +276,8 @@ impl Client {
                     ))
                 }
             }
-            Record::Contribution { run, epoch, rounds, samples, commit_root } => {
-                let have = self.read(c.contributionOf(B256::from(*run), me, *epoch).call()).await?;
+            Record::Contribution { run, epoch, part, rounds, samples, commit_root } => {
+                let have = self.read(c.contributionOf(B256::from(*run), me, *epoch, *part).call()).await?;
                 if have.recordedAt == 0 {
                     OnChain::Absent
                 } else if (have.rounds, have.samples, have.commitRoot) == (*rounds, *samples, B256::from(*commit_root))
@@ -285,7 +285,7 @@ impl Client {
                     OnChain::Same
                 } else {
                     OnChain::Different(format!(
-                        "epoch {epoch} is recorded with {} rounds and {} samples, not {rounds} and {samples}",
+                        "epoch {epoch} (part {part}) is recorded with {} rounds and {} samples, not {rounds} and {samples}",
                         have.rounds, have.samples
                     ))
                 }
@@ -348,8 +348,8 @@ impl Client {
                 go!(c.createRun(B256::from(*run), B256::from(*config_hash), *epoch_rounds, *quorum_bps, *min_votes))
             }
             Record::Register { run, peer_id } => go!(c.register(B256::from(*run), Bytes::from(peer_id.clone()))),
-            Record::Contribution { run, epoch, rounds, samples, commit_root } => {
-                go!(c.recordContribution(B256::from(*run), *epoch, *rounds, *samples, B256::from(*commit_root)))
+            Record::Contribution { run, epoch, part, rounds, samples, commit_root } => {
+                go!(c.recordContribution(B256::from(*run), *epoch, *part, *rounds, *samples, B256::from(*commit_root)))
             }
             Record::Vote { run, round, param_hash } => {
                 go!(c.voteCheckpoint(B256::from(*run), *round, B256::from(*param_hash)))

@@ -69,14 +69,16 @@ pub fn explain(err: &E) -> String {
             short(&e.runId)
         ),
         E::ContributionExists(e) => format!(
-            "{} already recorded its contribution for epoch {} of run {}: one record per peer and epoch",
+            "{} already recorded its contribution for epoch {} of run {} (part {}): one record per peer, epoch and part",
             e.peer,
             e.epoch,
-            short(&e.runId)
+            short(&e.runId),
+            e.part
         ),
         E::InvalidContribution(e) => format!(
-            "a contribution of {} rounds is invalid: an epoch of this run has 1..={} rounds",
-            e.rounds, e.epochRounds
+            "a contribution of {} rounds is invalid: this peer's records for the epoch have room for 1..={} more rounds \
+             (an epoch's parts cover at most K rounds together)",
+            e.rounds, e.room
         ),
         E::ZeroHash(_) => "a hash argument is zero: pass the real hash".into(),
         E::AlreadyVoted(e) => format!(

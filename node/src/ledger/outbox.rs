@@ -7,7 +7,11 @@
 //! The outbox also keeps the per-round tally of this peer's completed rounds,
 //! from which the contribution of each epoch of K rounds is built; closing an
 //! epoch deletes its tally and stores its records in one transaction, so a
-//! crash loses neither.
+//! crash loses neither. A peer that leaves mid-epoch records what it did as one
+//! part of the epoch; if it comes back within the epoch, the rounds it does then
+//! become the next part. A watermark (the highest round ever tallied) makes sure
+//! no round is credited twice, even when a restarted peer's state goes back to an
+//! older checkpoint and a round number comes round again.
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -17,17 +21,52 @@ use std::sync::Arc;
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger_outbox");
 const KEYS: TableDefinition<&str, u64> = TableDefinition::new("ledger_outbox_keys");
 const TALLY: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger_round_tally");
+/// Per run (hex id): one past the highest round ever tallied.
+const CREDITED: TableDefinition<&str, u64> = TableDefinition::new("ledger_credited_through");
 
 pub type B32 = [u8; 32];
 
 /// One write to the ledger contract, as this peer will send it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Record {
-    CreateRun { run: B32, config_hash: B32, epoch_rounds: u64, quorum_bps: u16, min_votes: u16 },
-    Register { run: B32, peer_id: Vec<u8> },
-    Contribution { run: B32, epoch: u64, rounds: u64, samples: u64, commit_root: B32 },
-    Vote { run: B32, round: u64, param_hash: B32 },
-    Fault { run: B32, accused: [u8; 20], round: u64, kind: u8, evidence: B32 },
+    CreateRun {
+        run: B32,
+        config_hash: B32,
+        epoch_rounds: u64,
+        quorum_bps: u16,
+        min_votes: u16,
+    },
+    Register {
+        run: B32,
+        peer_id: Vec<u8>,
+    },
+    /// This peer's work in `epoch`, or in one stretch of it (`part` 0, 1, ...) when it left
+    /// and came back within the epoch.
+    Contribution {
+        run: B32,
+        epoch: u64,
+        part: u32,
+        rounds: u64,
+        samples: u64,
+        commit_root: B32,
+    },
+    Vote {
+        run: B32,
+        round: u64,
+        param_hash: B32,
+    },
+    Fault {
+        run: B32,
+        accused: [u8; 20],
+        round: u64,
+        kind: u8,
+        evidence: B32,
+    },
+}
+
+/// The key prefix of the contribution records of one epoch (one per part).
+fn contribution_prefix(run: &B32, epoch: u64) -> String {
+    format!("contribution:{}:{epoch}:", hex::encode(run))
 }
 
 impl Record {
@@ -36,7 +75,9 @@ impl Record {
         match self {
             Record::CreateRun { run, .. } => format!("create-run:{}", hex::encode(run)),
             Record::Register { run, .. } => format!("register:{}", hex::encode(run)),
-            Record::Contribution { run, epoch, .. } => format!("contribution:{}:{epoch}", hex::encode(run)),
+            Record::Contribution { run, epoch, part, .. } => {
+                format!("{}{part}", contribution_prefix(run, *epoch))
+            }
             Record::Vote { run, round, .. } => format!("vote:{}:{round}", hex::encode(run)),
             Record::Fault { run, accused, round, kind, .. } => {
                 format!("fault:{}:{}:{round}:{kind}", hex::encode(run), hex::encode(accused))
@@ -147,6 +188,7 @@ impl Outbox {
         w.open_table(ENTRIES)?;
         w.open_table(KEYS)?;
         w.open_table(TALLY)?;
+        w.open_table(CREDITED)?;
         w.commit()?;
         Ok(Self { db })
     }
@@ -229,28 +271,69 @@ impl Outbox {
 
     /// Notes a completed round, then closes every epoch of `epoch_rounds` rounds that this
     /// round ends or leaves behind (see [`close_epochs`]); the records are stored in the same
-    /// transaction that removes their tally. Returns the records created.
-    pub fn round_completed(&self, run: B32, epoch_rounds: u64, tally: RoundTally) -> Result<Vec<Record>, OutboxError> {
+    /// transaction that removes their tally. Returns the records created, or `None` when the
+    /// round was credited before (its number is at or below the highest round ever tallied):
+    /// it is not counted again.
+    pub fn round_completed(
+        &self,
+        run: B32,
+        epoch_rounds: u64,
+        tally: RoundTally,
+    ) -> Result<Option<Vec<Record>>, OutboxError> {
         self.close(run, epoch_rounds, Some(tally))
     }
 
     /// Closes every epoch still tallied, the current one included: this peer is leaving the
     /// run (it finished, or was asked to stop). Its last round gets a checkpoint vote.
     pub fn close_all(&self, run: B32, epoch_rounds: u64) -> Result<Vec<Record>, OutboxError> {
-        self.close(run, epoch_rounds, None)
+        Ok(self.close(run, epoch_rounds, None)?.unwrap_or_default())
     }
 
-    /// Adds `latest` to the tally (if any), closes the epochs that are over, and stores their
-    /// records, all in one transaction.
-    fn close(&self, run: B32, epoch_rounds: u64, latest: Option<RoundTally>) -> Result<Vec<Record>, OutboxError> {
+    /// One past the highest round this peer ever tallied in `run` (0: none).
+    pub fn credited_through(&self, run: &B32) -> Result<u64, OutboxError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(CREDITED)?;
+        Ok(t.get(hex::encode(run).as_str())?.map_or(0, |v| v.value()))
+    }
+
+    /// Adds `latest` to the tally (if any and not credited before), closes the epochs that
+    /// are over, and stores their records, all in one transaction.
+    fn close(
+        &self,
+        run: B32,
+        epoch_rounds: u64,
+        latest: Option<RoundTally>,
+    ) -> Result<Option<Vec<Record>>, OutboxError> {
         let w = self.db.begin_write()?;
         let records = {
+            if let Some(tally) = &latest {
+                let mut credited = w.open_table(CREDITED)?;
+                let run_key = hex::encode(run);
+                let through = credited.get(run_key.as_str())?.map_or(0, |v| v.value());
+                if tally.round < through {
+                    return Ok(None);
+                }
+                credited.insert(run_key.as_str(), tally.round + 1)?;
+            }
             let mut t = w.open_table(TALLY)?;
             if let Some(tally) = &latest {
                 t.insert(tally.round, encode(tally).as_slice())?;
             }
             let all = Self::read_tally(&t)?;
-            let (records, closed) = close_epochs(run, epoch_rounds, &all, latest.map(|t| t.round));
+            let keys = w.open_table(KEYS)?;
+            let parts = |epoch: u64| -> Result<u32, OutboxError> {
+                let prefix = contribution_prefix(&run, epoch);
+                let mut n = 0u32;
+                for item in keys.range(prefix.as_str()..)? {
+                    let (k, _) = item?;
+                    if !k.value().starts_with(&prefix) {
+                        break;
+                    }
+                    n += 1;
+                }
+                Ok(n)
+            };
+            let (records, closed) = close_epochs(run, epoch_rounds, &all, latest.map(|t| t.round), parts)?;
             for round in closed {
                 t.remove(round)?;
             }
@@ -260,7 +343,7 @@ impl Outbox {
             Self::push_in(&w, r.clone())?;
         }
         w.commit()?;
-        Ok(records)
+        Ok(Some(records))
     }
 
     fn read_tally(t: &redb::Table<u64, &[u8]>) -> Result<BTreeMap<u64, RoundTally>, OutboxError> {
@@ -291,13 +374,16 @@ pub fn commit_root(rounds: &[RoundTally]) -> B32 {
 /// completed), an epoch is over when `r` is its last round or lies in a later epoch; with
 /// `None`, every tallied epoch is closed. An epoch whose last round this peer completed also
 /// gets its checkpoint vote (the parameter hash after that round), as does the very last
-/// tallied round when everything is closed. Returns the records and the rounds they consumed.
-pub fn close_epochs(
+/// tallied round when everything is closed. `parts(epoch)` tells how many records of the epoch
+/// exist already (this peer left and came back within it): the new record is the next part.
+/// Returns the records and the rounds they consumed.
+pub fn close_epochs<E>(
     run: B32,
     epoch_rounds: u64,
     tally: &BTreeMap<u64, RoundTally>,
     latest: Option<u64>,
-) -> (Vec<Record>, Vec<u64>) {
+    parts: impl Fn(u64) -> Result<u32, E>,
+) -> Result<(Vec<Record>, Vec<u64>), E> {
     let k = epoch_rounds.max(1);
     let mut by_epoch: BTreeMap<u64, Vec<RoundTally>> = BTreeMap::new();
     for t in tally.values() {
@@ -319,6 +405,7 @@ pub fn close_epochs(
         records.push(Record::Contribution {
             run,
             epoch,
+            part: parts(epoch)?,
             rounds: rounds.len() as u64,
             samples,
             commit_root: commit_root(&rounds),
@@ -329,7 +416,7 @@ pub fn close_epochs(
         }
         closed.extend(rounds.iter().map(|t| t.round));
     }
-    (records, closed)
+    Ok((records, closed))
 }
 
 #[cfg(test)]
@@ -381,26 +468,34 @@ mod tests {
         let (db, dir) = temp_db("epochs");
         let outbox = Outbox::new(db).unwrap();
         // K = 3: rounds 0,1 tally; round 2 ends epoch 0.
-        assert!(outbox.round_completed(RUN, 3, tally(0)).unwrap().is_empty());
-        assert!(outbox.round_completed(RUN, 3, tally(1)).unwrap().is_empty());
-        let recs = outbox.round_completed(RUN, 3, tally(2)).unwrap();
+        assert_eq!(outbox.round_completed(RUN, 3, tally(0)).unwrap(), Some(vec![]));
+        assert_eq!(outbox.round_completed(RUN, 3, tally(1)).unwrap(), Some(vec![]));
+        let recs = outbox.round_completed(RUN, 3, tally(2)).unwrap().unwrap();
         let expected_root = commit_root(&[tally(0), tally(1), tally(2)]);
         assert_eq!(
             recs,
             vec![
-                Record::Contribution { run: RUN, epoch: 0, rounds: 3, samples: 33, commit_root: expected_root },
+                Record::Contribution {
+                    run: RUN,
+                    epoch: 0,
+                    part: 0,
+                    rounds: 3,
+                    samples: 33,
+                    commit_root: expected_root
+                },
                 Record::Vote { run: RUN, round: 2, param_hash: tally(2).param_hash },
             ]
         );
         // Epoch 1: this peer misses round 5 (its last) and next completes round 6 (epoch 2):
         // epoch 1 closes with what it has and without a vote.
         outbox.round_completed(RUN, 3, tally(3)).unwrap();
-        let recs = outbox.round_completed(RUN, 3, tally(6)).unwrap();
+        let recs = outbox.round_completed(RUN, 3, tally(6)).unwrap().unwrap();
         assert_eq!(
             recs,
             vec![Record::Contribution {
                 run: RUN,
                 epoch: 1,
+                part: 0,
                 rounds: 1,
                 samples: 13,
                 commit_root: commit_root(&[tally(3)])
@@ -416,6 +511,48 @@ mod tests {
         let kinds: Vec<_> = outbox.entries().unwrap().iter().map(|e| e.record.key()).collect();
         assert_eq!(kinds.len(), 5);
         assert!(outbox.close_all(RUN, 3).unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_peer_back_within_an_epoch_records_the_next_part_and_no_round_twice() {
+        let (db, dir) = temp_db("parts");
+        let outbox = Outbox::new(db).unwrap();
+        // K = 4. The peer does rounds 0 and 1, leaves (closing part 0 of epoch 0)...
+        outbox.round_completed(RUN, 4, tally(0)).unwrap();
+        outbox.round_completed(RUN, 4, tally(1)).unwrap();
+        let recs = outbox.close_all(RUN, 4).unwrap();
+        assert!(matches!(recs[0], Record::Contribution { epoch: 0, part: 0, rounds: 2, .. }), "{recs:?}");
+        assert_eq!(outbox.credited_through(&RUN).unwrap(), 2);
+        // ... comes back: its state went back to an older checkpoint, so round 1 comes round
+        // again; it is not credited twice.
+        assert_eq!(outbox.round_completed(RUN, 4, tally(1)).unwrap(), None);
+        // Round 3 ends the epoch: its rounds since the return are part 1.
+        outbox.round_completed(RUN, 4, tally(2)).unwrap();
+        let recs = outbox.round_completed(RUN, 4, tally(3)).unwrap().unwrap();
+        assert_eq!(
+            recs[0],
+            Record::Contribution {
+                run: RUN,
+                epoch: 0,
+                part: 1,
+                rounds: 2,
+                samples: 12 + 13,
+                commit_root: commit_root(&[tally(2), tally(3)])
+            }
+        );
+        assert_eq!(recs[1], Record::Vote { run: RUN, round: 3, param_hash: tally(3).param_hash });
+        // Both parts are in the outbox under their own keys, and the epoch is whole: 4 rounds.
+        let rounds: u64 = outbox
+            .entries()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e.record {
+                Record::Contribution { epoch: 0, rounds, .. } => Some(rounds),
+                _ => None,
+            })
+            .sum();
+        assert_eq!(rounds, 4);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

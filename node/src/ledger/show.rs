@@ -31,9 +31,12 @@ pub struct PeerTotals {
     pub faults: u32,
 }
 
+/// One contribution record: a peer's work in an epoch, or in one stretch of it (`part`) when
+/// the peer left and came back within the epoch.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct EpochRecord {
     pub epoch: u64,
+    pub part: u32,
     pub rounds: u64,
     pub samples: u64,
     pub commit_root: String,
@@ -52,7 +55,7 @@ pub struct CheckpointRow {
 pub struct Contributions {
     pub run: RunInfo,
     pub peers: Vec<PeerTotals>,
-    /// Per-epoch records, when one peer was asked for.
+    /// Its contribution records in recording order, when one peer was asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub epochs: Option<Vec<EpochRecord>>,
 }
@@ -121,19 +124,18 @@ pub async fn contributions(client: &Client, run: B256, peer: Option<Address>) ->
     let mut offset = 0u64;
     loop {
         let page = client
-            .read(c.contributionEpochs(run, peer, offset.try_into().unwrap(), PAGE.try_into().unwrap()).call())
+            .read(c.contributions(run, peer, offset.try_into().unwrap(), PAGE.try_into().unwrap()).call())
             .await?;
-        for e in &page {
-            let r = client.read(c.contributionOf(run, peer, *e).call()).await?;
-            epochs.push(EpochRecord {
-                epoch: *e,
-                rounds: r.rounds,
-                samples: r.samples,
-                commit_root: r.commitRoot.to_string(),
-                block: r.recordedAt,
-            });
-        }
-        if (page.len() as u64) < PAGE {
+        let n = page.len() as u64;
+        epochs.extend(page.into_iter().map(|r| EpochRecord {
+            epoch: r.epoch,
+            part: r.part,
+            rounds: r.rounds,
+            samples: r.samples,
+            commit_root: r.commitRoot.to_string(),
+            block: r.recordedAt,
+        }));
+        if n < PAGE {
             break;
         }
         offset += PAGE;
@@ -193,13 +195,13 @@ pub fn contributions_table(c: &Contributions) -> String {
     }
     if let Some(epochs) = &c.epochs {
         out.push_str(&format!(
-            "\n{:>6}  {:>6}  {:>10}  {:<66}  {:>8}\n",
-            "epoch", "rounds", "samples", "commit root", "block"
+            "\n{:>6}  {:>4}  {:>6}  {:>10}  {:<66}  {:>8}\n",
+            "epoch", "part", "rounds", "samples", "commit root", "block"
         ));
         for e in epochs {
             out.push_str(&format!(
-                "{:>6}  {:>6}  {:>10}  {:<66}  {:>8}\n",
-                e.epoch, e.rounds, e.samples, e.commit_root, e.block
+                "{:>6}  {:>4}  {:>6}  {:>10}  {:<66}  {:>8}\n",
+                e.epoch, e.part, e.rounds, e.samples, e.commit_root, e.block
             ));
         }
     }

@@ -1,5 +1,8 @@
-//! The ledger actor. It owns the outbox and the contract client; the round
-//! driver sends it completed rounds over an unbounded channel and never waits.
+//! The ledger actor. It owns the contract client and sends what the outbox
+//! holds. A completed round is written to the outbox by the caller of
+//! [`LedgerHandle::round_completed`] (one small redb transaction, so a crash
+//! right after it loses nothing), then the task is woken; nobody waits for the
+//! chain.
 //!
 //! Sending, oldest record first: a record already on chain is marked done
 //! without sending; one the contract would refuse (checked by a dry run) is
@@ -41,20 +44,36 @@ pub struct LedgerConfig {
 }
 
 enum Event {
-    Round(RoundTally),
+    /// New records are in the outbox.
+    Wake,
     Finish(oneshot::Sender<Depth>),
 }
 
-/// The driver's handle: cheap to clone, never blocks.
+/// The driver's handle: cheap to clone, never waits for the chain.
 #[derive(Debug, Clone)]
 pub struct LedgerHandle {
     tx: mpsc::UnboundedSender<Event>,
+    outbox: Outbox,
+    run: B32,
+    epoch_rounds: u64,
 }
 
 impl LedgerHandle {
-    /// Notes a round this peer completed.
-    pub fn round_completed(&self, tally: RoundTally) {
-        let _ = self.tx.send(Event::Round(tally));
+    /// Notes a round this peer completed: its tally (and the records of any epoch it closes)
+    /// are in the outbox when this returns; the ledger task then sends them. A round credited
+    /// before is not counted again.
+    pub fn round_completed(&self, t: RoundTally) {
+        match self.outbox.round_completed(self.run, self.epoch_rounds, t) {
+            Ok(Some(recs)) => {
+                log_queued(&recs);
+                let _ = self.tx.send(Event::Wake);
+            }
+            Ok(None) => warn!(
+                round = t.round,
+                "round credited before (this peer went back to an older state); not counted again"
+            ),
+            Err(e) => error!(round = t.round, reason = %e, "cannot store the round in the ledger outbox"),
+        }
     }
 
     /// Closes the open epochs and waits up to `timeout` for every record to be on chain.
@@ -79,9 +98,10 @@ pub fn spawn(client: Client, outbox: Outbox, cfg: LedgerConfig) -> Result<Ledger
     })?;
     outbox.push(Record::Register { run: cfg.run, peer_id: cfg.peer_id.clone() })?;
     let (tx, rx) = mpsc::unbounded_channel();
+    let handle = LedgerHandle { tx, outbox: outbox.clone(), run: cfg.run, epoch_rounds: cfg.epoch_rounds };
     let task = Task { client, outbox, cfg, nonce: None, backoff: BACKOFF_MIN, unreachable_since: None };
     tokio::spawn(task.run(rx));
-    Ok(LedgerHandle { tx })
+    Ok(handle)
 }
 
 struct Task {
@@ -102,6 +122,20 @@ enum Stop {
     Waiting,
 }
 
+fn log_queued(recs: &[Record]) {
+    for r in recs {
+        match r {
+            Record::Contribution { epoch, part, rounds, samples, .. } => {
+                info!(epoch, part, rounds, samples, "contribution queued for the ledger")
+            }
+            Record::Vote { round, param_hash, .. } => {
+                info!(round, hash = %B256::from(*param_hash), "checkpoint vote queued for the ledger")
+            }
+            other => debug!(kind = other.kind(), "record queued for the ledger"),
+        }
+    }
+}
+
 impl Task {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
         let mut finishing: Option<oneshot::Sender<Depth>> = None;
@@ -109,10 +143,10 @@ impl Task {
         loop {
             tokio::select! {
                 ev = rx.recv() => match ev {
-                    Some(Event::Round(t)) => self.on_round(t),
+                    Some(Event::Wake) => {}
                     Some(Event::Finish(reply)) => {
                         match self.outbox.close_all(self.cfg.run, self.cfg.epoch_rounds) {
-                            Ok(recs) => self.log_queued(&recs),
+                            Ok(recs) => log_queued(&recs),
                             Err(e) => error!(reason = %e, "cannot close the open epoch"),
                         }
                         finishing = Some(reply);
@@ -137,27 +171,6 @@ impl Task {
             // New records go out at once unless the chain is backing off.
             if self.unreachable_since.is_none() {
                 next_pass = next_pass.min(Instant::now());
-            }
-        }
-    }
-
-    fn on_round(&mut self, t: RoundTally) {
-        match self.outbox.round_completed(self.cfg.run, self.cfg.epoch_rounds, t) {
-            Ok(recs) => self.log_queued(&recs),
-            Err(e) => error!(round = t.round, reason = %e, "cannot store the round in the ledger outbox"),
-        }
-    }
-
-    fn log_queued(&self, recs: &[Record]) {
-        for r in recs {
-            match r {
-                Record::Contribution { epoch, rounds, samples, .. } => {
-                    info!(epoch, rounds, samples, "contribution queued for the ledger")
-                }
-                Record::Vote { round, param_hash, .. } => {
-                    info!(round, hash = %B256::from(*param_hash), "checkpoint vote queued for the ledger")
-                }
-                other => debug!(kind = other.kind(), "record queued for the ledger"),
             }
         }
     }

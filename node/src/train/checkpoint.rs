@@ -34,6 +34,9 @@ pub enum CheckpointError {
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     pub round: u64,
+    /// Samples of the run's sample stream consumed through `round` (checkpoints of a
+    /// distributed run; absent in `node train` checkpoints).
+    pub cursor: Option<u64>,
     pub params: Vec<f32>,
     pub optimizer: Optimizer,
     pub param_hash: Hash,
@@ -44,7 +47,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 /// blake3 of the optimizer state: config, step and moments.
-fn optimizer_hash(o: &Optimizer) -> Hash {
+pub fn optimizer_hash(o: &Optimizer) -> Hash {
     let mut h = blake3::Hasher::new();
     h.update(b"dtrain/optimizer-state/v1");
     h.update(serde_json::to_string(&o.config).expect("config serializes").as_bytes());
@@ -54,13 +57,15 @@ fn optimizer_hash(o: &Optimizer) -> Hash {
     *h.finalize().as_bytes()
 }
 
-/// Writes `params` (laid out by `layout`) and `optimizer` at `round` to `path`, atomically.
+/// Writes `params` (laid out by `layout`) and `optimizer` at `round` (and, for a distributed
+/// run, the sample-stream `cursor` after it) to `path`, atomically.
 pub fn save(
     path: &Path,
     layout: &Layout,
     params: &[f32],
     optimizer: &Optimizer,
     round: u64,
+    cursor: Option<u64>,
 ) -> Result<Hash, CheckpointError> {
     let werr = |source| CheckpointError::Write { path: path.to_owned(), source };
     let hash = param_hash(params, layout);
@@ -77,7 +82,7 @@ pub fn save(
         .iter()
         .map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("shape matches the bytes")))
         .collect();
-    let meta: HashMap<String, String> = HashMap::from([
+    let mut meta: HashMap<String, String> = HashMap::from([
         ("format".into(), "dtrain-checkpoint/v1".into()),
         ("round".into(), round.to_string()),
         ("step".into(), optimizer.step.to_string()),
@@ -86,6 +91,9 @@ pub fn save(
         ("optimizer".into(), serde_json::to_string(&optimizer.config).expect("config serializes")),
         ("param_order".into(), layout.entries.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(",")),
     ]);
+    if let Some(c) = cursor {
+        meta.insert("cursor".into(), c.to_string());
+    }
     let bytes = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| werr(std::io::Error::other(e)))?;
     let tmp = path.with_extension("safetensors.tmp");
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -129,6 +137,10 @@ pub fn load(path: &Path, layout: &Layout) -> Result<Checkpoint, CheckpointError>
     let config: OptimizerConfig = serde_json::from_str(&field("optimizer")?).map_err(|e| invalid(e.to_string()))?;
     let step: u64 = field("step")?.parse().map_err(|_| invalid("step is not a number".into()))?;
     let round: u64 = field("round")?.parse().map_err(|_| invalid("round is not a number".into()))?;
+    let cursor = match meta.get("cursor") {
+        Some(c) => Some(c.parse::<u64>().map_err(|_| invalid("cursor is not a number".into()))?),
+        None => None,
+    };
     let mut optimizer = Optimizer::new(config, layout.total);
     optimizer.step = step;
     optimizer.m = read("optimizer.m", layout.total)?;
@@ -150,7 +162,7 @@ pub fn load(path: &Path, layout: &Layout) -> Result<Checkpoint, CheckpointError>
     if actual != recorded {
         return Err(CheckpointError::HashMismatch { path: path.to_owned(), part: "optimizer state", recorded, actual });
     }
-    Ok(Checkpoint { round, params, optimizer, param_hash: hash })
+    Ok(Checkpoint { round, cursor, params, optimizer, param_hash: hash })
 }
 
 #[cfg(test)]
@@ -169,10 +181,10 @@ mod tests {
         opt.apply(&mut params.clone(), &vec![0.5; layout.total], 1e-3);
         let dir = std::env::temp_dir().join(format!("dtrain-ckpt-{}", std::process::id()));
         let path = dir.join("c.safetensors");
-        let hash = save(&path, &layout, &params, &opt, 12).unwrap();
+        let hash = save(&path, &layout, &params, &opt, 12, Some(768)).unwrap();
         assert!(!path.with_extension("safetensors.tmp").exists(), "the temporary file was renamed");
         let c = load(&path, &layout).unwrap();
-        assert_eq!((c.round, c.param_hash), (12, hash));
+        assert_eq!((c.round, c.cursor, c.param_hash), (12, Some(768), hash));
         assert_eq!(c.params, params);
         assert_eq!(c.optimizer, opt);
         // Any safetensors reader sees the weights under their module paths.

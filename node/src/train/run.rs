@@ -139,7 +139,7 @@ fn train<M: Net>(model: M, device: Device, ds: &Dataset, a: &TrainArgs) -> anyho
     }
     bar.finish_and_clear();
     if let Some(path) = &a.checkpoint {
-        let h = checkpoint::save(path, t.layout(), t.params(), t.optimizer(), t.step())?;
+        let h = checkpoint::save(path, t.layout(), t.params(), t.optimizer(), t.step(), None)?;
         info!(path = %path.display(), param_hash = %hex(&h), "checkpoint written");
     }
     info!(steps = t.step(), param_hash = %hex(&t.param_hash()), elapsed_s = start.elapsed().as_secs_f64(), "training done");

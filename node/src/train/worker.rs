@@ -1,15 +1,16 @@
 //! The compute worker of a training peer: one OS thread owns the model, its
 //! flat parameters and the optimizer, and serves jobs in order (gradient of a
-//! micro-batch, apply an averaged gradient, evaluate, save a checkpoint). The
+//! micro-batch, apply an averaged gradient, evaluate, save a checkpoint, take
+//! or restore a snapshot of the whole state for peers that join late). The
 //! async side awaits replies and never blocks on compute; jobs run in the
 //! order they were sent, so a gradient asked for after an apply is computed on
 //! the updated parameters.
 
-use super::checkpoint;
+use super::checkpoint::{self, Checkpoint};
 use super::config::RunConfig;
 use super::data::Dataset;
 use super::model::{ModelConfig, Net};
-use super::optim::{OptimizerConfig, Schedule};
+use super::optim::{Optimizer, OptimizerConfig, Schedule};
 use super::shard::Sampler;
 use super::trainer::Trainer;
 use burn::prelude::Device;
@@ -31,11 +32,23 @@ pub struct Gradient {
     pub compute_us: u64,
 }
 
+/// The whole training state: what a joiner needs to train on from here.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub params: Vec<f32>,
+    pub optimizer: Optimizer,
+    pub param_hash: Hash,
+    pub optimizer_hash: Hash,
+}
+
 enum Job {
     Gradient { start: u64, batch: usize, weight: f32, reply: oneshot::Sender<Gradient> },
     Apply { grad: Vec<f32>, reply: oneshot::Sender<Hash> },
     Evaluate { reply: oneshot::Sender<f64> },
-    Save { path: PathBuf, reply: oneshot::Sender<Result<Hash, String>> },
+    Save { path: PathBuf, round: u64, cursor: u64, reply: oneshot::Sender<Result<Hash, String>> },
+    Snapshot { reply: oneshot::Sender<Snapshot> },
+    Restore { params: Vec<f32>, optimizer: Optimizer, reply: oneshot::Sender<Result<Hash, String>> },
+    Load { path: PathBuf, reply: oneshot::Sender<Result<Checkpoint, String>> },
 }
 
 /// A job's reply; the job is queued when this is created, not when it is awaited.
@@ -49,6 +62,8 @@ pub struct Worker {
     pub params: usize,
     /// Hash of the initial parameters.
     pub initial_hash: Hash,
+    /// The optimizer (its kind tells how many moment vectors a state carries).
+    pub optimizer: OptimizerConfig,
 }
 
 impl std::fmt::Debug for Job {
@@ -65,6 +80,7 @@ pub struct WorkerGone;
 impl Worker {
     /// Starts the compute thread for `cfg` on `device` (an autodiff device).
     pub fn spawn(cfg: &RunConfig, ds: Arc<Dataset>, device: Device) -> anyhow::Result<Self> {
+        let optimizer = optimizer_config(cfg);
         let model = ModelConfig::named(&cfg.model, ds.shape, ds.classes)
             .ok_or_else(|| anyhow::anyhow!("unknown model {}", cfg.model))?;
         let (tx, rx) = mpsc::channel();
@@ -76,7 +92,7 @@ impl Worker {
             ModelConfig::Resnet(c) => serve(c.init(&device), device, &cfg, &ds, rx, ready_tx),
         })?;
         let (params, initial_hash) = ready_rx.recv().map_err(|_| WorkerGone)?;
-        Ok(Self { tx, params, initial_hash })
+        Ok(Self { tx, params, initial_hash, optimizer })
     }
 
     /// Queues `job` now (so jobs run in the order they were asked for) and returns its reply.
@@ -106,10 +122,40 @@ impl Worker {
         self.ask(move |reply| Job::Evaluate { reply })
     }
 
-    /// Writes a checkpoint of the state as it is when the job runs; resolves to its parameter hash.
-    pub fn save(&self, path: PathBuf) -> Reply<Result<Hash, String>> {
-        self.ask(move |reply| Job::Save { path, reply })
+    /// Writes a checkpoint of the state as it is when the job runs (after `round`, with the
+    /// sample-stream `cursor` after it); resolves to its parameter hash.
+    pub fn save(&self, path: PathBuf, round: u64, cursor: u64) -> Reply<Result<Hash, String>> {
+        self.ask(move |reply| Job::Save { path, round, cursor, reply })
     }
+
+    /// The whole state as it is when the job runs (after the applies queued before it).
+    pub fn snapshot(&self) -> Reply<Snapshot> {
+        self.ask(move |reply| Job::Snapshot { reply })
+    }
+
+    /// Replaces the state (one fetched from a peer, or read from a checkpoint); resolves to
+    /// the new parameter hash, recomputed from the values.
+    pub fn restore(&self, params: Vec<f32>, optimizer: Optimizer) -> Reply<Result<Hash, String>> {
+        self.ask(move |reply| Job::Restore { params, optimizer, reply })
+    }
+
+    /// Reads a checkpoint of this model (checked against its recorded hashes), without
+    /// restoring it.
+    pub fn load(&self, path: PathBuf) -> Reply<Result<Checkpoint, String>> {
+        self.ask(move |reply| Job::Load { path, reply })
+    }
+
+    /// Moment vectors the optimizer keeps (SGD with momentum: 1, Adam: 2).
+    pub fn moments(&self) -> u8 {
+        match self.optimizer {
+            OptimizerConfig::Sgd { .. } => 1,
+            OptimizerConfig::Adam { .. } => 2,
+        }
+    }
+}
+
+fn optimizer_config(cfg: &RunConfig) -> OptimizerConfig {
+    if cfg.optimizer == "sgd" { OptimizerConfig::sgd() } else { OptimizerConfig::adam() }
 }
 
 fn serve<M: Net>(
@@ -120,7 +166,7 @@ fn serve<M: Net>(
     rx: mpsc::Receiver<Job>,
     ready: std::sync::mpsc::Sender<(usize, Hash)>,
 ) {
-    let optimizer = if cfg.optimizer == "sgd" { OptimizerConfig::sgd() } else { OptimizerConfig::adam() };
+    let optimizer = optimizer_config(cfg);
     let total = cfg.rounds;
     let schedule = Schedule::WarmupCosine { lr: cfg.lr, min_lr: cfg.lr * 0.01, warmup: (total / 20).max(1), total };
     let mut t = Trainer::new(model, device, ds.shape, cfg.seed, optimizer, schedule, cfg.clip_norm);
@@ -150,10 +196,41 @@ fn serve<M: Net>(
             Job::Evaluate { reply } => {
                 let _ = reply.send(t.evaluate(&ds.test, 1000));
             }
-            Job::Save { path, reply } => {
-                let r =
-                    checkpoint::save(&path, t.layout(), t.params(), t.optimizer(), t.step()).map_err(|e| e.to_string());
+            Job::Save { path, round, cursor, reply } => {
+                let r = checkpoint::save(&path, t.layout(), t.params(), t.optimizer(), round, Some(cursor))
+                    .map_err(|e| e.to_string());
                 let _ = reply.send(r);
+            }
+            Job::Snapshot { reply } => {
+                let _ = reply.send(Snapshot {
+                    params: t.params().to_vec(),
+                    optimizer: t.optimizer().clone(),
+                    param_hash: hash,
+                    optimizer_hash: checkpoint::optimizer_hash(t.optimizer()),
+                });
+            }
+            Job::Restore { params, optimizer, reply } => {
+                let total = t.layout().total;
+                let fits = params.len() == total
+                    && optimizer.m.len() == total
+                    && (optimizer.v.is_empty() || optimizer.v.len() == total)
+                    && optimizer.config == t.optimizer().config;
+                if !fits {
+                    let _ = reply.send(Err(format!(
+                        "the state does not fit this model: {} parameters and {}/{} moments for {total}, optimizer {:?}",
+                        params.len(),
+                        optimizer.m.len(),
+                        optimizer.v.len(),
+                        optimizer.config
+                    )));
+                    continue;
+                }
+                t.restore(params, optimizer);
+                hash = t.param_hash();
+                let _ = reply.send(Ok(hash));
+            }
+            Job::Load { path, reply } => {
+                let _ = reply.send(checkpoint::load(&path, t.layout()).map_err(|e| e.to_string()));
             }
         }
     }

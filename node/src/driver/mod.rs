@@ -2,20 +2,34 @@
 //! between them and the network. All protocol decisions are made by the pure
 //! state machines of [`p2p_proto`]; this task only decodes, checks who sent
 //! what, keeps time, and carries out their actions.
+//!
+//! Besides the rounds themselves it runs the life cycle of a peer: a peer that
+//! is behind (it joins late, or comes back after a crash) fetches the ring's
+//! state before it trains ([`sync`]), every peer serves its state to others, a
+//! peer asked to stop finishes its round and says it is leaving, and the work
+//! after each round (apply, ledger, evaluation, checkpoint) runs in order
+//! beside the loop ([`post`]).
 
+mod post;
+mod sync;
+
+use crate::ledger::client::Client;
 use crate::ledger::outbox::RoundTally;
 use crate::ledger::task::LedgerHandle;
 use crate::net::{NetEvent, NetHandle};
 use crate::ring_io::{self, Inbound};
-use crate::train::worker::{Reply, Worker};
+use crate::state_sync::ServeRequest;
+use crate::train::worker::Worker;
 use libp2p::PeerId;
 use p2p_proto::codec::{decode_exact, encode_frame};
 use p2p_proto::demo::demo_vector;
 use p2p_proto::hash::hex;
 use p2p_proto::membership::{Membership, MembershipAction, MembershipConfig, RingView};
-use p2p_proto::message::{Gossip, PeerKey, RingStep, RunId};
-use p2p_proto::round::{Contribution, Round, RoundAction, RoundConfig};
+use p2p_proto::message::{Gossip, PeerKey, RingStep, RunId, StateTag};
+use p2p_proto::round::{Contribution, FailureKind, Round, RoundAction, RoundConfig};
+use p2p_proto::state::{Statements, Verdict};
 use p2p_proto::{FixedPoint, Hash};
+use post::PostRound;
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -42,6 +56,21 @@ pub struct DriverConfig {
     pub open_timeout: Duration,
     /// Where completed rounds are reported for the on-chain ledger, if anywhere.
     pub ledger: Option<LedgerHandle>,
+    /// The chain, read to check a fetched state against the latest finalized checkpoint.
+    pub chain: Option<Client>,
+    /// The state this peer starts from, when it resumes from a local checkpoint.
+    pub resume: Option<Resume>,
+    /// Test hook (builds with the `fault-injection` feature only): freeze in the middle of
+    /// this round's all-reduce, as a peer that hangs or is about to be killed.
+    pub pause_in_round: Option<u64>,
+}
+
+/// Where a restarted peer resumes.
+#[derive(Debug, Clone, Copy)]
+pub struct Resume {
+    pub state: StateTag,
+    /// Samples of the sample stream consumed by rounds `0..state.round`.
+    pub cursor: u64,
 }
 
 /// What the peers all-reduce each round.
@@ -76,6 +105,31 @@ pub struct Summary {
     pub rounds_completed: u64,
     pub rounds_failed: u64,
     pub last_round: Option<u64>,
+    /// States fetched from peers (late joins, returns, resyncs).
+    pub syncs: u64,
+}
+
+/// Work handed from the helper tasks back to the loop.
+enum Internal {
+    /// A contribution was computed for a ring, with the local loss.
+    Prepared {
+        view: RingView,
+        input: Contribution,
+        loss: Option<f32>,
+    },
+    /// The worker applied a round: this peer now holds this state.
+    Applied(StateTag),
+    /// A peer asks for this peer's state.
+    Serve(ServeRequest),
+    Sync(sync::Event),
+}
+
+/// How far a requested stop has got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leave {
+    Staying,
+    /// Asked to stop: the round under way finishes first (its commit says this peer leaves).
+    Requested,
 }
 
 struct Driver {
@@ -87,10 +141,11 @@ struct Driver {
     round: Option<Round>,
     writer: Option<mpsc::UnboundedSender<RingStep>>,
     pending: VecDeque<Gossip>,
-    /// Contributions being computed off the event loop, for a ring, with the local loss.
-    prepared_tx: mpsc::UnboundedSender<(RingView, Contribution, Option<f32>)>,
+    internal: mpsc::UnboundedSender<Internal>,
     /// Work after a training round (logs, ledger, evaluation, checkpoint), in round order.
     post_tx: mpsc::UnboundedSender<PostRound>,
+    /// The next round this peer trains: every round before it is completed (its apply queued).
+    next_round: u64,
     /// Samples consumed by the rounds completed so far: where the next round's stretch of the
     /// sample stream starts.
     cursor: u64,
@@ -98,11 +153,20 @@ struct Driver {
     loss: Option<f32>,
     /// Samples per round each peer announced (heartbeats, joins).
     batches: std::collections::HashMap<PeerKey, u64>,
+    /// Which parameter hash each peer says it holds for which round.
+    statements: Statements,
+    sync: Option<sync::Sync>,
+    /// State requests waiting for this peer to finish the round before the one they ask for.
+    waiting_serves: Vec<(ServeRequest, Instant)>,
+    leave: Leave,
+    /// Frozen by the test hook: ignores everything until killed.
+    frozen: bool,
     summary: Summary,
     finished: bool,
 }
 
-/// Runs rounds until the configured number is reached or `shutdown` resolves.
+/// Runs rounds until the configured number is reached or `shutdown` resolves; then finishes
+/// the round under way and announces that this peer leaves.
 pub async fn run(
     cfg: DriverConfig,
     net: NetHandle,
@@ -111,17 +175,27 @@ pub async fn run(
 ) -> Summary {
     let (inbound_tx, mut inbound) = mpsc::channel::<Inbound>(256);
     ring_io::spawn_acceptor(net.control(), inbound_tx);
+    let (internal, mut internal_rx) = mpsc::unbounded_channel();
+    let (serve_tx, mut serve_rx) = mpsc::channel::<ServeRequest>(64);
+    crate::state_sync::serve(net.control(), cfg.run, serve_tx);
     let me = net.local_peer_id.to_string();
-    let (prepared_tx, mut prepared) = mpsc::unbounded_channel();
     let (post_tx, post_rx) = mpsc::unbounded_channel();
-    let post_task = tokio::spawn(post_rounds(post_rx, cfg.ledger.clone()));
+    let post_task = tokio::spawn(post::post_rounds(post_rx, cfg.ledger.clone(), internal.clone()));
+    let resume = cfg.resume;
+    let state = resume.map(|r| r.state).unwrap_or_else(|| StateTag { round: 0, param_hash: initial_hash(&cfg) });
     let mut d = Driver {
-        prepared_tx,
+        internal,
         post_tx,
-        cursor: 0,
+        next_round: state.round,
+        cursor: resume.map_or(0, |r| r.cursor),
         loss: None,
         batches: std::collections::HashMap::new(),
-        membership: Membership::new(cfg.run, me.clone(), cfg.membership.clone()),
+        statements: Statements::default(),
+        sync: None,
+        waiting_serves: Vec::new(),
+        leave: Leave::Staying,
+        frozen: false,
+        membership: Membership::resume(cfg.run, me.clone(), cfg.membership.clone(), state),
         cfg,
         net,
         me,
@@ -135,18 +209,17 @@ pub async fn run(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     tokio::pin!(shutdown);
+    let mut stopping = false;
     while !d.finished {
         tokio::select! {
             Some(ev) = events.recv() => d.on_net_event(ev),
             Some(msg) = inbound.recv() => d.on_inbound(msg),
-            Some((view, input, loss)) = prepared.recv() => {
-                d.loss = loss;
-                d.on_prepared(view, input);
-            }
+            Some(msg) = internal_rx.recv() => d.on_internal(msg),
+            Some(req) = serve_rx.recv() => d.on_internal(Internal::Serve(req)),
             _ = tick.tick() => d.on_tick(),
-            () = &mut shutdown => {
-                info!("shutting down");
-                break;
+            () = &mut shutdown, if !stopping => {
+                stopping = true;
+                d.begin_leave();
             }
         }
     }
@@ -157,59 +230,11 @@ pub async fn run(
     summary
 }
 
-/// What is left to do once a training round completed; the futures were queued on the
-/// worker in round order when the round completed.
-struct PostRound {
-    round: u64,
-    ring_size: usize,
-    loss: Option<f32>,
-    ring_samples: u64,
-    own_samples: u64,
-    own_commit: Hash,
-    bytes_sent: u64,
-    round_us: u64,
-    applied: Reply<Hash>,
-    evaluated: Option<Reply<f64>>,
-    saved: Option<(PathBuf, Reply<Result<Hash, String>>)>,
-}
-
-async fn post_rounds(mut rx: mpsc::UnboundedReceiver<PostRound>, ledger: Option<LedgerHandle>) {
-    while let Some(p) = rx.recv().await {
-        let Ok(hash) = p.applied.await else {
-            warn!(round = p.round, "the compute thread stopped; no more rounds can be applied");
-            return;
-        };
-        let secs = (p.round_us as f64 / 1e6).max(1e-9);
-        info!(
-            round = p.round,
-            ring_size = p.ring_size,
-            loss = p.loss.unwrap_or(f32::NAN),
-            samples = p.ring_samples,
-            samples_per_s = p.ring_samples as f64 / secs,
-            bytes_sent = p.bytes_sent,
-            param_hash = %hex(&hash),
-            "round trained"
-        );
-        if let Some(ledger) = &ledger {
-            ledger.round_completed(RoundTally {
-                round: p.round,
-                samples: p.own_samples,
-                commit: p.own_commit,
-                param_hash: hash,
-            });
-        }
-        if let Some(eval) = p.evaluated
-            && let Ok(accuracy) = eval.await
-        {
-            info!(round = p.round, accuracy, "evaluated");
-        }
-        if let Some((path, saved)) = p.saved {
-            match saved.await {
-                Ok(Ok(h)) => info!(round = p.round, path = %path.display(), param_hash = %hex(&h), "checkpoint saved"),
-                Ok(Err(e)) => warn!(round = p.round, path = %path.display(), reason = %e, "cannot save the checkpoint"),
-                Err(_) => {}
-            }
-        }
+/// The parameter hash of the run's initial state (zero for the demonstration).
+fn initial_hash(cfg: &DriverConfig) -> Hash {
+    match &cfg.compute {
+        Compute::Demo { .. } => Hash::default(),
+        Compute::Train(spec) => spec.worker.initial_hash,
     }
 }
 
@@ -222,13 +247,43 @@ impl Driver {
         self.net.publish(encode_frame(g));
     }
 
+    fn on_internal(&mut self, msg: Internal) {
+        if self.frozen {
+            return;
+        }
+        match msg {
+            Internal::Prepared { view, input, loss } => {
+                self.loss = loss;
+                self.on_prepared(view, input);
+            }
+            Internal::Applied(tag) => {
+                // A state restored meanwhile (a resync) supersedes older applies.
+                if tag.round >= self.membership.state().round {
+                    self.membership.set_state(tag);
+                }
+            }
+            Internal::Serve(req) => self.serve(req),
+            Internal::Sync(ev) => self.on_sync_event(ev),
+        }
+    }
+
     fn on_net_event(&mut self, ev: NetEvent) {
+        if self.frozen {
+            return;
+        }
         match ev {
             NetEvent::Listening(addr) => {
                 info!(%addr, "listening");
                 println!("{addr}");
             }
             NetEvent::Gossip { source, data } => self.on_gossip(source, &data),
+            NetEvent::Disconnected(peer) => {
+                let peer = peer.to_string();
+                if self.round.as_ref().is_some_and(|r| r.view().members.contains(&peer)) {
+                    info!(%peer, "connection to a ring member closed");
+                }
+                self.membership.on_disconnect(&peer);
+            }
         }
     }
 
@@ -253,6 +308,7 @@ impl Driver {
         match msg {
             Gossip::Heartbeat(h) => {
                 self.batches.insert(h.peer.clone(), u64::from(h.batch));
+                self.statements.note(&h.peer, h.state);
                 self.membership.on_heartbeat(&h, now)
             }
             Gossip::Join(j) => {
@@ -260,6 +316,8 @@ impl Driver {
                 self.membership.on_join(&j, now)
             }
             Gossip::Commit(ref c) => {
+                // A commit states the parameters its gradient was computed on.
+                self.statements.note(&c.peer, StateTag { round: c.round, param_hash: c.param_hash });
                 if let Some(r) = self.round.as_mut().filter(|r| r.is_for(c.round, c.attempt)) {
                     let acts = r.on_commit(c.clone(), now);
                     self.on_round_actions(acts);
@@ -271,7 +329,7 @@ impl Driver {
                 if let Some(r) = self.round.as_mut().filter(|r| r.is_for(done.round, done.attempt)) {
                     let acts = r.on_done(done.clone(), now);
                     self.on_round_actions(acts);
-                } else if self.round.is_none() {
+                } else if self.round.is_none() && self.sync.is_none() {
                     let acts = self.membership.on_done(done, now);
                     self.keep_for_later(msg);
                     self.on_membership_actions(acts);
@@ -283,6 +341,9 @@ impl Driver {
                 if let Some(r) = self.round.as_mut() {
                     let acts = r.on_failed(f);
                     self.on_round_actions(acts);
+                } else if self.sync.as_ref().is_some_and(|s| s.then.as_ref().is_some_and(|v| v.round == f.round)) {
+                    // The ring this peer was fetching the state for failed: stop, form again.
+                    self.sync_failed(&format!("the ring failed meanwhile: {}", f.reason));
                 }
             }
             Gossip::PartialSums(p) => {
@@ -311,6 +372,9 @@ impl Driver {
     }
 
     fn on_inbound(&mut self, msg: Inbound) {
+        if self.frozen {
+            return;
+        }
         let now = self.now();
         let from = msg.from.to_string();
         let Some(round) = self.round.as_mut().filter(|r| *r.left() == from) else {
@@ -329,6 +393,9 @@ impl Driver {
     }
 
     fn on_tick(&mut self) {
+        if self.frozen {
+            return;
+        }
         let now = self.now();
         let acts = self.membership.tick(now);
         self.on_membership_actions(acts);
@@ -338,6 +405,8 @@ impl Driver {
             acts.extend(r.tick(now));
             self.on_round_actions(acts);
         }
+        self.check_fetched();
+        self.serve_waiting();
     }
 
     fn on_membership_actions(&mut self, acts: Vec<MembershipAction>) {
@@ -345,20 +414,50 @@ impl Driver {
             match a {
                 MembershipAction::Publish(g) => self.publish(&g),
                 MembershipAction::Start(view) => self.start_round(view),
+                MembershipAction::Sync { round, from } => self.begin_sync(round, None, from),
             }
         }
     }
 
-    /// Computes this peer's contribution for `view` on a blocking thread, so
-    /// heartbeats and gossip keep flowing while a large vector is hashed.
+    /// Computes this peer's contribution for `view` off the event loop (on the compute worker
+    /// or a blocking thread), so heartbeats and gossip keep flowing while it is hashed. A peer
+    /// whose state is behind the ring's round fetches that state first.
     fn start_round(&mut self, view: RingView) {
-        if self.finished {
+        if self.finished || self.leave != Leave::Staying {
             return;
         }
         let now = self.now();
+        if view.round != self.next_round {
+            if view.round < self.next_round {
+                warn!(
+                    round = view.round,
+                    have = self.next_round,
+                    "a ring for a round this peer has done; not joining it"
+                );
+                self.membership.round_failed(now, &[]);
+                return;
+            }
+            // A joiner: the ring's state first. Its members that completed the previous round
+            // hold it; those whose Done named this peer come first.
+            let mut from: Vec<PeerKey> = self
+                .pending
+                .iter()
+                .filter_map(|g| match g {
+                    Gossip::Done(d) if d.round + 1 == view.round => Some(d.peer.clone()),
+                    _ => None,
+                })
+                .collect();
+            let others: Vec<PeerKey> =
+                view.members.iter().filter(|m| **m != self.me && !from.contains(m)).cloned().collect();
+            from.extend(others);
+            let acts = self.membership.set_fetching(true, now);
+            self.on_membership_actions(acts);
+            self.begin_sync(view.round, Some(view), from);
+            return;
+        }
         if let Err(e) = self.cfg.fixed.check_ring_size(view.len()) {
             warn!(round = view.round, reason = %e, "cannot run this ring");
-            self.membership.round_failed(now);
+            self.membership.round_failed(now, &[]);
             return;
         }
         info!(
@@ -369,8 +468,9 @@ impl Driver {
             "round started"
         );
         let joiners = self.membership.joiners(now);
+        let excluded = self.membership.excluded(view.round);
         let (run, me, fixed, seg) = (self.cfg.run, self.me.clone(), self.cfg.fixed, self.cfg.round.segment_elems);
-        let tx = self.prepared_tx.clone();
+        let tx = self.internal.clone();
         match &self.cfg.compute {
             Compute::Demo { len } => {
                 let len = *len;
@@ -378,8 +478,9 @@ impl Driver {
                     let values = demo_vector(run, view.round, &me, len);
                     let data = fixed.encode(&values).expect("demo values are finite");
                     // The demonstration has no parameters: its parameter hash is zero.
-                    let input = Contribution::new(data, 1, Hash::default(), joiners, view.len(), seg);
-                    let _ = tx.send((view, input, None));
+                    let input =
+                        Contribution::new(data, 1, Hash::default(), joiners, view.len(), seg).with_excluded(excluded);
+                    let _ = tx.send(Internal::Prepared { view, input, loss: None });
                 });
             }
             Compute::Train(spec) => {
@@ -416,13 +517,14 @@ impl Driver {
                     let prepared = tokio::task::spawn_blocking(move || {
                         let data = fixed.encode(&g.weighted).map_err(|e| e.to_string())?;
                         let input = Contribution::new(data, g.samples as u64, g.param_hash, joiners, n, seg)
-                            .with_ring_batches(batches);
+                            .with_ring_batches(batches)
+                            .with_excluded(excluded);
                         Ok::<_, String>((input, g.loss))
                     })
                     .await;
                     match prepared {
                         Ok(Ok((input, loss))) => {
-                            let _ = tx.send((view, input, Some(loss)));
+                            let _ = tx.send(Internal::Prepared { view, input, loss: Some(loss) });
                         }
                         Ok(Err(e)) => warn!(round = view.round, reason = %e, "cannot encode the gradient"),
                         Err(_) => {}
@@ -432,11 +534,14 @@ impl Driver {
         }
     }
 
-    fn on_prepared(&mut self, view: RingView, input: Contribution) {
+    fn on_prepared(&mut self, view: RingView, mut input: Contribution) {
         if self.finished || self.round.is_some() || self.membership.ring() != Some(&view) {
             debug!(round = view.round, attempt = view.attempt, "contribution for a ring no longer current; dropped");
             return;
         }
+        // Asked to stop while the gradient was computed: the round still gets it, and the next
+        // ring goes on without this peer.
+        input.leaving = self.leave == Leave::Requested;
         let now = self.now();
         let (round, acts) = Round::new(self.cfg.run, &self.me, view, input, self.cfg.round.clone(), now);
         self.writer = (round.view().len() > 1)
@@ -472,91 +577,177 @@ impl Driver {
 
     fn on_round_actions(&mut self, acts: Vec<RoundAction>) {
         for a in acts {
+            if self.frozen {
+                return;
+            }
             match a {
                 RoundAction::Publish(g) => self.publish(&g),
                 RoundAction::Send(step) => {
+                    if self.cfg.pause_in_round == Some(step.round) && step.id.step >= 1 {
+                        // The test hook: this peer hangs mid all-reduce (its step-0 chunk went out).
+                        warn!(round = step.round, "test hook: pausing in the middle of the all-reduce");
+                        self.frozen = true;
+                        return;
+                    }
                     if let Some(w) = &self.writer {
                         let _ = w.send(step);
                     }
                 }
-                RoundAction::Completed(o) => {
+                RoundAction::Completed(o) => self.on_completed(*o),
+                RoundAction::Failed(f) => {
                     let now = self.now();
-                    self.writer = None;
-                    self.round = None;
-                    self.summary.rounds_completed += 1;
-                    self.summary.last_round = Some(o.view.round);
-                    self.cursor += o.samples;
-                    match &self.cfg.compute {
-                        Compute::Demo { .. } => {
-                            if let Some(ledger) = &self.cfg.ledger {
-                                // The demonstration has no parameters: the agreed sum stands for them.
-                                ledger.round_completed(RoundTally {
-                                    round: o.view.round,
-                                    samples: o.own_samples,
-                                    commit: o.own_commit,
-                                    param_hash: o.sum_hash,
-                                });
-                            }
-                        }
-                        Compute::Train(spec) => {
-                            let round = o.view.round;
-                            let last = self.cfg.rounds.is_some_and(|n| round + 1 >= n);
-                            // Queued now, in round order, before any later round's gradient.
-                            let applied = spec.worker.apply(self.cfg.fixed.decode(&o.sum));
-                            let evaluated = (last || (spec.eval_every > 0 && (round + 1) % spec.eval_every == 0))
-                                .then(|| spec.worker.evaluate());
-                            let saved = (last || (round + 1) % spec.epoch_rounds.max(1) == 0).then(|| {
-                                let path = spec.checkpoint_dir.join(format!("round-{round}.safetensors"));
-                                (path.clone(), spec.worker.save(path))
-                            });
-                            let _ = self.post_tx.send(PostRound {
-                                round,
-                                ring_size: o.view.len(),
-                                loss: self.loss.take(),
-                                ring_samples: o.samples,
-                                own_samples: o.own_samples,
-                                own_commit: o.own_commit,
-                                bytes_sent: o.bytes_sent,
-                                round_us: o.round_us,
-                                applied,
-                                evaluated,
-                                saved,
-                            });
-                        }
-                    }
-                    info!(
-                        round = o.view.round,
-                        attempt = o.view.attempt,
-                        ring_size = o.view.len(),
-                        position = o.position,
-                        members = %o.view.members.join(","),
-                        len = o.sum.len(),
-                        bytes_sent = o.bytes_sent,
-                        bytes_received = o.bytes_received,
-                        reduce_us = o.reduce_us,
-                        round_us = o.round_us,
-                        result_hash = %hex(&o.sum_hash),
-                        commit = %hex(&o.own_commit),
-                        "round complete"
-                    );
-                    if self.cfg.rounds.is_some_and(|n| o.view.round + 1 >= n) {
-                        info!(rounds = o.view.round + 1, "all rounds done");
-                        self.finished = true;
-                        return;
-                    }
-                    let acts = self.membership.round_completed(o.next, now);
-                    self.on_membership_actions(acts);
-                }
-                RoundAction::Failed(reason) => {
-                    let now = self.now();
-                    if let Some(r) = self.round.take() {
-                        warn!(round = r.view().round, attempt = r.view().attempt, %reason, "round failed");
-                    }
+                    let Some(r) = self.round.take() else { continue };
+                    let (round, attempt) = (r.view().round, r.view().attempt);
+                    warn!(round, attempt, reason = %f.reason, "round failed");
                     self.writer = None;
                     self.summary.rounds_failed += 1;
-                    self.membership.round_failed(now);
+                    for p in self.membership.round_failed(now, &f.blame) {
+                        warn!(peer = %p, round, "peer failed rounds in a row: kept out of rings for a while (circuit breaker)");
+                    }
+                    if self.leave == Leave::Requested {
+                        self.finish_leave();
+                        return;
+                    }
+                    if f.kind == FailureKind::ParamsDiffer {
+                        self.check_own_parameters(round);
+                    }
                 }
             }
         }
+    }
+
+    fn on_completed(&mut self, o: p2p_proto::round::Outcome) {
+        let now = self.now();
+        self.writer = None;
+        self.round = None;
+        self.summary.rounds_completed += 1;
+        self.summary.last_round = Some(o.view.round);
+        self.cursor += o.samples;
+        self.next_round = o.view.round + 1;
+        match &self.cfg.compute {
+            Compute::Demo { .. } => {
+                // The demonstration has no parameters: the agreed sum stands for them.
+                let tally = RoundTally {
+                    round: o.view.round,
+                    samples: o.own_samples,
+                    commit: o.own_commit,
+                    param_hash: o.sum_hash,
+                };
+                if let Some(ledger) = &self.cfg.ledger {
+                    ledger.round_completed(tally);
+                }
+                self.membership.set_state(StateTag { round: self.next_round, param_hash: Hash::default() });
+            }
+            Compute::Train(spec) => {
+                let round = o.view.round;
+                let last = self.cfg.rounds.is_some_and(|n| round + 1 >= n);
+                // Queued now, in round order, before any later round's gradient.
+                let applied = spec.worker.apply(self.cfg.fixed.decode(&o.sum));
+                let evaluated = (last || (spec.eval_every > 0 && (round + 1).is_multiple_of(spec.eval_every)))
+                    .then(|| spec.worker.evaluate());
+                let saved = (last || (round + 1).is_multiple_of(spec.epoch_rounds.max(1))).then(|| {
+                    let path = spec.checkpoint_dir.join(format!("round-{round}.safetensors"));
+                    (path.clone(), spec.worker.save(path, round, self.cursor))
+                });
+                let _ = self.post_tx.send(PostRound {
+                    round,
+                    ring_size: o.view.len(),
+                    loss: self.loss.take(),
+                    ring_samples: o.samples,
+                    own_samples: o.own_samples,
+                    own_commit: o.own_commit,
+                    bytes_sent: o.bytes_sent,
+                    round_us: o.round_us,
+                    applied,
+                    evaluated,
+                    saved,
+                });
+            }
+        }
+        info!(
+            round = o.view.round,
+            attempt = o.view.attempt,
+            ring_size = o.view.len(),
+            position = o.position,
+            members = %o.view.members.join(","),
+            len = o.sum.len(),
+            bytes_sent = o.bytes_sent,
+            bytes_received = o.bytes_received,
+            reduce_us = o.reduce_us,
+            round_us = o.round_us,
+            result_hash = %hex(&o.sum_hash),
+            commit = %hex(&o.own_commit),
+            "round complete"
+        );
+        self.serve_waiting();
+        if self.cfg.rounds.is_some_and(|n| o.view.round + 1 >= n) {
+            info!(rounds = o.view.round + 1, "all rounds done");
+            self.finish_leave();
+            return;
+        }
+        if self.leave == Leave::Requested {
+            self.finish_leave();
+            return;
+        }
+        let acts = self.membership.round_completed(&o.view, o.next, now);
+        self.on_membership_actions(acts);
+    }
+
+    /// A ring failed because a member committed on other parameters: if most peers at this
+    /// round state another hash than this peer holds, this peer is the one out of sync, and
+    /// fetches their state before it takes part again.
+    fn check_own_parameters(&mut self, round: u64) {
+        let now = self.now();
+        let mine = self.membership.state();
+        if mine.round != round {
+            return;
+        }
+        let settled = self.membership.settled_peers(now);
+        if let Verdict::Refuted { agree, disagree, of } = self.statements.verdict(round, &mine.param_hash, &settled) {
+            warn!(round, agree, disagree, of, "this peer's parameters differ from most peers': fetching theirs");
+            let from: Vec<PeerKey> = settled
+                .into_iter()
+                .filter(|p| self.statements.of(p, round).is_some_and(|h| h != mine.param_hash))
+                .collect();
+            let acts = self.membership.begin_sync(round, from.clone(), now);
+            self.on_membership_actions(acts);
+        }
+    }
+
+    /// Asked to stop: leave now when idle; otherwise the round under way (or about to start
+    /// with a gradient being computed) finishes first, bounded by its own timeouts.
+    fn begin_leave(&mut self) {
+        if self.leave != Leave::Staying || self.finished {
+            return;
+        }
+        self.leave = Leave::Requested;
+        let preparing = self.round.is_none() && self.membership.ring().is_some() && self.sync.is_none();
+        if self.round.is_some() || preparing {
+            info!(round = self.membership.round(), "stop requested: finishing this round, then leaving");
+        } else {
+            self.finish_leave();
+        }
+    }
+
+    /// Announces that this peer leaves and ends the loop.
+    fn finish_leave(&mut self) {
+        let now = self.now();
+        if let Some(r) = self.round.as_mut() {
+            let acts = r.abort("this peer is leaving");
+            self.round = None;
+            for a in acts {
+                if let RoundAction::Publish(g) = a {
+                    self.publish(&g);
+                }
+            }
+        }
+        let acts = self.membership.leave(now);
+        for a in acts {
+            if let MembershipAction::Publish(g) = a {
+                self.publish(&g);
+            }
+        }
+        info!(round = self.next_round, "leaving the run");
+        self.finished = true;
     }
 }

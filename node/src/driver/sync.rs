@@ -1,0 +1,381 @@
+//! Catching up: a peer that is behind fetches the training state for the
+//! round it joins from peers that hold it, checks it, restores it, and only
+//! then trains; and every peer serves its own state to the others.
+//!
+//! A fetched state is intact when every chunk matches the header (checked as
+//! it arrives). It is the run's state when the chain's latest finalized
+//! checkpoint is for exactly that round and holds its parameter hash, or,
+//! for rounds after the latest checkpoint, when a strict majority of the live
+//! peers at that round state that hash in their signed gossip (heartbeats,
+//! commits). A state older than the latest finalized checkpoint is refused.
+//! When the statements stay short of a majority until the deadline, the state
+//! is taken if more peers state its hash than any other (logged as such); the
+//! ring's commits still check every member's parameter hash each round.
+
+use super::{Compute, Driver, Internal};
+use crate::ledger::client::Client;
+use crate::state_sync::{self, ServeRequest, Served};
+use crate::train::checkpoint::optimizer_hash;
+use crate::train::optim::Optimizer;
+use alloy::primitives::B256;
+use libp2p::PeerId;
+use p2p_proto::Hash;
+use p2p_proto::hash::hex;
+use p2p_proto::membership::RingView;
+use p2p_proto::message::{Gossip, PeerKey, RoundFailed, RunId, StateHeader, StateTag};
+use p2p_proto::state::{State, Verdict, chunk_hashes, state_bytes};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// Longest wait for the chain's latest checkpoint: an outage must not hold up a joiner.
+const CHAIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a state request may wait for this peer to finish the round before it.
+const SERVE_WAIT: Duration = Duration::from_secs(10);
+
+/// A fetch in progress.
+#[derive(Debug)]
+pub(super) struct Sync {
+    /// The state wanted: parameters after rounds `0..round`.
+    pub round: u64,
+    /// The ring to start once the state is in (a joiner); `None`: form with the others.
+    pub then: Option<RingView>,
+    started: Instant,
+    /// Until when (driver time) statements are awaited before the best evidence decides.
+    deadline: u64,
+    fetched: Option<Box<Fetched>>,
+    restoring: bool,
+}
+
+/// A state fetched intact, not yet judged.
+#[derive(Debug)]
+pub(super) struct Fetched {
+    state: State,
+    from: PeerId,
+    chain: ChainView,
+}
+
+/// What the chain said about the latest finalized checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ChainView {
+    NotUsed,
+    Unavailable(String),
+    NoCheckpoint,
+    Latest { round: u64, hash: Hash },
+}
+
+/// Results of the helper tasks.
+#[derive(Debug)]
+pub(super) enum Event {
+    Fetched(Result<Box<Fetched>, String>),
+    Restored(Result<Hash, String>),
+}
+
+/// The chain's latest finalized checkpoint, bounded in time.
+async fn chain_view(chain: Option<Client>, run: RunId) -> ChainView {
+    let Some(c) = chain else { return ChainView::NotUsed };
+    match tokio::time::timeout(CHAIN_TIMEOUT, c.read(c.contract().latestCheckpoint(B256::from(run.0)).call())).await {
+        Ok(Ok(k)) if k.finalizedAt != 0 => ChainView::Latest { round: k.round, hash: k.paramHash.0 },
+        Ok(Ok(_)) => ChainView::NoCheckpoint,
+        Ok(Err(e)) => ChainView::Unavailable(e.to_string()),
+        Err(_) => ChainView::Unavailable(format!("no answer within {} s", CHAIN_TIMEOUT.as_secs())),
+    }
+}
+
+impl Driver {
+    /// The size of this peer's state: values in the parameter vector, moment vectors.
+    fn state_shape(&self) -> (u64, u8) {
+        match &self.cfg.compute {
+            Compute::Demo { .. } => (0, 0),
+            Compute::Train(spec) => (spec.worker.params as u64, spec.worker.moments()),
+        }
+    }
+
+    /// Fetches the state for `round` from one of `from` (in that order), then judges and
+    /// restores it; `then` is the ring to start afterwards, if this peer is a joiner.
+    pub(super) fn begin_sync(&mut self, round: u64, then: Option<RingView>, from: Vec<PeerKey>) {
+        if self.sync.is_some() {
+            return;
+        }
+        let peers: Vec<PeerId> = from.iter().filter_map(|p| p.parse().ok()).collect();
+        info!(round, have = self.next_round, peers = peers.len(), "behind the ring: fetching its state");
+        let deadline = self.now() + self.cfg.round.commit_timeout_us / 2;
+        self.sync = Some(Sync { round, then, started: Instant::now(), deadline, fetched: None, restoring: false });
+        let (mut control, run, tx) = (self.net.control(), self.cfg.run, self.internal.clone());
+        let (params, moments) = self.state_shape();
+        // The demonstration votes sums, not parameter hashes: the chain has nothing to check.
+        let chain = match &self.cfg.compute {
+            Compute::Train(_) => self.cfg.chain.clone(),
+            Compute::Demo { .. } => None,
+        };
+        tokio::spawn(async move {
+            let chain = chain_view(chain, run).await;
+            let mut last = String::from("no peer to ask");
+            for peer in peers {
+                match state_sync::fetch(&mut control, peer, run, round, params, moments).await {
+                    Ok(state) => {
+                        let fetched = Fetched { state, from: peer, chain };
+                        let _ = tx.send(Internal::Sync(Event::Fetched(Ok(Box::new(fetched)))));
+                        return;
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            let _ = tx.send(Internal::Sync(Event::Fetched(Err(last))));
+        });
+    }
+
+    pub(super) fn on_sync_event(&mut self, ev: Event) {
+        let Some(sync) = self.sync.as_mut() else { return };
+        match ev {
+            Event::Fetched(Ok(f)) => {
+                info!(
+                    round = sync.round,
+                    from = %f.from,
+                    bytes = 4 * f.state.header.params * (1 + u64::from(f.state.header.moments)),
+                    ms = sync.started.elapsed().as_millis() as u64,
+                    "state fetched; every chunk matches its hash"
+                );
+                sync.fetched = Some(f);
+                self.check_fetched();
+            }
+            Event::Fetched(Err(reason)) => self.sync_failed(&reason),
+            Event::Restored(Ok(hash)) => self.restored(hash),
+            Event::Restored(Err(reason)) => self.sync_failed(&reason),
+        }
+    }
+
+    /// Judges a fetched state: accepted ones are restored, refuted ones dropped; without a
+    /// verdict yet, it waits for more statements (called again every tick).
+    pub(super) fn check_fetched(&mut self) {
+        let now = self.now();
+        let Some(sync) = self.sync.as_ref() else { return };
+        let Some(f) = sync.fetched.as_ref().filter(|_| !sync.restoring) else { return };
+        let (round, hash) = (sync.round, f.state.header.tag.param_hash);
+        let judged: Result<String, String> = match &f.chain {
+            ChainView::Latest { round: c, hash: h } if c + 1 == round => {
+                if *h == hash {
+                    Ok(format!("the chain's finalized checkpoint of round {c}"))
+                } else {
+                    Err(format!(
+                        "its parameters hash to {}, but the chain finalized {} for round {c}",
+                        hex(&hash),
+                        hex(h)
+                    ))
+                }
+            }
+            ChainView::Latest { round: c, .. } if c + 1 > round => Err(format!(
+                "it is the state after round {}, older than the chain's finalized checkpoint of round {c}",
+                round.saturating_sub(1)
+            )),
+            _ => {
+                let settled = self.membership.settled_peers(now);
+                match self.statements.verdict(round, &hash, &settled) {
+                    Verdict::Agreed { agree, of } => Ok(format!("{agree} of {of} peers at round {round} hold it")),
+                    Verdict::Refuted { agree, disagree, of } => Err(format!(
+                        "{disagree} of {of} peers at round {round} hold other parameters ({agree} hold these)"
+                    )),
+                    Verdict::Pending { agree, disagree, of } if now >= sync.deadline => {
+                        if agree > disagree {
+                            Ok(format!("{agree} of {of} peers at round {round} hold it (no majority stated in time)"))
+                        } else {
+                            Err(format!("only {agree} of {of} peers at round {round} state these parameters"))
+                        }
+                    }
+                    Verdict::Pending { .. } => return,
+                }
+            }
+        };
+        let verified_by = match judged {
+            Ok(v) => v,
+            Err(reason) => return self.sync_failed(&format!("state refused: {reason}")),
+        };
+        if let ChainView::Unavailable(e) = &f.chain {
+            warn!(reason = %e, "chain unreachable: the state is judged by the peers alone");
+        }
+        info!(round, param_hash = %hex(&hash), verified_by = %verified_by, "state verified");
+        let header = f.state.header.clone();
+        let tx = self.internal.clone();
+        match &self.cfg.compute {
+            Compute::Demo { .. } => self.restored(Hash::default()),
+            Compute::Train(spec) => {
+                let Some(sync) = self.sync.as_mut() else { return };
+                sync.restoring = true;
+                let f = sync.fetched.as_mut().expect("judged above");
+                let mut moments = std::mem::take(&mut f.state.moments).into_iter();
+                let optimizer = Optimizer {
+                    config: spec.worker.optimizer.clone(),
+                    step: header.step,
+                    m: moments.next().unwrap_or_default(),
+                    v: moments.next().unwrap_or_default(),
+                };
+                if optimizer_hash(&optimizer) != header.optimizer_hash {
+                    return self.sync_failed("the optimizer state does not match its hash");
+                }
+                let restore = spec.worker.restore(std::mem::take(&mut f.state.params), optimizer);
+                tokio::spawn(async move {
+                    let r = match restore.await {
+                        Ok(r) => r,
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let _ = tx.send(Internal::Sync(Event::Restored(r)));
+                });
+            }
+        }
+    }
+
+    /// The state is restored: this peer holds the ring's parameters and goes on.
+    fn restored(&mut self, hash: Hash) {
+        let now = self.now();
+        let Some(sync) = self.sync.take() else { return };
+        let header = &sync.fetched.as_ref().expect("restored after fetching").state.header;
+        if hash != header.tag.param_hash {
+            // Only possible with a worker that computed something else: refuse, start over.
+            self.sync = Some(sync);
+            return self.sync_failed("the restored parameters hash to another value than announced");
+        }
+        self.next_round = sync.round;
+        self.cursor = header.cursor;
+        self.membership.set_state(StateTag { round: sync.round, param_hash: hash });
+        self.summary.syncs += 1;
+        info!(
+            round = sync.round,
+            param_hash = %hex(&hash),
+            cursor = self.cursor,
+            ms = sync.started.elapsed().as_millis() as u64,
+            "state restored"
+        );
+        let round = sync.round;
+        self.pending.retain(|g| match g {
+            Gossip::Commit(c) => c.round >= round,
+            Gossip::Done(d) => d.round + 1 >= round,
+            _ => false,
+        });
+        match sync.then {
+            Some(view) => {
+                let acts = self.membership.set_fetching(false, now);
+                self.on_membership_actions(acts);
+                if self.membership.ring() == Some(&view) {
+                    self.start_round(view);
+                }
+            }
+            None => {
+                let acts = self.membership.synced(round, now);
+                self.on_membership_actions(acts);
+            }
+        }
+    }
+
+    /// The fetch failed or its state was refused: a joiner tells its ring not to wait for
+    /// it; either way this peer forms again at its own round and tries later.
+    pub(super) fn sync_failed(&mut self, reason: &str) {
+        let now = self.now();
+        let Some(sync) = self.sync.take() else { return };
+        warn!(round = sync.round, %reason, "cannot catch up yet");
+        match sync.then {
+            Some(view) => {
+                self.publish(&Gossip::Failed(RoundFailed {
+                    run: self.cfg.run,
+                    peer: self.me.clone(),
+                    round: view.round,
+                    attempt: view.attempt,
+                    reason: format!("could not fetch the ring's state: {reason}"),
+                }));
+                self.membership.form_at(self.next_round, now);
+            }
+            None => self.membership.sync_failed(now),
+        }
+        if self.leave == super::Leave::Requested {
+            self.finish_leave();
+        }
+    }
+
+    /// A peer asks for this peer's state for `round`: served now if this peer holds it, once
+    /// this peer finishes the round before it, or refused.
+    pub(super) fn serve(&mut self, req: ServeRequest) {
+        if self.sync.is_some() {
+            let _ = req.reply.send(Err(("this peer is fetching a state itself".into(), self.membership.state())));
+        } else if req.round == self.next_round {
+            self.answer(req);
+        } else if req.round > self.next_round {
+            self.waiting_serves.push((req, Instant::now() + SERVE_WAIT));
+        } else {
+            let reason = format!("this peer is at round {} already", self.next_round);
+            let _ = req.reply.send(Err((reason, self.membership.state())));
+        }
+    }
+
+    /// Answers the waiting requests this peer can answer now, refuses the expired ones.
+    pub(super) fn serve_waiting(&mut self) {
+        if self.waiting_serves.is_empty() {
+            return;
+        }
+        for (req, until) in std::mem::take(&mut self.waiting_serves) {
+            if req.round <= self.next_round || Instant::now() >= until {
+                self.serve_now_or_refuse(req);
+            } else {
+                self.waiting_serves.push((req, until));
+            }
+        }
+    }
+
+    fn serve_now_or_refuse(&mut self, req: ServeRequest) {
+        if req.round == self.next_round && self.sync.is_none() {
+            self.answer(req);
+        } else {
+            let reason = format!("this peer is at round {}", self.next_round);
+            let _ = req.reply.send(Err((reason, self.membership.state())));
+        }
+    }
+
+    /// Sends this peer's state as it is once the applies queued so far are done: the state for
+    /// `next_round`.
+    fn answer(&self, req: ServeRequest) {
+        let (run, round, cursor) = (self.cfg.run, self.next_round, self.cursor);
+        info!(peer = %req.from, round, "serving this peer's state");
+        match &self.cfg.compute {
+            Compute::Demo { .. } => {
+                let header = StateHeader {
+                    run,
+                    tag: StateTag { round, param_hash: Hash::default() },
+                    cursor,
+                    step: 0,
+                    optimizer_hash: Hash::default(),
+                    params: 0,
+                    moments: 0,
+                    chunk_hashes: Vec::new(),
+                };
+                let _ = req.reply.send(Ok(Served { header, bytes: Arc::new(Vec::new()) }));
+            }
+            Compute::Train(spec) => {
+                let snapshot = spec.worker.snapshot();
+                let moments = spec.worker.moments();
+                tokio::spawn(async move {
+                    let Ok(s) = snapshot.await else { return };
+                    let served = tokio::task::spawn_blocking(move || {
+                        let mut vectors: Vec<&[f32]> = vec![&s.optimizer.m];
+                        if moments == 2 {
+                            vectors.push(&s.optimizer.v);
+                        }
+                        let bytes = state_bytes(&s.params, &vectors);
+                        let header = StateHeader {
+                            run,
+                            tag: StateTag { round, param_hash: s.param_hash },
+                            cursor,
+                            step: s.optimizer.step,
+                            optimizer_hash: s.optimizer_hash,
+                            params: s.params.len() as u64,
+                            moments,
+                            chunk_hashes: chunk_hashes(&bytes),
+                        };
+                        Served { header, bytes: Arc::new(bytes) }
+                    })
+                    .await;
+                    if let Ok(served) = served {
+                        let _ = req.reply.send(Ok(served));
+                    }
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! Training state over direct streams, for peers that join late or come back.
+//!
+//! Serving: every peer accepts [`STATE_PROTOCOL`] streams; a request names a
+//! round, and the driver decides when (and whether) this peer's state is the
+//! state for that round: it may have to finish the previous round first. The
+//! answer is a [`StateReply`] header listing every chunk's blake3, then the
+//! chunks. Fetching: a joiner asks one peer after another, checks the header
+//! against its own model before it allocates anything, and every chunk against
+//! its hash as it arrives ([`p2p_proto::state::Assembler`]). Whether the state
+//! is the run's (and not merely intact) is the driver's call, from the peers'
+//! signed statements and the chain.
+
+use crate::ring_io::read_frame;
+use futures::{AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, StreamProtocol};
+use libp2p_stream::Control;
+use p2p_proto::codec::encode_frame;
+use p2p_proto::message::{RunId, STATE_PROTOCOL, StateChunk, StateHeader, StateReply, StateRequest, StateTag};
+use p2p_proto::state::{Assembler, State};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+/// Longest wait for the first frame of an answer: the server may be finishing the round the
+/// state is for.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest pause between two chunks.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A state ready to be sent: its header and its bytes.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub header: StateHeader,
+    pub bytes: Arc<Vec<u8>>,
+}
+
+/// A peer asks for this peer's state for `round`; the driver answers on `reply`.
+#[derive(Debug)]
+pub struct ServeRequest {
+    pub from: PeerId,
+    pub round: u64,
+    pub reply: oneshot::Sender<Result<Served, (String, StateTag)>>,
+}
+
+/// Why a state could not be fetched from a peer.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot open a state stream to {peer}: {reason}")]
+    Open { peer: PeerId, reason: String },
+    #[error("{peer} did not answer in time")]
+    Timeout { peer: PeerId },
+    #[error("{peer} cannot serve round {round}: {reason} (it holds round {have})")]
+    Refused { peer: PeerId, round: u64, reason: String, have: u64 },
+    #[error("{peer} sent a bad state: {reason}")]
+    Bad { peer: PeerId, reason: String },
+}
+
+/// Accepts state requests for the life of the node and hands them to the driver.
+pub fn serve(mut control: Control, run: RunId, requests: mpsc::Sender<ServeRequest>) {
+    let Ok(mut incoming) = control.accept(StreamProtocol::new(STATE_PROTOCOL)) else {
+        warn!("the state protocol is registered twice; not serving it");
+        return;
+    };
+    tokio::spawn(async move {
+        while let Some((peer, stream)) = incoming.next().await {
+            let requests = requests.clone();
+            tokio::spawn(async move {
+                if let Err(e) = answer(peer, stream, run, requests).await {
+                    debug!(%peer, reason = %e, "state request not served");
+                }
+            });
+        }
+    });
+}
+
+async fn answer(
+    peer: PeerId,
+    mut stream: libp2p::Stream,
+    run: RunId,
+    requests: mpsc::Sender<ServeRequest>,
+) -> Result<(), String> {
+    let mut buf = Vec::new();
+    let req: StateRequest = tokio::time::timeout(CHUNK_TIMEOUT, read_frame(&mut stream, &mut buf))
+        .await
+        .map_err(|_| "no request in time".to_owned())?
+        .map_err(|e| e.to_string())?
+        .ok_or("the stream closed before the request")?;
+    if req.run != run {
+        let refusal = StateReply::Refused { reason: "not a peer of that run".into(), have: StateTag::default() };
+        stream.write_all(&encode_frame(&refusal)).await.map_err(|e| e.to_string())?;
+        return Err(format!("asked for run {}", req.run));
+    }
+    let (reply, rx) = oneshot::channel();
+    requests.send(ServeRequest { from: peer, round: req.round, reply }).await.map_err(|_| "the node is stopping")?;
+    let served = match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
+        Ok(Ok(Ok(s))) => s,
+        Ok(Ok(Err((reason, have)))) => {
+            stream.write_all(&encode_frame(&StateReply::Refused { reason, have })).await.map_err(|e| e.to_string())?;
+            let _ = stream.close().await;
+            return Ok(());
+        }
+        _ => return Err("the driver did not answer in time".into()),
+    };
+    stream.write_all(&encode_frame(&StateReply::Header(served.header.clone()))).await.map_err(|e| e.to_string())?;
+    for chunk in p2p_proto::state::chunks(&served.bytes) {
+        stream.write_all(&encode_frame(&chunk)).await.map_err(|e| e.to_string())?;
+    }
+    let _ = stream.close().await;
+    debug!(%peer, round = req.round, bytes = served.bytes.len(), "state served");
+    Ok(())
+}
+
+/// Fetches the state for `round` of `run` from `peer`, for a model of `params` values whose
+/// optimizer keeps `moments` moment vectors. Every chunk is checked against the header.
+pub async fn fetch(
+    control: &mut Control,
+    peer: PeerId,
+    run: RunId,
+    round: u64,
+    params: u64,
+    moments: u8,
+) -> Result<State, FetchError> {
+    let mut stream =
+        tokio::time::timeout(CHUNK_TIMEOUT, control.open_stream(peer, StreamProtocol::new(STATE_PROTOCOL)))
+            .await
+            .map_err(|_| FetchError::Timeout { peer })?
+            .map_err(|e| FetchError::Open { peer, reason: e.to_string() })?;
+    let bad = |reason: String| FetchError::Bad { peer, reason };
+    stream.write_all(&encode_frame(&StateRequest { run, round })).await.map_err(|e| bad(e.to_string()))?;
+    let mut buf = Vec::new();
+    let reply: StateReply = tokio::time::timeout(ANSWER_TIMEOUT, read_frame(&mut stream, &mut buf))
+        .await
+        .map_err(|_| FetchError::Timeout { peer })?
+        .map_err(|e| bad(e.to_string()))?
+        .ok_or_else(|| bad("the stream closed before the answer".into()))?;
+    let header = match reply {
+        StateReply::Header(h) => h,
+        StateReply::Refused { reason, have } => {
+            return Err(FetchError::Refused { peer, round, reason, have: have.round });
+        }
+    };
+    let mut assembler = Assembler::new(header, run, round, params, moments).map_err(|e| bad(e.to_string()))?;
+    while !assembler.is_complete() {
+        let chunk: StateChunk = tokio::time::timeout(CHUNK_TIMEOUT, read_frame(&mut stream, &mut buf))
+            .await
+            .map_err(|_| FetchError::Timeout { peer })?
+            .map_err(|e| bad(e.to_string()))?
+            .ok_or_else(|| bad("the stream closed before the last chunk".into()))?;
+        assembler.push(chunk).map_err(|e| bad(e.to_string()))?;
+    }
+    let _ = stream.close().await;
+    assembler.finish().ok_or_else(|| bad("incomplete state".into()))
+}
