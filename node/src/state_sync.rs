@@ -15,7 +15,10 @@ use futures::{AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, StreamProtocol};
 use libp2p_stream::Control;
 use p2p_proto::codec::encode_frame;
-use p2p_proto::message::{RunId, STATE_PROTOCOL, StateChunk, StateHeader, StateReply, StateRequest, StateTag};
+use p2p_proto::message::{
+    AttemptRef, MAX_UNSETTLED, RunId, STATE_PROTOCOL, Settlement, StateChunk, StateHeader, StateReply, StateRequest,
+    StateTag,
+};
 use p2p_proto::state::{Assembler, State};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,12 +38,24 @@ pub struct Served {
     pub bytes: Arc<Vec<u8>>,
 }
 
-/// A peer asks for this peer's state for `round`; the driver answers on `reply`.
+/// A peer asks for this peer's state for `round` (or, with `None`, only about `unsettled`);
+/// the driver answers on `reply`.
 #[derive(Debug)]
 pub struct ServeRequest {
     pub from: PeerId,
-    pub round: u64,
-    pub reply: oneshot::Sender<Result<Served, (String, StateTag)>>,
+    pub round: Option<u64>,
+    /// Attempts the asker was in without learning their outcome (at most [`MAX_UNSETTLED`]).
+    pub unsettled: Vec<AttemptRef>,
+    pub reply: oneshot::Sender<Answer>,
+}
+
+/// The driver's answer to a [`ServeRequest`].
+#[derive(Debug)]
+pub enum Answer {
+    State(Served),
+    Settled(Settlement),
+    /// Why not, and the state this peer holds.
+    Refused(String, StateTag),
 }
 
 /// Why a state could not be fetched from a peer.
@@ -92,54 +107,76 @@ async fn answer(
         return Err(format!("asked for run {}", req.run));
     }
     let (reply, rx) = oneshot::channel();
-    requests.send(ServeRequest { from: peer, round: req.round, reply }).await.map_err(|_| "the node is stopping")?;
+    let mut unsettled = req.unsettled;
+    unsettled.truncate(MAX_UNSETTLED);
+    requests
+        .send(ServeRequest { from: peer, round: req.round, unsettled, reply })
+        .await
+        .map_err(|_| "the node is stopping")?;
     let served = match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
-        Ok(Ok(Ok(s))) => s,
-        Ok(Ok(Err((reason, have)))) => {
-            stream.write_all(&encode_frame(&StateReply::Refused { reason, have })).await.map_err(|e| e.to_string())?;
+        Ok(Ok(Answer::State(s))) => s,
+        Ok(Ok(other)) => {
+            let reply = match other {
+                Answer::Settled(s) => StateReply::Settled(s),
+                Answer::Refused(reason, have) => StateReply::Refused { reason, have },
+                Answer::State(_) => unreachable!("matched above"),
+            };
+            stream.write_all(&encode_frame(&reply)).await.map_err(|e| e.to_string())?;
             let _ = stream.close().await;
             return Ok(());
         }
-        _ => return Err("the driver did not answer in time".into()),
+        Err(_) | Ok(Err(_)) => return Err("the driver did not answer in time".into()),
     };
     stream.write_all(&encode_frame(&StateReply::Header(served.header.clone()))).await.map_err(|e| e.to_string())?;
     for chunk in p2p_proto::state::chunks(&served.bytes) {
         stream.write_all(&encode_frame(&chunk)).await.map_err(|e| e.to_string())?;
     }
     let _ = stream.close().await;
-    debug!(%peer, round = req.round, bytes = served.bytes.len(), "state served");
+    debug!(%peer, round = ?req.round, bytes = served.bytes.len(), "state served");
     Ok(())
 }
 
-/// Fetches the state for `round` of `run` from `peer`, for a model of `params` values whose
-/// optimizer keeps `moments` moment vectors. Every chunk is checked against the header.
-pub async fn fetch(
+/// Opens a state stream to `peer`, sends `request` and reads the first frame of the answer.
+async fn ask(
     control: &mut Control,
     peer: PeerId,
-    run: RunId,
-    round: u64,
-    params: u64,
-    moments: u8,
-) -> Result<State, FetchError> {
+    request: &StateRequest,
+    buf: &mut Vec<u8>,
+) -> Result<(libp2p::Stream, StateReply), FetchError> {
     let mut stream =
         tokio::time::timeout(CHUNK_TIMEOUT, control.open_stream(peer, StreamProtocol::new(STATE_PROTOCOL)))
             .await
             .map_err(|_| FetchError::Timeout { peer })?
             .map_err(|e| FetchError::Open { peer, reason: e.to_string() })?;
     let bad = |reason: String| FetchError::Bad { peer, reason };
-    stream.write_all(&encode_frame(&StateRequest { run, round })).await.map_err(|e| bad(e.to_string()))?;
-    let mut buf = Vec::new();
-    let reply: StateReply = tokio::time::timeout(ANSWER_TIMEOUT, read_frame(&mut stream, &mut buf))
+    stream.write_all(&encode_frame(request)).await.map_err(|e| bad(e.to_string()))?;
+    let reply: StateReply = tokio::time::timeout(ANSWER_TIMEOUT, read_frame(&mut stream, buf))
         .await
         .map_err(|_| FetchError::Timeout { peer })?
         .map_err(|e| bad(e.to_string()))?
         .ok_or_else(|| bad("the stream closed before the answer".into()))?;
-    let header = match reply {
-        StateReply::Header(h) => h,
-        StateReply::Refused { reason, have } => {
-            return Err(FetchError::Refused { peer, round, reason, have: have.round });
-        }
-    };
+    if let StateReply::Refused { reason, have } = reply {
+        return Err(FetchError::Refused { peer, round: request.round.unwrap_or_default(), reason, have: have.round });
+    }
+    Ok((stream, reply))
+}
+
+/// Fetches the state for `round` of `run` from `peer`, for a model of `params` values whose
+/// optimizer keeps `moments` moment vectors, asking which of the `unsettled` attempts the
+/// ring certified. Every chunk is checked against the header.
+pub async fn fetch(
+    control: &mut Control,
+    peer: PeerId,
+    run: RunId,
+    round: u64,
+    (params, moments): (u64, u8),
+    unsettled: &[AttemptRef],
+) -> Result<State, FetchError> {
+    let bad = |reason: String| FetchError::Bad { peer, reason };
+    let mut buf = Vec::new();
+    let request = StateRequest { run, round: Some(round), unsettled: unsettled.to_vec() };
+    let (mut stream, reply) = ask(control, peer, &request, &mut buf).await?;
+    let StateReply::Header(header) = reply else { return Err(bad("it answered without a state".into())) };
     let mut assembler = Assembler::new(header, run, round, params, moments).map_err(|e| bad(e.to_string()))?;
     while !assembler.is_complete() {
         let chunk: StateChunk = tokio::time::timeout(CHUNK_TIMEOUT, read_frame(&mut stream, &mut buf))
@@ -151,4 +188,20 @@ pub async fn fetch(
     }
     let _ = stream.close().await;
     assembler.finish().ok_or_else(|| bad("incomplete state".into()))
+}
+
+/// Asks `peer` only what it knows of the `unsettled` attempts.
+pub async fn settle(
+    control: &mut Control,
+    peer: PeerId,
+    run: RunId,
+    unsettled: &[AttemptRef],
+) -> Result<Settlement, FetchError> {
+    let request = StateRequest { run, round: None, unsettled: unsettled.to_vec() };
+    let (mut stream, reply) = ask(control, peer, &request, &mut Vec::new()).await?;
+    let _ = stream.close().await;
+    match reply {
+        StateReply::Settled(s) => Ok(s),
+        _ => Err(FetchError::Bad { peer, reason: "it answered a settlement request with a state".into() }),
+    }
 }

@@ -223,11 +223,35 @@ pub struct CheckpointAnnounce {
 }
 
 /// What a joiner asks a peer over [`STATE_PROTOCOL`]: its training state for `round` (its
-/// parameters after rounds `0..round`).
+/// parameters after rounds `0..round`; `None`: no state), and whether the ring certified the
+/// attempts the joiner was in before it went away without learning their outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateRequest {
     pub run: RunId,
+    pub round: Option<u64>,
+    /// At most [`MAX_UNSETTLED`] attempts; a server looks at no more.
+    pub unsettled: Vec<AttemptRef>,
+}
+
+/// Attempts a joiner may ask about in one state request.
+pub const MAX_UNSETTLED: usize = 64;
+
+/// One attempt of one round, by the hash of its ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRef {
     pub round: u64,
+    pub attempt: u32,
+    /// [`crate::membership::RingView::hash`] of the attempt's ring.
+    pub ring: Hash,
+}
+
+/// What a peer knows of the attempts it was asked about: the rounds whose asked attempt it saw
+/// certified (that very attempt, that very ring), and those it saw certified with another
+/// attempt or ring. Rounds it did not complete are in neither list.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settlement {
+    pub certified: Vec<u64>,
+    pub not_certified: Vec<u64>,
 }
 
 /// The first frame of the answer.
@@ -235,6 +259,8 @@ pub struct StateRequest {
 pub enum StateReply {
     /// The state follows in `chunk_hashes.len()` [`StateChunk`] frames.
     Header(StateHeader),
+    /// The answer to a request without a round: only the settlement.
+    Settled(Settlement),
     /// This peer cannot serve that round; `have` is the state it holds.
     Refused { reason: String, have: StateTag },
 }
@@ -257,6 +283,8 @@ pub struct StateHeader {
     /// Moment vectors of the optimizer (momentum: 1, Adam: 2).
     pub moments: u8,
     pub chunk_hashes: Vec<Hash>,
+    /// What this peer knows of the attempts the joiner asked about.
+    pub settlement: Settlement,
 }
 
 /// One chunk of a training state.

@@ -270,6 +270,11 @@ impl Round {
         self.pos
     }
 
+    /// This member's commit in the attempt.
+    pub fn own_commit(&self) -> &GradientCommit {
+        self.commits[self.pos].as_ref().expect("a member holds its own commit")
+    }
+
     /// The member this one sends ring traffic to.
     pub fn right(&self) -> &PeerKey {
         self.view.right_of(self.pos)

@@ -246,6 +246,7 @@ mod tests {
             params: params.len() as u64,
             moments: moments.len() as u8,
             chunk_hashes: chunk_hashes(&bytes),
+            settlement: Default::default(),
         };
         (h, bytes)
     }

@@ -2,10 +2,13 @@
 //! rounds from their JSON logs, and measures the all-reduce against the
 //! machine's own TCP ceiling. [`chain`] runs a local Anvil with the ledger
 //! contract deployed. [`train`] is the training testnet: real training on
-//! Fashion-MNIST through the ring, recorded on chain.
+//! Fashion-MNIST through the ring, recorded on chain. [`chaos`] trains the same
+//! way while peers are killed and restarted at random, then checks agreement and
+//! the chain.
 
 pub mod bench;
 pub mod chain;
+pub mod chaos;
 pub mod cluster;
 pub mod process;
 pub mod train;

@@ -1,7 +1,8 @@
 //! `testnet`: the local cluster and the all-reduce benchmark.
 
 use clap::{Parser, Subcommand};
-use testnet::{bench, cluster, train};
+use std::time::Duration;
+use testnet::{bench, chaos, cluster, train};
 
 #[derive(Debug, Parser)]
 #[command(name = "testnet", about = "Run a local cluster of peers, or benchmark the all-reduce")]
@@ -57,6 +58,40 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         epoch_rounds: u64,
     },
+    /// Peers train on a local chain while they are killed (SIGKILL) or stopped (SIGTERM) at
+    /// random and restarted from their data directories; then checks that they held the same
+    /// parameters, that the finalized checkpoints are their hashes, and that the chain shows
+    /// exactly the rounds each did; reports recovery times.
+    Chaos {
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
+        /// How long peers are killed and restarted.
+        #[arg(long, default_value_t = 600)]
+        duration_s: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Mean seconds between two stops.
+        #[arg(long, default_value_t = 8.0)]
+        mean_interval_s: f64,
+        /// Longest seconds a stopped peer stays down.
+        #[arg(long, default_value_t = 15)]
+        max_downtime_s: u64,
+        /// Stops never leave fewer live peers than this.
+        #[arg(long, default_value_t = 2)]
+        min_alive: usize,
+        /// Share of stops that are SIGTERM (clean leaves), in percent; the rest are SIGKILL.
+        #[arg(long, default_value_t = 25)]
+        graceful_percent: u64,
+        /// Samples per peer per round.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Rounds per on-chain epoch (K).
+        #[arg(long, default_value_t = 10)]
+        epoch_rounds: u64,
+        /// Write every node process's log to this directory (JSON lines).
+        #[arg(long)]
+        logs: Option<std::path::PathBuf>,
+    },
     /// All-reduce between N node processes next to the TCP ceiling of this machine.
     Bench {
         #[arg(long, default_value_t = 4)]
@@ -95,6 +130,29 @@ fn main() -> anyhow::Result<()> {
         Cmd::Cluster { nodes, rounds, vector_len, run, no_chain, epoch_rounds } => {
             cluster::run(&cluster::ClusterOpts { nodes, rounds, vector_len, run, chain: !no_chain, epoch_rounds })
         }
+        Cmd::Chaos {
+            nodes,
+            duration_s,
+            seed,
+            mean_interval_s,
+            max_downtime_s,
+            min_alive,
+            graceful_percent,
+            batch,
+            epoch_rounds,
+            logs,
+        } => chaos::run(&chaos::ChaosOpts {
+            nodes,
+            duration: Duration::from_secs(duration_s),
+            seed,
+            mean_interval: Duration::from_secs_f64(mean_interval_s.max(0.1)),
+            max_downtime: Duration::from_secs(max_downtime_s.max(1)),
+            min_alive,
+            graceful_percent: graceful_percent.min(100),
+            batch,
+            epoch_rounds,
+            logs,
+        }),
         Cmd::Bench { peers, sizes, rounds } => bench::run(&bench::BenchOpts { peers, sizes, rounds }),
         Cmd::TcpPeer { send, recv } => bench::tcp_peer(send, recv),
     }

@@ -192,6 +192,12 @@ impl Node {
         std::mem::replace(&mut self.dir, TempDir(PathBuf::new()))
     }
 
+    /// Writes the node's log events to `path`, one JSON object per line.
+    pub fn save_log(&self, path: &Path) -> std::io::Result<()> {
+        let text: String = self.logs.lock().unwrap().iter().map(|v| format!("{v}\n")).collect();
+        std::fs::write(path, text)
+    }
+
     /// Dumps the node's logs to stderr (for failing tests).
     pub fn dump(&self) {
         for v in self.logs.lock().unwrap().iter() {

@@ -14,7 +14,7 @@ mod post;
 mod sync;
 
 use crate::ledger::client::Client;
-use crate::ledger::outbox::RoundTally;
+use crate::ledger::outbox::{PendingCredit, RoundTally};
 use crate::ledger::task::LedgerHandle;
 use crate::net::{NetEvent, NetHandle};
 use crate::ring_io::{self, Inbound};
@@ -25,7 +25,7 @@ use p2p_proto::codec::{decode_exact, encode_frame};
 use p2p_proto::demo::demo_vector;
 use p2p_proto::hash::hex;
 use p2p_proto::membership::{Membership, MembershipAction, MembershipConfig, RingView};
-use p2p_proto::message::{Gossip, PeerKey, RingStep, RunId, StateTag};
+use p2p_proto::message::{AttemptRef, Gossip, PeerKey, RingStep, RunId, StateTag};
 use p2p_proto::round::{Contribution, FailureKind, Round, RoundAction, RoundConfig};
 use p2p_proto::state::{Statements, Verdict};
 use p2p_proto::{FixedPoint, Hash};
@@ -40,6 +40,9 @@ use tracing::{debug, info, warn};
 const TICK: Duration = Duration::from_millis(20);
 /// Gossip for rounds this peer has not reached yet, kept until it gets there.
 const MAX_PENDING_GOSSIP: usize = 4096;
+/// Attempts this peer completed, remembered so that a peer coming back can learn whether the
+/// ring certified the attempt it was in when it went away.
+const CERTIFIED_HISTORY: usize = 4096;
 
 /// Everything the driver needs to know about the run.
 #[derive(Debug, Clone)]
@@ -122,6 +125,13 @@ enum Internal {
     /// A peer asks for this peer's state.
     Serve(ServeRequest),
     Sync(sync::Event),
+    /// The attempt this peer is in is noted in the ledger outbox: its `Done` may go out.
+    CreditNoted {
+        round: u64,
+        attempt: u32,
+    },
+    /// Other peers told what they know of this peer's unsettled attempts.
+    Settled(p2p_proto::message::Settlement),
 }
 
 /// How far a requested stop has got.
@@ -159,6 +169,12 @@ struct Driver {
     /// State requests waiting for this peer to finish the round before the one they ask for.
     waiting_serves: Vec<(ServeRequest, Instant)>,
     leave: Leave,
+    /// The attempt this peer completed of each recent round (at most [`CERTIFIED_HISTORY`]).
+    certified: std::collections::BTreeMap<u64, AttemptRef>,
+    /// The attempt whose pending credit is being written, and this peer's `Done` for it if
+    /// the round got there first: it goes out once the credit is durable, so the ring can never
+    /// use this peer's work without this peer being able to claim it.
+    credit_note: Option<((u64, u32), Option<Gossip>)>,
     /// Frozen by the test hook: ignores everything until killed.
     frozen: bool,
     summary: Summary,
@@ -194,6 +210,8 @@ pub async fn run(
         sync: None,
         waiting_serves: Vec::new(),
         leave: Leave::Staying,
+        certified: std::collections::BTreeMap::new(),
+        credit_note: None,
         frozen: false,
         membership: Membership::resume(cfg.run, me.clone(), cfg.membership.clone(), state),
         cfg,
@@ -264,6 +282,20 @@ impl Driver {
             }
             Internal::Serve(req) => self.serve(req),
             Internal::Sync(ev) => self.on_sync_event(ev),
+            Internal::Settled(s) => {
+                if let Some(ledger) = &self.cfg.ledger {
+                    ledger.resolve_pending(&s.certified, &s.not_certified);
+                }
+            }
+            Internal::CreditNoted { round, attempt } => {
+                if let Some(((r, a), held)) = self.credit_note.take() {
+                    if (r, a) != (round, attempt) {
+                        self.credit_note = Some(((r, a), held));
+                    } else if let Some(done) = held {
+                        self.publish(&done);
+                    }
+                }
+            }
         }
     }
 
@@ -547,6 +579,32 @@ impl Driver {
         self.writer = (round.view().len() > 1)
             .then(|| ring_io::spawn_writer(self.net.control(), round.right().clone(), self.cfg.open_timeout));
         let (r, a) = (round.view().round, round.view().attempt);
+        if let Some(ledger) = self.cfg.ledger.clone() {
+            // Noted while the all-reduce runs; this peer's Done waits for it (see `credit_note`).
+            let own = round.own_commit();
+            let credit = PendingCredit {
+                round: r,
+                attempt: a,
+                ring: round.view().hash(self.cfg.run),
+                samples: own.samples,
+                commit: own.digest(),
+                // Decided by the outbox when it notes the credit.
+                creditable: false,
+            };
+            // A Done still held for an earlier attempt goes out now (that round completed here
+            // before its credit note came back).
+            if let Some((_, Some(done))) = self.credit_note.take() {
+                self.publish(&done);
+            }
+            self.credit_note = Some(((r, a), None));
+            let tx = self.internal.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = ledger.note_pending(credit) {
+                    warn!(round = r, reason = %e, "cannot note the pending credit; the round goes on");
+                }
+                let _ = tx.send(Internal::CreditNoted { round: r, attempt: a });
+            });
+        }
         self.round = Some(round);
         self.on_round_actions(acts);
         // Commits and Dones that arrived before this peer started the round.
@@ -581,6 +639,13 @@ impl Driver {
                 return;
             }
             match a {
+                RoundAction::Publish(Gossip::Done(d))
+                    if self.credit_note.as_ref().is_some_and(|(at, _)| *at == (d.round, d.attempt)) =>
+                {
+                    if let Some((_, held)) = self.credit_note.as_mut() {
+                        *held = Some(Gossip::Done(d));
+                    }
+                }
                 RoundAction::Publish(g) => self.publish(&g),
                 RoundAction::Send(step) => {
                     if self.cfg.pause_in_round == Some(step.round) && step.id.step >= 1 {
@@ -624,6 +689,11 @@ impl Driver {
         self.summary.last_round = Some(o.view.round);
         self.cursor += o.samples;
         self.next_round = o.view.round + 1;
+        let done = AttemptRef { round: o.view.round, attempt: o.view.attempt, ring: o.view.hash(self.cfg.run) };
+        self.certified.insert(o.view.round, done);
+        if self.certified.len() > CERTIFIED_HISTORY {
+            self.certified.pop_first();
+        }
         match &self.cfg.compute {
             Compute::Demo { .. } => {
                 // The demonstration has no parameters: the agreed sum stands for them.

@@ -14,7 +14,7 @@
 
 use super::{Compute, Driver, Internal};
 use crate::ledger::client::Client;
-use crate::state_sync::{self, ServeRequest, Served};
+use crate::state_sync::{self, Answer, ServeRequest, Served};
 use crate::train::checkpoint::optimizer_hash;
 use crate::train::optim::Optimizer;
 use alloy::primitives::B256;
@@ -22,7 +22,9 @@ use libp2p::PeerId;
 use p2p_proto::Hash;
 use p2p_proto::hash::hex;
 use p2p_proto::membership::RingView;
-use p2p_proto::message::{Gossip, PeerKey, RoundFailed, RunId, StateHeader, StateTag};
+use p2p_proto::message::{
+    AttemptRef, Gossip, MAX_UNSETTLED, PeerKey, RoundFailed, RunId, Settlement, StateHeader, StateTag,
+};
 use p2p_proto::state::{State, Verdict, chunk_hashes, state_bytes};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,6 +47,8 @@ pub(super) struct Sync {
     deadline: u64,
     fetched: Option<Box<Fetched>>,
     restoring: bool,
+    /// Attempts this peer was in before it went away, without learning their outcome.
+    unsettled: Vec<AttemptRef>,
 }
 
 /// A state fetched intact, not yet judged.
@@ -100,9 +104,28 @@ impl Driver {
         let peers: Vec<PeerId> = from.iter().filter_map(|p| p.parse().ok()).collect();
         info!(round, have = self.next_round, peers = peers.len(), "behind the ring: fetching its state");
         let deadline = self.now() + self.cfg.round.commit_timeout_us / 2;
-        self.sync = Some(Sync { round, then, started: Instant::now(), deadline, fetched: None, restoring: false });
         let (mut control, run, tx) = (self.net.control(), self.cfg.run, self.internal.clone());
-        let (params, moments) = self.state_shape();
+        let shape = self.state_shape();
+        let unsettled: Vec<AttemptRef> = self
+            .cfg
+            .ledger
+            .as_ref()
+            .map(|l| l.pending())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p.round < round)
+            .map(|p| AttemptRef { round: p.round, attempt: p.attempt, ring: p.ring })
+            .take(MAX_UNSETTLED)
+            .collect();
+        self.sync = Some(Sync {
+            round,
+            then,
+            started: Instant::now(),
+            deadline,
+            fetched: None,
+            restoring: false,
+            unsettled: unsettled.clone(),
+        });
         // The demonstration votes sums, not parameter hashes: the chain has nothing to check.
         let chain = match &self.cfg.compute {
             Compute::Train(_) => self.cfg.chain.clone(),
@@ -112,7 +135,7 @@ impl Driver {
             let chain = chain_view(chain, run).await;
             let mut last = String::from("no peer to ask");
             for peer in peers {
-                match state_sync::fetch(&mut control, peer, run, round, params, moments).await {
+                match state_sync::fetch(&mut control, peer, run, round, shape, &unsettled).await {
                     Ok(state) => {
                         let fetched = Fetched { state, from: peer, chain };
                         let _ = tx.send(Internal::Sync(Event::Fetched(Ok(Box::new(fetched)))));
@@ -236,6 +259,7 @@ impl Driver {
         }
         self.next_round = sync.round;
         self.cursor = header.cursor;
+        self.settle(&sync, &header.settlement);
         self.membership.set_state(StateTag { round: sync.round, param_hash: hash });
         self.summary.syncs += 1;
         info!(
@@ -266,6 +290,54 @@ impl Driver {
         }
     }
 
+    /// Settles this peer's unsettled attempts with what the server knew; what it did not know
+    /// is asked of every other live peer.
+    fn settle(&self, sync: &Sync, known: &Settlement) {
+        let Some(ledger) = &self.cfg.ledger else { return };
+        ledger.resolve_pending(&known.certified, &known.not_certified);
+        let unknown: Vec<AttemptRef> = sync
+            .unsettled
+            .iter()
+            .filter(|a| !known.certified.contains(&a.round) && !known.not_certified.contains(&a.round))
+            .copied()
+            .collect();
+        if unknown.is_empty() {
+            return;
+        }
+        let server = sync.fetched.as_ref().map(|f| f.from);
+        let peers: Vec<PeerId> = self
+            .membership
+            .settled_peers(self.now())
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .filter(|p| Some(*p) != server)
+            .collect();
+        let (mut control, run, tx) = (self.net.control(), self.cfg.run, self.internal.clone());
+        tokio::spawn(async move {
+            let mut all = Settlement::default();
+            for peer in peers {
+                if let Ok(s) = state_sync::settle(&mut control, peer, run, &unknown).await {
+                    all.certified.extend(s.certified);
+                    all.not_certified.extend(s.not_certified);
+                }
+            }
+            let _ = tx.send(Internal::Settled(all));
+        });
+    }
+
+    /// What this peer knows of the attempts a peer asks about.
+    fn settlement(&self, unsettled: &[AttemptRef]) -> Settlement {
+        let mut s = Settlement::default();
+        for a in unsettled {
+            match self.certified.get(&a.round) {
+                Some(done) if done == a => s.certified.push(a.round),
+                Some(_) => s.not_certified.push(a.round),
+                None => {}
+            }
+        }
+        s
+    }
+
     /// The fetch failed or its state was refused: a joiner tells its ring not to wait for
     /// it; either way this peer forms again at its own round and tries later.
     pub(super) fn sync_failed(&mut self, reason: &str) {
@@ -293,15 +365,21 @@ impl Driver {
     /// A peer asks for this peer's state for `round`: served now if this peer holds it, once
     /// this peer finishes the round before it, or refused.
     pub(super) fn serve(&mut self, req: ServeRequest) {
+        let refuse = |req: ServeRequest, reason: String, have: StateTag| {
+            let _ = req.reply.send(Answer::Refused(reason, have));
+        };
+        let Some(round) = req.round else {
+            let _ = req.reply.send(Answer::Settled(self.settlement(&req.unsettled)));
+            return;
+        };
         if self.sync.is_some() {
-            let _ = req.reply.send(Err(("this peer is fetching a state itself".into(), self.membership.state())));
-        } else if req.round == self.next_round {
+            refuse(req, "this peer is fetching a state itself".into(), self.membership.state());
+        } else if round == self.next_round {
             self.answer(req);
-        } else if req.round > self.next_round {
+        } else if round > self.next_round {
             self.waiting_serves.push((req, Instant::now() + SERVE_WAIT));
         } else {
-            let reason = format!("this peer is at round {} already", self.next_round);
-            let _ = req.reply.send(Err((reason, self.membership.state())));
+            refuse(req, format!("this peer is at round {} already", self.next_round), self.membership.state());
         }
     }
 
@@ -311,7 +389,7 @@ impl Driver {
             return;
         }
         for (req, until) in std::mem::take(&mut self.waiting_serves) {
-            if req.round <= self.next_round || Instant::now() >= until {
+            if req.round.is_none_or(|r| r <= self.next_round) || Instant::now() >= until {
                 self.serve_now_or_refuse(req);
             } else {
                 self.waiting_serves.push((req, until));
@@ -320,11 +398,11 @@ impl Driver {
     }
 
     fn serve_now_or_refuse(&mut self, req: ServeRequest) {
-        if req.round == self.next_round && self.sync.is_none() {
+        if req.round == Some(self.next_round) && self.sync.is_none() {
             self.answer(req);
         } else {
             let reason = format!("this peer is at round {}", self.next_round);
-            let _ = req.reply.send(Err((reason, self.membership.state())));
+            let _ = req.reply.send(Answer::Refused(reason, self.membership.state()));
         }
     }
 
@@ -333,6 +411,7 @@ impl Driver {
     fn answer(&self, req: ServeRequest) {
         let (run, round, cursor) = (self.cfg.run, self.next_round, self.cursor);
         info!(peer = %req.from, round, "serving this peer's state");
+        let settlement = self.settlement(&req.unsettled);
         match &self.cfg.compute {
             Compute::Demo { .. } => {
                 let header = StateHeader {
@@ -344,8 +423,9 @@ impl Driver {
                     params: 0,
                     moments: 0,
                     chunk_hashes: Vec::new(),
+                    settlement,
                 };
-                let _ = req.reply.send(Ok(Served { header, bytes: Arc::new(Vec::new()) }));
+                let _ = req.reply.send(Answer::State(Served { header, bytes: Arc::new(Vec::new()) }));
             }
             Compute::Train(spec) => {
                 let snapshot = spec.worker.snapshot();
@@ -367,12 +447,13 @@ impl Driver {
                             params: s.params.len() as u64,
                             moments,
                             chunk_hashes: chunk_hashes(&bytes),
+                            settlement,
                         };
                         Served { header, bytes: Arc::new(bytes) }
                     })
                     .await;
                     if let Ok(served) = served {
-                        let _ = req.reply.send(Ok(served));
+                        let _ = req.reply.send(Answer::State(served));
                     }
                 });
             }

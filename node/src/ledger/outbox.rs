@@ -12,6 +12,13 @@
 //! become the next part. A watermark (the highest round ever tallied) makes sure
 //! no round is credited twice, even when a restarted peer's state goes back to an
 //! older checkpoint and a round number comes round again.
+//!
+//! A round can be certified by the other members with this peer's gradient in it
+//! while this peer dies before it learns so. So before a member announces its
+//! sum, the attempt it is in is noted as a *pending credit*; the round's tally
+//! replaces it. A peer that comes back with pending credits asks the peer it
+//! fetches the ring's state from which of those attempts the ring certified, and
+//! credits exactly those ([`Outbox::resolve_pending`]).
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -23,6 +30,8 @@ const KEYS: TableDefinition<&str, u64> = TableDefinition::new("ledger_outbox_key
 const TALLY: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger_round_tally");
 /// Per run (hex id): one past the highest round ever tallied.
 const CREDITED: TableDefinition<&str, u64> = TableDefinition::new("ledger_credited_through");
+/// Rounds this peer committed to and may have completed: by round, the attempt it is in.
+const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger_pending_credit");
 
 pub type B32 = [u8; 32];
 
@@ -149,6 +158,31 @@ pub struct RoundTally {
     pub param_hash: B32,
 }
 
+/// An attempt this peer committed to and may have completed: credited once the ring is known
+/// to have certified it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingCredit {
+    pub round: u64,
+    pub attempt: u32,
+    /// Hash of the attempt's ring (its members in order).
+    pub ring: B32,
+    pub samples: u64,
+    /// Digest of this peer's commit in the attempt.
+    pub commit: B32,
+    /// Whether the round may be credited: it was not credited before the note (set by
+    /// [`Outbox::note_pending`]).
+    pub creditable: bool,
+}
+
+/// What settling the pending credits did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settled {
+    pub credited: Vec<PendingCredit>,
+    pub dropped: Vec<PendingCredit>,
+    /// The records the credited rounds created (epochs they closed).
+    pub records: Vec<Record>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
     #[error("ledger outbox: {0}")]
@@ -189,6 +223,7 @@ impl Outbox {
         w.open_table(KEYS)?;
         w.open_table(TALLY)?;
         w.open_table(CREDITED)?;
+        w.open_table(PENDING)?;
         w.commit()?;
         Ok(Self { db })
     }
@@ -280,13 +315,67 @@ impl Outbox {
         epoch_rounds: u64,
         tally: RoundTally,
     ) -> Result<Option<Vec<Record>>, OutboxError> {
-        self.close(run, epoch_rounds, Some(tally))
+        self.close(run, epoch_rounds, Some(tally), true)
     }
 
     /// Closes every epoch still tallied, the current one included: this peer is leaving the
     /// run (it finished, or was asked to stop). Its last round gets a checkpoint vote.
     pub fn close_all(&self, run: B32, epoch_rounds: u64) -> Result<Vec<Record>, OutboxError> {
-        Ok(self.close(run, epoch_rounds, None)?.unwrap_or_default())
+        Ok(self.close(run, epoch_rounds, None, true)?.unwrap_or_default())
+    }
+
+    /// Notes the attempt this peer is in for `p.round` of `run` (replacing an earlier
+    /// attempt's); it is creditable unless the round was credited before.
+    pub fn note_pending(&self, run: B32, mut p: PendingCredit) -> Result<(), OutboxError> {
+        let w = self.db.begin_write()?;
+        let through = w.open_table(CREDITED)?.get(hex::encode(run).as_str())?.map_or(0, |v| v.value());
+        p.creditable = p.round >= through;
+        w.open_table(PENDING)?.insert(p.round, encode(&p).as_slice())?;
+        w.commit()?;
+        Ok(())
+    }
+
+    /// The attempts noted and not yet credited, oldest round first.
+    pub fn pending(&self) -> Result<Vec<PendingCredit>, OutboxError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(PENDING)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            out.push(
+                postcard::from_bytes(v.value())
+                    .map_err(|e| OutboxError::Corrupt { seq: k.value(), reason: e.to_string() })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Settles pending credits: an attempt the ring `certified` is credited like a completed
+    /// round (without a checkpoint vote: this peer does not know the parameters after it), even
+    /// if this peer credited later rounds since, as long as the round was not credited before
+    /// the note; one the ring certified with another attempt (`not_certified`), or that is not
+    /// creditable, is dropped; the others stay pending.
+    pub fn resolve_pending(
+        &self,
+        run: B32,
+        epoch_rounds: u64,
+        certified: &[u64],
+        not_certified: &[u64],
+    ) -> Result<Settled, OutboxError> {
+        let (mut credited, mut dropped, mut records) = (Vec::new(), Vec::new(), Vec::new());
+        for p in self.pending()? {
+            if certified.contains(&p.round) && p.creditable {
+                let tally = RoundTally { round: p.round, samples: p.samples, commit: p.commit, param_hash: [0; 32] };
+                records.extend(self.close(run, epoch_rounds, Some(tally), false)?.unwrap_or_default());
+                credited.push(p);
+            } else if certified.contains(&p.round) || not_certified.contains(&p.round) || !p.creditable {
+                let w = self.db.begin_write()?;
+                w.open_table(PENDING)?.remove(p.round)?;
+                w.commit()?;
+                dropped.push(p);
+            }
+        }
+        Ok(Settled { credited, dropped, records })
     }
 
     /// One past the highest round this peer ever tallied in `run` (0: none).
@@ -296,13 +385,14 @@ impl Outbox {
         Ok(t.get(hex::encode(run).as_str())?.map_or(0, |v| v.value()))
     }
 
-    /// Adds `latest` to the tally (if any and not credited before), closes the epochs that
-    /// are over, and stores their records, all in one transaction.
+    /// Adds `latest` to the tally (if any and, with `watermark`, not credited before), closes
+    /// the epochs that are over, and stores their records, all in one transaction.
     fn close(
         &self,
         run: B32,
         epoch_rounds: u64,
         latest: Option<RoundTally>,
+        watermark: bool,
     ) -> Result<Option<Vec<Record>>, OutboxError> {
         let w = self.db.begin_write()?;
         let records = {
@@ -310,14 +400,15 @@ impl Outbox {
                 let mut credited = w.open_table(CREDITED)?;
                 let run_key = hex::encode(run);
                 let through = credited.get(run_key.as_str())?.map_or(0, |v| v.value());
-                if tally.round < through {
+                if watermark && tally.round < through {
                     return Ok(None);
                 }
-                credited.insert(run_key.as_str(), tally.round + 1)?;
+                credited.insert(run_key.as_str(), through.max(tally.round + 1))?;
             }
             let mut t = w.open_table(TALLY)?;
             if let Some(tally) = &latest {
                 t.insert(tally.round, encode(tally).as_slice())?;
+                w.open_table(PENDING)?.remove(tally.round)?;
             }
             let all = Self::read_tally(&t)?;
             let keys = w.open_table(KEYS)?;
@@ -411,7 +502,9 @@ pub fn close_epochs<E>(
             commit_root: commit_root(&rounds),
         });
         let last = rounds.last().expect("an epoch has rounds");
-        if last.round == end || (latest.is_none() && Some(last.round) == last_tallied) {
+        // A round credited after the fact (see `resolve_pending`) has no known parameter hash.
+        let known = last.param_hash != [0; 32];
+        if known && (last.round == end || (latest.is_none() && Some(last.round) == last_tallied)) {
             records.push(Record::Vote { run, round: last.round, param_hash: last.param_hash });
         }
         closed.extend(rounds.iter().map(|t| t.round));
@@ -511,6 +604,49 @@ mod tests {
         let kinds: Vec<_> = outbox.entries().unwrap().iter().map(|e| e.record.key()).collect();
         assert_eq!(kinds.len(), 5);
         assert!(outbox.close_all(RUN, 3).unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pending_credits_are_credited_only_for_attempts_the_ring_certified() {
+        let (db, dir) = temp_db("pending");
+        let outbox = Outbox::new(db).unwrap();
+        let pending = |round: u64, attempt: u32| PendingCredit {
+            round,
+            attempt,
+            ring: [9; 32],
+            samples: 32,
+            commit: [round as u8; 32],
+            creditable: true,
+        };
+        outbox.round_completed(RUN, 4, tally(0)).unwrap();
+        // Round 1's first attempt failed; the second replaced it and completed.
+        outbox.note_pending(RUN, pending(1, 0)).unwrap();
+        outbox.note_pending(RUN, pending(1, 1)).unwrap();
+        assert_eq!(outbox.pending().unwrap(), vec![pending(1, 1)]);
+        outbox.round_completed(RUN, 4, tally(1)).unwrap();
+        assert!(outbox.pending().unwrap().is_empty(), "a completed round is no longer pending");
+        // A round credited before (a restarted peer redoes it) is never creditable again.
+        outbox.note_pending(RUN, pending(1, 7)).unwrap();
+        assert!(!outbox.pending().unwrap()[0].creditable);
+        // Pending attempts of rounds 2, 3 and 9 (in truth a peer has one at a time; this one
+        // keeps several to settle them together).
+        outbox.note_pending(RUN, pending(2, 0)).unwrap();
+        outbox.note_pending(RUN, pending(3, 4)).unwrap();
+        outbox.note_pending(RUN, pending(9, 0)).unwrap();
+        // The ring certified round 2's
+        // attempt, round 3 with another attempt, and the answer knows nothing of round 9.
+        let Settled { credited, dropped, records } = outbox.resolve_pending(RUN, 4, &[2, 1], &[3]).unwrap();
+        assert_eq!(credited, vec![pending(2, 0)]);
+        let mut old = pending(1, 7);
+        old.creditable = false;
+        assert_eq!(dropped, vec![old, pending(3, 4)]);
+        assert!(records.is_empty(), "epoch 0 is not over yet");
+        assert_eq!(outbox.pending().unwrap(), vec![pending(9, 0)]);
+        // Closing epoch 0: rounds 0, 1 and the recovered 2; no vote, as round 3 is missing.
+        let recs = outbox.close_all(RUN, 4).unwrap();
+        assert!(matches!(recs[0], Record::Contribution { epoch: 0, rounds: 3, .. }), "{recs:?}");
+        assert_eq!(recs.len(), 1, "no vote for a parameter hash this peer does not know: {recs:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -16,7 +16,7 @@
 //! before every resend).
 
 use super::client::{Client, ClientError, OnChain};
-use super::outbox::{B32, Depth, Entry, Outbox, OutboxError, Record, RoundTally, Status};
+use super::outbox::{B32, Depth, Entry, Outbox, OutboxError, PendingCredit, Record, RoundTally, Settled, Status};
 use alloy::primitives::B256;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -73,6 +73,48 @@ impl LedgerHandle {
                 "round credited before (this peer went back to an older state); not counted again"
             ),
             Err(e) => error!(round = t.round, reason = %e, "cannot store the round in the ledger outbox"),
+        }
+    }
+
+    /// Notes the attempt this peer is in before it announces its sum (a blocking redb write:
+    /// call it off the event loop).
+    pub fn note_pending(&self, p: PendingCredit) -> Result<(), OutboxError> {
+        self.outbox.note_pending(self.run, p)
+    }
+
+    /// Attempts noted and not yet credited (this peer died before it learnt their outcome).
+    pub fn pending(&self) -> Vec<PendingCredit> {
+        self.outbox.pending().unwrap_or_else(|e| {
+            error!(reason = %e, "cannot read the pending credits");
+            Vec::new()
+        })
+    }
+
+    /// Credits the pending attempts that the ring certified, drops those it certified with
+    /// another attempt, keeps the rest, and logs each (see [`Outbox::resolve_pending`]).
+    pub fn resolve_pending(&self, certified: &[u64], not_certified: &[u64]) {
+        match self.outbox.resolve_pending(self.run, self.epoch_rounds, certified, not_certified) {
+            Ok(Settled { credited, dropped, records }) => {
+                for p in &credited {
+                    info!(
+                        round = p.round,
+                        attempt = p.attempt,
+                        samples = p.samples,
+                        commit = %hex::encode(p.commit),
+                        "credit recovered: the ring certified this round while this peer was away"
+                    );
+                }
+                for p in &dropped {
+                    info!(
+                        round = p.round,
+                        attempt = p.attempt,
+                        "pending credit dropped: the ring did not certify that attempt with this peer"
+                    );
+                }
+                log_queued(&records);
+                let _ = self.tx.send(Event::Wake);
+            }
+            Err(e) => error!(reason = %e, "cannot settle the pending credits"),
         }
     }
 
