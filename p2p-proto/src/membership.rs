@@ -42,7 +42,7 @@
 //! so the neighbours change from round to round and no position is special.
 
 use crate::hash::Hash;
-use crate::message::{Gossip, Heartbeat, JoinRequest, PeerKey, PeerStatus, RoundDone, RunId, StateTag};
+use crate::message::{Gossip, Heartbeat, JoinRequest, PeerKey, PeerStatus, RoundDone, RoundFailed, RunId, StateTag};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// A peer silent for this many peer timeouts is forgotten entirely.
@@ -176,8 +176,11 @@ struct Seen {
     at: u64,
     status: Option<PeerStatus>,
     excluded: Vec<PeerKey>,
-    /// Its connection closed: taken as gone until it is heard from again.
+    /// Its connection closed: taken as gone until a newer heartbeat of it arrives (messages
+    /// it sent before, still relayed by others, do not count).
     disconnected: bool,
+    /// The sequence number of its last heartbeat.
+    seq: u64,
 }
 
 /// The circuit breaker this peer keeps for another.
@@ -251,7 +254,8 @@ impl Membership {
         !seen.disconnected && now.saturating_sub(seen.at) < self.cfg.peer_timeout_us
     }
 
-    /// Any message from `peer` shows it is alive.
+    /// Any message from `peer` shows it is alive (unless its connection closed since: then only
+    /// a newer heartbeat does).
     pub fn observe(&mut self, peer: &str, now: u64) {
         if peer == self.me {
             return;
@@ -261,9 +265,9 @@ impl Membership {
             status: None,
             excluded: Vec::new(),
             disconnected: false,
+            seq: 0,
         });
         seen.at = now;
-        seen.disconnected = false;
     }
 
     /// The connection to `peer` closed: take it as gone until it is heard from again.
@@ -277,9 +281,24 @@ impl Membership {
         if hb.peer == self.me || hb.run != self.run {
             return;
         }
+        // After its connection closed, only a heartbeat it sent since proves it alive: a newer
+        // one, or the first of a new process.
+        if let Some(seen) = self.peers.get(&hb.peer)
+            && seen.disconnected
+            && hb.seq <= seen.seq
+            && hb.seq != 1
+        {
+            return;
+        }
         self.peers.insert(
             hb.peer.clone(),
-            Seen { at: now, status: Some(hb.status.clone()), excluded: hb.excluded.clone(), disconnected: false },
+            Seen {
+                at: now,
+                status: Some(hb.status.clone()),
+                excluded: hb.excluded.clone(),
+                disconnected: false,
+                seq: hb.seq,
+            },
         );
         if hb.status == PeerStatus::Leaving {
             self.joins.remove(&hb.peer);
@@ -497,10 +516,18 @@ impl Membership {
         for m in &next.members {
             self.joins.remove(m);
         }
-        if self.ahead(next.round, now).is_some() {
+        if self.ahead(next.round, now).is_some() && next.members.contains(&self.me) {
+            // The next ring would wait for this peer's commit: tell it not to.
+            let failed = Gossip::Failed(RoundFailed {
+                run: self.run,
+                peer: self.me.clone(),
+                round: next.round,
+                attempt: next.attempt,
+                reason: "most live peers are at a later round: catching up with them".into(),
+            });
             self.phase = Phase::Forming { round: next.round, attempt: 0 };
             self.last_view = None;
-            return vec![self.heartbeat(now)];
+            return vec![self.heartbeat(now), MembershipAction::Publish(failed)];
         }
         if !next.members.contains(&self.me) {
             // This peer is leaving: the next ring goes on without it.
@@ -970,10 +997,20 @@ mod tests {
         ps[0].on_heartbeat(hb, now);
         assert_eq!(ps[0].dead_members(now), vec!["peer-1".to_string()], "no timeout to wait for");
         assert!(ps[1].tick(now + 100 * MS).iter().all(|a| matches!(a, MembershipAction::Publish(_))));
-        // A closed connection counts at once too, until the peer is heard from again.
+        // A closed connection counts at once too; messages it sent before, relayed late by
+        // others, do not bring it back; a newer heartbeat does.
         ps[0].on_disconnect("peer-2");
         assert!(ps[0].dead_members(now).contains(&"peer-2".to_string()));
+        let mut hb = match ps[2].heartbeat(now) {
+            MembershipAction::Publish(Gossip::Heartbeat(h)) => h,
+            other => panic!("{other:?}"),
+        };
+        let newer = hb.clone();
+        hb.seq -= 1;
         ps[0].observe("peer-2", now);
+        ps[0].on_heartbeat(&hb, now);
+        assert!(ps[0].dead_members(now).contains(&"peer-2".to_string()), "a stale relayed heartbeat");
+        ps[0].on_heartbeat(&newer, now);
         assert!(!ps[0].dead_members(now).contains(&"peer-2".to_string()));
     }
 

@@ -391,10 +391,19 @@ pub fn run(o: &ChaosOpts) -> anyhow::Result<()> {
         })
         .collect();
     let rounds_completed = by_round.keys().next_back().map_or(0, |r| r + 1);
+    let completions: Vec<serde_json::Value> = slots.iter().flat_map(|s| events(s, "round complete")).collect();
+    let mut round_s: Vec<f64> = completions.iter().filter_map(|e| e["round_us"].as_f64()).map(|us| us / 1e6).collect();
+    let times: Vec<f64> = completions.iter().filter_map(event_time).collect();
+    let span = times.iter().copied().fold(f64::MIN, f64::max) - times.iter().copied().fold(f64::MAX, f64::min);
     let syncs: usize = slots.iter().flat_map(|s| &s.lives).map(|n| n.events("state restored").len()).sum();
     let graceful = stops.iter().filter(|s| s.graceful).count();
     println!("\nchaos report (seed {}, {} peers, {} s of chaos)", o.seed, o.nodes, o.duration.as_secs());
-    println!("  rounds completed            {rounds_completed}");
+    println!(
+        "  rounds completed            {rounds_completed} ({:.1} rounds/s over {:.0} s; median round {:.1} ms)",
+        rounds_completed as f64 / span.max(1e-9),
+        span,
+        1000.0 * median(&mut round_s)
+    );
     println!(
         "  stops survived              {} ({} SIGKILL, {graceful} SIGTERM); restarts {}",
         stops.len(),

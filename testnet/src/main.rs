@@ -86,7 +86,7 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         batch: usize,
         /// Rounds per on-chain epoch (K).
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 50)]
         epoch_rounds: u64,
         /// Write every node process's log to this directory (JSON lines).
         #[arg(long)]

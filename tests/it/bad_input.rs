@@ -1,12 +1,15 @@
 //! A hostile peer connects to a running node and sends it a ring payload whose
 //! hash is wrong, an oversize frame, garbage bytes, a well-formed payload while
-//! not being the node's ring neighbour, and garbage gossip. The node rejects
-//! each with a logged reason, keeps running, and its rounds stay correct.
+//! not being the node's ring neighbour, garbage gossip, and on the state
+//! protocol garbage and a request for another run. The node rejects each (with
+//! a logged reason, a refusal or a closed stream), keeps running, and its rounds
+//! stay correct.
 
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, gossipsub, noise, swarm::NetworkBehaviour, tcp, yamux};
+use p2p_proto::codec::decode_exact;
 use p2p_proto::codec::encode_frame;
-use p2p_proto::message::{RING_PROTOCOL, RingFrame, RingStep, RunId, StepId};
+use p2p_proto::message::{RING_PROTOCOL, RingFrame, RingStep, RunId, STATE_PROTOCOL, StateReply, StateRequest, StepId};
 use p2p_proto::ring::Phase;
 use std::time::Duration;
 use tests::{Node, expected_sum_hash, wait_until};
@@ -84,6 +87,21 @@ async fn attack(target: Multiaddr, run: RunId) {
         let closed = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
         assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{what}: the node closed the stream");
     }
+    // The state protocol: garbage closes the stream; a request for another run is refused.
+    let mut s = control.open_stream(peer, StreamProtocol::new(STATE_PROTOCOL)).await.expect("state stream");
+    s.write_all(&[0xff; 64]).await.expect("garbage request");
+    s.flush().await.unwrap();
+    let mut buf = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "garbage on the state protocol: the node closed the stream");
+    let mut s = control.open_stream(peer, StreamProtocol::new(STATE_PROTOCOL)).await.expect("state stream");
+    let other = StateRequest { run: RunId::from_name("another run"), round: Some(1), unsettled: Vec::new() };
+    s.write_all(&encode_frame(&other)).await.unwrap();
+    s.flush().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await.expect("an answer").unwrap();
+    let reply: StateReply = decode_exact(&answer).expect("one well-formed frame");
+    assert!(matches!(reply, StateReply::Refused { .. }), "{reply:?}");
     // Give gossipsub time to learn the node's subscription, then send garbage.
     tokio::time::sleep(Duration::from_secs(2)).await;
     publish_tx.send(vec![0xde, 0xad, 0xbe, 0xef, 1, 2, 3]).unwrap();

@@ -340,6 +340,10 @@ impl Driver {
         match msg {
             Gossip::Heartbeat(h) => {
                 self.batches.insert(h.peer.clone(), u64::from(h.batch));
+                if h.seq == 1 {
+                    // A new process of that peer: what its earlier life stated no longer holds.
+                    self.statements.forget(&h.peer);
+                }
                 self.statements.note(&h.peer, h.state);
                 self.membership.on_heartbeat(&h, now)
             }
@@ -376,6 +380,9 @@ impl Driver {
                 } else if self.sync.as_ref().is_some_and(|s| s.then.as_ref().is_some_and(|v| v.round == f.round)) {
                     // The ring this peer was fetching the state for failed: stop, form again.
                     self.sync_failed(&format!("the ring failed meanwhile: {}", f.reason));
+                } else {
+                    // This peer may be computing its gradient for that very attempt.
+                    self.keep_for_later(msg);
                 }
             }
             Gossip::PartialSums(p) => {
@@ -387,11 +394,12 @@ impl Driver {
         }
     }
 
-    /// Keeps a commit or `Done` for a round this peer may still start.
+    /// Keeps a commit, `Done` or `Failed` for a round this peer may still start.
     fn keep_for_later(&mut self, msg: Gossip) {
         let round = match &msg {
             Gossip::Commit(c) => c.round,
             Gossip::Done(d) => d.round,
+            Gossip::Failed(f) => f.round,
             _ => return,
         };
         if self.round.as_ref().is_some_and(|r| round < r.view().round) {
@@ -607,17 +615,19 @@ impl Driver {
         }
         self.round = Some(round);
         self.on_round_actions(acts);
-        // Commits and Dones that arrived before this peer started the round.
+        // Commits, Dones and failures that arrived before this peer started the round.
         let (now_msgs, later): (Vec<Gossip>, Vec<Gossip>) = std::mem::take(&mut self.pending)
             .into_iter()
             .filter(|g| match g {
                 Gossip::Commit(c) => c.round >= r,
                 Gossip::Done(d) => d.round >= r,
+                Gossip::Failed(f) => f.round >= r,
                 _ => false,
             })
             .partition(|g| match g {
                 Gossip::Commit(c) => (c.round, c.attempt) == (r, a),
                 Gossip::Done(d) => (d.round, d.attempt) == (r, a),
+                Gossip::Failed(f) => (f.round, f.attempt) == (r, a),
                 _ => false,
             });
         self.pending = later.into();
@@ -627,6 +637,7 @@ impl Driver {
             let acts = match g {
                 Gossip::Commit(c) => round.on_commit(c, now),
                 Gossip::Done(d) => round.on_done(d, now),
+                Gossip::Failed(f) => round.on_failed(&f),
                 _ => Vec::new(),
             };
             self.on_round_actions(acts);

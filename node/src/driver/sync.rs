@@ -132,19 +132,20 @@ impl Driver {
             Compute::Demo { .. } => None,
         };
         tokio::spawn(async move {
-            let chain = chain_view(chain, run).await;
-            let mut last = String::from("no peer to ask");
-            for peer in peers {
-                match state_sync::fetch(&mut control, peer, run, round, shape, &unsettled).await {
-                    Ok(state) => {
-                        let fetched = Fetched { state, from: peer, chain };
-                        let _ = tx.send(Internal::Sync(Event::Fetched(Ok(Box::new(fetched)))));
-                        return;
+            // The chain is asked while the state is fetched: an outage costs no time.
+            let fetch = async {
+                let mut last = String::from("no peer to ask");
+                for peer in peers {
+                    match state_sync::fetch(&mut control, peer, run, round, shape, &unsettled).await {
+                        Ok(state) => return Ok((state, peer)),
+                        Err(e) => last = e.to_string(),
                     }
-                    Err(e) => last = e.to_string(),
                 }
-            }
-            let _ = tx.send(Internal::Sync(Event::Fetched(Err(last))));
+                Err(last)
+            };
+            let (chain, fetched) = tokio::join!(chain_view(chain, run), fetch);
+            let event = fetched.map(|(state, from)| Box::new(Fetched { state, from, chain }));
+            let _ = tx.send(Internal::Sync(Event::Fetched(event)));
         });
     }
 
@@ -273,6 +274,7 @@ impl Driver {
         self.pending.retain(|g| match g {
             Gossip::Commit(c) => c.round >= round,
             Gossip::Done(d) => d.round + 1 >= round,
+            Gossip::Failed(f) => f.round >= round,
             _ => false,
         });
         match sync.then {

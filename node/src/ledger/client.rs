@@ -17,8 +17,10 @@ use std::time::Duration;
 
 /// Longest wait for one RPC call: an endpoint that hangs counts as down.
 const RPC_TIMEOUT: Duration = Duration::from_secs(20);
-/// How often a receipt is polled for.
-const RECEIPT_POLL: Duration = Duration::from_millis(100);
+/// How soon a receipt is polled for again, at first (a local chain mines at once); the wait
+/// doubles up to [`RECEIPT_POLL_MAX`] (a public chain takes seconds a block).
+const RECEIPT_POLL: Duration = Duration::from_millis(10);
+const RECEIPT_POLL_MAX: Duration = Duration::from_millis(1000);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -364,6 +366,7 @@ impl Client {
     /// it is not mined by then.
     pub async fn receipt(&self, tx: B256, timeout: Duration) -> Result<Option<(bool, u64)>, ClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut poll = RECEIPT_POLL;
         loop {
             let r = bounded(&self.endpoint, async {
                 self.provider.get_transaction_receipt(tx).await.map_err(|e| classify_rpc(&self.endpoint, e))
@@ -375,7 +378,8 @@ impl Client {
             if tokio::time::Instant::now() >= deadline {
                 return Ok(None);
             }
-            tokio::time::sleep(RECEIPT_POLL).await;
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(RECEIPT_POLL_MAX);
         }
     }
 

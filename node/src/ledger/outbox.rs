@@ -27,6 +27,8 @@ use std::sync::Arc;
 
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger_outbox");
 const KEYS: TableDefinition<&str, u64> = TableDefinition::new("ledger_outbox_keys");
+/// The entries still open (pending or sent), so a pass does not read every done entry again.
+const OPEN: TableDefinition<u64, ()> = TableDefinition::new("ledger_outbox_open");
 const TALLY: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger_round_tally");
 /// Per run (hex id): one past the highest round ever tallied.
 const CREDITED: TableDefinition<&str, u64> = TableDefinition::new("ledger_credited_through");
@@ -219,7 +221,21 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 impl Outbox {
     pub fn new(db: Arc<Database>) -> Result<Self, OutboxError> {
         let w = db.begin_write()?;
-        w.open_table(ENTRIES)?;
+        {
+            // The open index is rebuilt from the entries at every start (a database written
+            // before the index existed has none).
+            let entries = w.open_table(ENTRIES)?;
+            let mut open = w.open_table(OPEN)?;
+            open.retain(|_, _| false)?;
+            for item in entries.iter()? {
+                let (k, v) = item?;
+                let entry: Entry = postcard::from_bytes(v.value())
+                    .map_err(|e| OutboxError::Corrupt { seq: k.value(), reason: e.to_string() })?;
+                if entry.is_open() {
+                    open.insert(k.value(), ())?;
+                }
+            }
+        }
         w.open_table(KEYS)?;
         w.open_table(TALLY)?;
         w.open_table(CREDITED)?;
@@ -248,12 +264,24 @@ impl Outbox {
         let entry = Entry { seq, record, status: Status::Pending, attempts: 0 };
         entries.insert(seq, encode(&entry).as_slice())?;
         keys.insert(key.as_str(), seq)?;
+        w.open_table(OPEN)?.insert(seq, ())?;
         Ok((seq, true))
     }
 
     /// Every entry not yet done or rejected, oldest first.
     pub fn open_entries(&self) -> Result<Vec<Entry>, OutboxError> {
-        Ok(self.entries()?.into_iter().filter(Entry::is_open).collect())
+        let r = self.db.begin_read()?;
+        let (open, entries) = (r.open_table(OPEN)?, r.open_table(ENTRIES)?);
+        let mut out = Vec::new();
+        for item in open.iter()? {
+            let seq = item?.0.value();
+            if let Some(v) = entries.get(seq)? {
+                let entry: Entry =
+                    postcard::from_bytes(v.value()).map_err(|e| OutboxError::Corrupt { seq, reason: e.to_string() })?;
+                out.push(entry);
+            }
+        }
+        Ok(out)
     }
 
     /// Every entry, oldest first.
@@ -286,6 +314,12 @@ impl Outbox {
             }
             entry.status = status;
             t.insert(seq, encode(&entry).as_slice())?;
+            let mut open = w.open_table(OPEN)?;
+            if entry.is_open() {
+                open.insert(seq, ())?;
+            } else {
+                open.remove(seq)?;
+            }
         }
         w.commit()?;
         Ok(())
