@@ -487,6 +487,11 @@ impl Membership {
             .collect()
     }
 
+    /// Whether this peer still knows `peer` (peers silent for long are forgotten).
+    pub fn knows(&self, peer: &str) -> bool {
+        self.peers.contains_key(peer)
+    }
+
     /// Live peers this one knows, itself excluded.
     pub fn live_peers(&self, now: u64) -> usize {
         self.peers.values().filter(|s| self.alive(s, now)).count()

@@ -190,6 +190,14 @@ impl Statements {
         }
     }
 
+    /// Keeps only the peers `keep` says to (the peers membership still knows).
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.latest.retain(|p, _| keep(p));
+        for m in self.by_round.values_mut() {
+            m.retain(|p, _| self.latest.contains_key(p));
+        }
+    }
+
     /// Forgets a peer (it left or was forgotten by membership).
     pub fn forget(&mut self, peer: &str) {
         self.latest.remove(peer);
@@ -353,5 +361,10 @@ mod tests {
         assert!(s.by_round.len() <= STATEMENT_ROUNDS as usize + 1);
         assert_eq!(s.of("a", 999), Some([231; 32]));
         assert_eq!(s.of("a", 10), None);
+        // Peers membership forgot are dropped too.
+        s.note("b", StateTag { round: 999, param_hash: [1; 32] });
+        s.retain(|p| p != "a");
+        assert_eq!((s.of("a", 999), s.of("b", 999)), (None, Some([1; 32])));
+        assert_eq!(s.latest.len(), 1);
     }
 }

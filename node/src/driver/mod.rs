@@ -40,6 +40,8 @@ use tracing::{debug, info, warn};
 const TICK: Duration = Duration::from_millis(20);
 /// Gossip for rounds this peer has not reached yet, kept until it gets there.
 const MAX_PENDING_GOSSIP: usize = 4096;
+/// Every this many ticks, per-peer state of peers membership forgot is dropped.
+const FORGET_EVERY_TICKS: u64 = 250;
 /// Attempts this peer completed, remembered so that a peer coming back can learn whether the
 /// ring certified the attempt it was in when it went away.
 const CERTIFIED_HISTORY: usize = 4096;
@@ -177,6 +179,7 @@ struct Driver {
     credit_note: Option<((u64, u32), Option<Gossip>)>,
     /// Frozen by the test hook: ignores everything until killed.
     frozen: bool,
+    ticks: u64,
     summary: Summary,
     finished: bool,
 }
@@ -213,6 +216,7 @@ pub async fn run(
         certified: std::collections::BTreeMap::new(),
         credit_note: None,
         frozen: false,
+        ticks: 0,
         membership: Membership::resume(cfg.run, me.clone(), cfg.membership.clone(), state),
         cfg,
         net,
@@ -439,6 +443,13 @@ impl Driver {
         let now = self.now();
         let acts = self.membership.tick(now);
         self.on_membership_actions(acts);
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(FORGET_EVERY_TICKS) {
+            // What is kept per peer goes when membership forgets the peer.
+            let m = &self.membership;
+            self.statements.retain(|p| m.knows(p));
+            self.batches.retain(|p, _| m.knows(p));
+        }
         if let Some(r) = self.round.as_mut() {
             let gone = self.membership.dead_members(now);
             let mut acts = r.members_gone(&gone);
