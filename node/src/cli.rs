@@ -291,6 +291,10 @@ pub struct FaultArgs {
     #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     pub fault_pause_in_round: Option<u64>,
+    /// Lie in this way every round: random-gradient, scale-1000.
+    #[cfg(feature = "fault-injection")]
+    #[arg(long, hide = true)]
+    pub fault_mode: Option<crate::driver::FaultMode>,
 }
 
 impl FaultArgs {
@@ -298,6 +302,14 @@ impl FaultArgs {
     pub fn pause_in_round(&self) -> Option<u64> {
         #[cfg(feature = "fault-injection")]
         return self.fault_pause_in_round;
+        #[cfg(not(feature = "fault-injection"))]
+        None
+    }
+
+    /// The misbehaviour to act out, if any.
+    pub fn mode(&self) -> Option<crate::driver::FaultMode> {
+        #[cfg(feature = "fault-injection")]
+        return self.fault_mode;
         #[cfg(not(feature = "fault-injection"))]
         None
     }

@@ -243,6 +243,8 @@ struct Plan {
     on_chain: RunOnChain,
     rounds: u64,
     min_peers: usize,
+    /// One attempt in this many is audited (0: none).
+    audit_every: u64,
 }
 
 /// The run configuration from `--config`, bound to this peer's dataset and build.
@@ -265,6 +267,8 @@ fn demo_plan(args: &StartArgs) -> Plan {
         },
         rounds: args.run.rounds,
         min_peers: args.run.min_peers,
+        // The demonstration vector has no gradient to recompute.
+        audit_every: 0,
     }
 }
 
@@ -308,6 +312,7 @@ fn train_plan(args: &StartArgs, cfg: &RunConfig, ds: data::Dataset) -> anyhow::R
         },
         rounds: cfg.rounds,
         min_peers: cfg.min_peers,
+        audit_every: cfg.audit_every,
     })
 }
 
@@ -350,7 +355,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     info!(%peer_id, run = %run, data_dir = %args.network.data_dir.display(), "starting");
     let bootstrap = bootstrap_peers(&args);
     let (handle, events, event_loop) = net::new(
-        key,
+        key.clone(),
         net::NetConfig {
             listen: args.network.listen.clone(),
             bootstrap: args.network.bootstrap.clone(),
@@ -403,15 +408,18 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             republish_us: 1_000_000,
             segment_elems: SEGMENT_ELEMS,
             max_peers: fixed.max_peers() as usize,
+            audit_every: plan.audit_every,
         },
         fixed,
         compute: plan.compute,
         rounds: (plan.rounds > 0).then_some(plan.rounds),
+        identity: key,
         open_timeout: Duration::from_millis(t.step_timeout_ms),
         ledger: ledger.clone(),
         chain,
         resume,
         pause_in_round: args.faults.pause_in_round(),
+        fault: args.faults.mode(),
     };
     let summary = driver::run(cfg, handle.clone(), events, shutdown_signal()).await;
     // A second Ctrl-C or SIGTERM stops at once; what the outbox holds is sent on the next start.

@@ -17,6 +17,7 @@
 //! Time and randomness are always passed in, so every state machine here is
 //! deterministic and tested without a network.
 
+pub mod audit;
 pub mod chunk;
 pub mod codec;
 pub mod demo;

@@ -7,7 +7,7 @@
 //!
 //! - **Forming** (the first round, and after a failed round): a peer that is in
 //!   no ring collects the live peers that are forming the same `(round,
-//!   attempt)`, its *view*, minus every peer that one of them keeps out, and
+//!   attempt)`, its *view*, minus the peers most of them keep out, and
 //!   announces the view's hash. When every peer of its view announces that same
 //!   hash, all of them start the ring made of the view. A peer's first ring in
 //!   its process waits for `min_peers` (so a restarted peer does not train alone
@@ -36,7 +36,10 @@
 //! vain. A peer named in [`STRIKES_TO_OPEN`] failed rounds in a row is kept out
 //! of rings for [`BREAKER_BASE_ROUNDS`] rounds, twice as long each time it
 //! happens again (up to [`BREAKER_MAX_ROUNDS`]); a round it completes clears its
-//! strikes. One timeout never bans a peer.
+//! strikes. One timeout never bans a peer. A peer proven to lie is kept out for
+//! good ([`Membership::convict`]). A forming ring leaves out a peer when more
+//! than half of its other members keep it out, so every member computes the same
+//! ring and no single peer can keep an honest one out.
 //!
 //! Within a ring, members are ordered by `blake3(run ‖ round ‖ attempt ‖ peer)`,
 //! so the neighbours change from round to round and no position is special.
@@ -53,6 +56,8 @@ pub const STRIKES_TO_OPEN: u32 = 3;
 pub const BREAKER_BASE_ROUNDS: u64 = 4;
 /// Longest a breaker stays open, in rounds.
 pub const BREAKER_MAX_ROUNDS: u64 = 256;
+/// Rounds a peer proven to lie is kept out: the rest of any run.
+pub const CONVICTION_ROUNDS: u64 = 1 << 40;
 /// Back-off before the second attempt of a round; doubled per further attempt.
 pub const BACKOFF_BASE_US: u64 = 50_000;
 /// Longest back-off between attempts of a round.
@@ -145,6 +150,8 @@ pub fn view_hash(run: RunId, round: u64, attempt: u32, set: &BTreeSet<PeerKey>) 
 }
 
 /// What membership asks the node to do.
+// Actions live for one call; most are `Publish`, so boxing the gossip would only add allocations.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum MembershipAction {
     /// Gossip this message on the run's topic.
@@ -452,6 +459,18 @@ impl Membership {
         vec![self.heartbeat(now)]
     }
 
+    /// `peer` was proven to lie (this peer checked the evidence itself): it is kept out of
+    /// rings for the rest of the run.
+    pub fn convict(&mut self, peer: &str, round: u64) {
+        if peer == self.me {
+            return;
+        }
+        let b = self.breakers.entry(peer.to_owned()).or_default();
+        b.open_until = b.open_until.max(round.saturating_add(CONVICTION_ROUNDS));
+        b.opens += 1;
+        self.joins.remove(peer);
+    }
+
     /// Peers this one keeps out of rings at `round` (their breakers are open).
     pub fn excluded(&self, round: u64) -> Vec<PeerKey> {
         self.breakers.iter().filter(|(_, b)| b.open_until > round).map(|(p, _)| p.clone()).collect()
@@ -661,12 +680,23 @@ impl Membership {
         let mut view: BTreeSet<PeerKey> =
             live.iter().filter(|(_, s)| same(&s.status)).map(|(p, _)| (*p).clone()).collect();
         view.insert(self.me.clone());
-        let mut out_of_ring: BTreeSet<PeerKey> = self.excluded(round).into_iter().collect();
-        for (p, s) in &live {
-            if view.contains(*p) {
-                out_of_ring.extend(s.excluded.iter().cloned());
+        // A peer is kept out when more than half of the view's other members keep it out: no
+        // single peer can keep an honest one out of the ring.
+        let mut votes: BTreeMap<&PeerKey, usize> = BTreeMap::new();
+        let mine = self.excluded(round);
+        let lists = live
+            .iter()
+            .filter(|(p, _)| view.contains(*p))
+            .map(|(p, s)| (*p, &s.excluded))
+            .chain(std::iter::once((&self.me, &mine)));
+        for (voter, list) in lists {
+            for p in list.iter().filter(|p| *p != voter && view.contains(*p)) {
+                *votes.entry(p).or_default() += 1;
             }
         }
+        let others = view.len().saturating_sub(1);
+        let out_of_ring: BTreeSet<PeerKey> =
+            votes.into_iter().filter(|(_, v)| 2 * v > others).map(|(p, _)| p.clone()).collect();
         view.retain(|p| !out_of_ring.contains(p));
         let ring = RingView::order(self.run, round, attempt, view.iter().cloned());
         let ring = RingView { members: ring.members.into_iter().take(self.cfg.max_peers.max(1)).collect(), ..ring };
@@ -1050,5 +1080,26 @@ mod tests {
         let rounds: BTreeSet<Vec<PeerKey>> =
             (0..20).map(|r| RingView::order(run, r, 0, ["a", "b", "c", "d"].map(String::from)).members).collect();
         assert!(rounds.len() > 1, "the order changes across rounds");
+    }
+
+    #[test]
+    fn one_peer_cannot_keep_an_honest_peer_out_but_most_keep_a_convicted_one_out() {
+        // Four peers; peer-0 (a liar) keeps peer-3 out on its own: peer-3 stays in.
+        let mut ps = peers(4, 4);
+        ps[0].convict("peer-3", 0);
+        let asked = simulate(&mut ps, &[true; 4], 30, 0);
+        assert!(asked.iter().all(|a| a.started.first().is_some_and(|v| v.len() == 4)), "{asked:?}");
+        // Peers 1 and 2 (with peer-0, three of the other three) checked evidence against
+        // peer-3 and convicted it: it is out of the next ring, for good.
+        let mut ps = peers(4, 3);
+        for p in ps.iter_mut().take(3) {
+            p.convict("peer-3", 0);
+        }
+        let asked = simulate(&mut ps, &[true; 4], 30, 0);
+        let ring = asked[0].started.first().unwrap_or_else(|| panic!("the others form: {asked:?} {:?}", ps[0])).clone();
+        assert_eq!(ring.len(), 3);
+        assert!(!ring.members.contains(&"peer-3".to_string()));
+        assert!(asked[3].started.is_empty());
+        assert!(ps[0].excluded(1 << 30).contains(&"peer-3".to_string()), "kept out for the rest of the run");
     }
 }

@@ -61,6 +61,8 @@ pub enum Gossip {
     Done(RoundDone),
     Failed(RoundFailed),
     Checkpoint(CheckpointAnnounce),
+    /// A proven fault, with its evidence: every peer checks it itself.
+    Fault(Box<FaultEvidence>),
 }
 
 impl Gossip {
@@ -74,6 +76,7 @@ impl Gossip {
             Gossip::Done(m) => m.run,
             Gossip::Failed(m) => m.run,
             Gossip::Checkpoint(m) => m.run,
+            Gossip::Fault(m) => m.run,
         }
     }
 
@@ -87,6 +90,7 @@ impl Gossip {
             Gossip::Done(m) => &m.peer,
             Gossip::Failed(m) => &m.peer,
             Gossip::Checkpoint(m) => &m.peer,
+            Gossip::Fault(m) => &m.reporter,
         }
     }
 }
@@ -164,10 +168,52 @@ pub struct GradientCommit {
     pub excluded: Vec<PeerKey>,
     /// This member is leaving the run after this round: the next ring goes on without it.
     pub leaving: bool,
+    /// The member's signature (its libp2p identity key) over [`GradientCommit::signing_bytes`]:
+    /// the commit can be shown to anyone as the member's own, as evidence against it.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
 }
 
 impl GradientCommit {
-    /// blake3 of the commit's wire encoding: the digest a peer's ledger record builds on.
+    /// blake3 of the commit's wire encoding (signature included): the digest a peer's ledger
+    /// record builds on.
+    pub fn digest(&self) -> Hash {
+        blake3::hash(&crate::codec::encode_frame(self)).into()
+    }
+
+    /// What the member signs: the commit's encoding with an empty signature.
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        let mut unsigned = self.clone();
+        unsigned.signature.clear();
+        crate::codec::encode_frame(&unsigned)
+    }
+}
+
+/// Kinds of proven fault, as the ledger contract numbers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum FaultKind {
+    /// The member's commit does not match the gradient recomputed from public inputs.
+    AuditMismatch = 1,
+}
+
+/// Evidence that `accused` lied in `round`: enough for any peer holding that round's state to
+/// check it by itself. For an audit mismatch: the accused's signed commit, and the ring it was
+/// made for (its members in order and their samples, which its `ring` hash commits to), from
+/// which the accused's micro-batch and weight follow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FaultEvidence {
+    pub run: RunId,
+    pub reporter: PeerKey,
+    pub accused: PeerKey,
+    pub kind: FaultKind,
+    pub commit: GradientCommit,
+    pub members: Vec<PeerKey>,
+    pub batches: Vec<u64>,
+}
+
+impl FaultEvidence {
+    /// blake3 of the evidence: what the chain's fault report records.
     pub fn digest(&self) -> Hash {
         blake3::hash(&crate::codec::encode_frame(self)).into()
     }

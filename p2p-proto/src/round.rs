@@ -39,6 +39,8 @@ pub struct RoundConfig {
     pub segment_elems: usize,
     /// Largest ring the next round may have.
     pub max_peers: usize,
+    /// One attempt in this many is audited (see [`crate::audit`]); 0: none.
+    pub audit_every: u64,
 }
 
 /// What this member contributes to the round.
@@ -123,6 +125,8 @@ pub struct Outcome {
     pub reduce_us: u64,
     /// From the start of the attempt to the certificate.
     pub round_us: u64,
+    /// The member this member audited in the attempt, if it was audited.
+    pub audited: Option<PeerKey>,
 }
 
 /// Why an attempt failed, and whom it waited for in vain.
@@ -140,10 +144,23 @@ pub struct Failure {
 pub enum FailureKind {
     /// A member committed on other parameters: one side is out of sync.
     ParamsDiffer,
+    /// This member's audit proved that the blamed member lied.
+    Fault,
     /// A member left, stopped responding, or timed out.
     Gone,
     /// Anything else (views differ, a rejected step, another member failed).
     Other,
+}
+
+/// An audit this member must run before it may certify the attempt: recompute the gradient of
+/// the member at `target` and check it against `commit`.
+#[derive(Debug, Clone)]
+pub struct AuditJob {
+    pub view: RingView,
+    pub target: usize,
+    pub commit: GradientCommit,
+    /// Samples each member contributes, in ring order.
+    pub batches: Vec<u64>,
 }
 
 /// What the round asks the node to do.
@@ -152,6 +169,8 @@ pub enum RoundAction {
     Publish(Gossip),
     /// Send to the right neighbour.
     Send(RingStep),
+    /// Run this audit, then call [`Round::audit_passed`] or [`Round::audit_failed`].
+    Audit(Box<AuditJob>),
     Completed(Box<Outcome>),
     Failed(Failure),
 }
@@ -183,6 +202,10 @@ pub struct Round {
     dones: Vec<Option<RoundDone>>,
     sum: Option<(Vec<i32>, Hash)>,
     next: Option<RingView>,
+    /// An audit this member runs and has not finished: its `Done` waits for it.
+    auditing: bool,
+    /// The member this member audits in this attempt.
+    audit_target: Option<usize>,
     deadline: u64,
     last_publish: u64,
     started: u64,
@@ -192,8 +215,8 @@ pub struct Round {
 }
 
 impl Round {
-    /// Starts the attempt: returns the state and the commit to gossip.
-    /// `me` must be a member of `view`.
+    /// Starts the attempt: returns the state and the commit to gossip, signed with `sign`
+    /// (over [`GradientCommit::signing_bytes`]). `me` must be a member of `view`.
     pub fn new(
         run: RunId,
         me: &str,
@@ -201,21 +224,12 @@ impl Round {
         input: Contribution,
         cfg: RoundConfig,
         now: u64,
+        sign: &dyn Fn(&[u8]) -> Vec<u8>,
     ) -> (Self, Vec<RoundAction>) {
         let n = view.len();
         let pos = view.position(me).expect("a round is only started by a member of its ring");
-        let ring_hash = if input.ring_batches.is_empty() {
-            view.hash(run)
-        } else {
-            assert_eq!(input.ring_batches.len(), n, "one batch size per member");
-            let mut h = blake3::Hasher::new();
-            h.update(b"dtrain/ring-batches/v1");
-            h.update(&view.hash(run));
-            for b in &input.ring_batches {
-                h.update(&b.to_le_bytes());
-            }
-            h.finalize().into()
-        };
+        assert!(input.ring_batches.is_empty() || input.ring_batches.len() == n, "one batch size per member");
+        let ring_hash = crate::audit::ring_hash(run, &view, &input.ring_batches);
         let segs = input.segment_hashes;
         assert_eq!(segs.len(), n, "the contribution was hashed for a ring of this size");
         let commit = GradientCommit {
@@ -231,7 +245,9 @@ impl Round {
             joiners: input.joiners,
             excluded: input.excluded,
             leaving: input.leaving,
+            signature: Vec::new(),
         };
+        let commit = GradientCommit { signature: sign(&commit.signing_bytes()), ..commit };
         let mut commits = vec![None; n];
         commits[pos] = Some(commit.clone());
         let mut r = Self {
@@ -248,6 +264,8 @@ impl Round {
             dones: vec![None; n],
             sum: None,
             next: None,
+            auditing: false,
+            audit_target: None,
             deadline: now + cfg.commit_timeout_us,
             last_publish: now,
             started: now,
@@ -383,6 +401,19 @@ impl Round {
             next.members.retain(|m| keep.contains(m));
         }
         self.next = Some(next);
+        let seed = crate::audit::seed(self.run, self.view.round, self.view.attempt, self.commits.iter().flatten());
+        if let Some(target) = crate::audit::target(&seed, n, self.pos, self.cfg.audit_every)
+            && !self.ring_batches.is_empty()
+        {
+            self.auditing = true;
+            self.audit_target = Some(target);
+            out.push(RoundAction::Audit(Box::new(AuditJob {
+                view: self.view.clone(),
+                target,
+                commit: self.commits[target].clone().expect("all commits"),
+                batches: self.ring_batches.clone(),
+            })));
+        }
         let params = RingParams {
             run: self.run,
             round: self.view.round,
@@ -441,7 +472,36 @@ impl Round {
         out
     }
 
+    /// This member's audit found the target's commit to be its gradient.
+    pub fn audit_passed(&mut self, now: u64) -> Vec<RoundAction> {
+        let mut out = Vec::new();
+        if self.auditing && self.stage != Stage::Finished {
+            self.auditing = false;
+            self.maybe_certify(now, &mut out);
+        }
+        out
+    }
+
+    /// This member's audit proved that the member at `target` committed to something else than
+    /// its gradient: the attempt fails, naming it.
+    pub fn audit_failed(&mut self, target: usize, reason: &str) -> Vec<RoundAction> {
+        let mut out = Vec::new();
+        let accused = self.view.members[target].clone();
+        self.fail_with(
+            format!("audit of peer {accused} failed: {reason}"),
+            FailureKind::Fault,
+            vec![accused],
+            &mut out,
+        );
+        out
+    }
+
     fn maybe_certify(&mut self, now: u64, out: &mut Vec<RoundAction>) {
+        if self.stage == Stage::Reducing && self.ring.as_ref().is_some_and(RingAllReduce::is_done) && self.auditing {
+            // The sum is here; the Done waits for this member's audit (bounded by the step timeout).
+            self.deadline = self.deadline.max(now + self.cfg.step_timeout_us);
+            return;
+        }
         if self.stage == Stage::Reducing && self.ring.as_ref().is_some_and(RingAllReduce::is_done) {
             let ring = self.ring.take().expect("ring");
             let sums = ring.partial_sums();
@@ -504,6 +564,7 @@ impl Round {
                 bytes_received: self.bytes.1,
                 reduce_us: self.reduce_us,
                 round_us: now - self.started,
+                audited: self.audit_target.map(|t| self.view.members[t].clone()),
             })));
         }
     }
@@ -576,6 +637,9 @@ impl Round {
             };
             let (what, blame) = match self.stage {
                 Stage::Committing => ("commits", missing(self.commits.iter().map(Option::is_some).collect())),
+                Stage::Reducing if self.auditing && self.ring.as_ref().is_some_and(RingAllReduce::is_done) => {
+                    ("this member's audit", Vec::new())
+                }
                 Stage::Reducing => ("ring data", vec![self.left().clone()]),
                 _ => ("Done", missing(self.dones.iter().map(Option::is_some).collect())),
             };
@@ -615,7 +679,12 @@ mod tests {
             republish_us: 500,
             segment_elems: 3,
             max_peers: 8,
+            audit_every: 0,
         }
+    }
+
+    fn no_sign(_: &[u8]) -> Vec<u8> {
+        Vec::new()
     }
 
     fn member_data(i: usize, len: usize) -> Vec<i32> {
@@ -645,7 +714,7 @@ mod tests {
             let i: usize = name[1..].parse().unwrap();
             let joiners = if i == 0 { joiners.iter().map(|s| s.to_string()).collect() } else { Vec::new() };
             let input = Contribution::new(member_data(i, len), 10 + i as u64, [1; 32], joiners, n, cfg().segment_elems);
-            let (r, acts) = Round::new(run, name, view.clone(), input, cfg(), 0);
+            let (r, acts) = Round::new(run, name, view.clone(), input, cfg(), 0, &no_sign);
             if !silent.contains(&pos) {
                 queue.extend(acts.into_iter().map(|a| (pos, a)));
             }
@@ -684,6 +753,7 @@ mod tests {
                             out.push((to, rounds[to].on_step(v, now)));
                         }
                     }
+                    RoundAction::Audit(_) => {}
                     RoundAction::Completed(_) | RoundAction::Failed(_) => results[from].push(a.clone()),
                 }
                 for (to, acts) in out {
@@ -762,8 +832,8 @@ mod tests {
         let view = RingView::order(run, 0, 0, ["a".to_string(), "b".to_string()]);
         let other = RingView::order(run, 0, 0, ["a".to_string(), "b".to_string(), "c".to_string()]);
         let input = |n| Contribution::new(vec![1; 4], 1, [0; 32], vec![], n, 3);
-        let (mut a, _) = Round::new(run, "a", view, input(2), cfg(), 0);
-        let (_, acts) = Round::new(run, "b", other, input(3), cfg(), 0);
+        let (mut a, _) = Round::new(run, "a", view, input(2), cfg(), 0, &no_sign);
+        let (_, acts) = Round::new(run, "b", other, input(3), cfg(), 0, &no_sign);
         let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
         let out = a.on_commit(c.clone(), 0);
         assert!(out.iter().any(|x| matches!(x, RoundAction::Failed(f) if f.reason.contains("another ring"))));
@@ -774,8 +844,8 @@ mod tests {
         let run = RunId::from_name(RUN);
         let view = RingView::order(run, 0, 0, ["a".to_string(), "b".to_string()]);
         let input = |p| Contribution::new(vec![1; 4], 1, [p; 32], vec![], 2, 3);
-        let (mut a, _) = Round::new(run, "a", view.clone(), input(1), cfg(), 0);
-        let (_, acts) = Round::new(run, "b", view, input(2), cfg(), 0);
+        let (mut a, _) = Round::new(run, "a", view.clone(), input(1), cfg(), 0, &no_sign);
+        let (_, acts) = Round::new(run, "b", view, input(2), cfg(), 0, &no_sign);
         let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
         let out = a.on_commit(c.clone(), 0);
         assert!(out.iter().any(|x| matches!(x, RoundAction::Failed(f) if f.reason.contains("holds other parameters") && f.kind == FailureKind::ParamsDiffer)));
@@ -792,13 +862,13 @@ mod tests {
         let mut batches = vec![16, 16];
         batches[pos_b] = 32;
         // b commits the 32 samples both expect: accepted (the round waits for more).
-        let (mut a, _) = Round::new(run, "a", view.clone(), input(16, batches.clone()), cfg(), 0);
-        let (_, acts) = Round::new(run, "b", view.clone(), input(32, batches.clone()), cfg(), 0);
+        let (mut a, _) = Round::new(run, "a", view.clone(), input(16, batches.clone()), cfg(), 0, &no_sign);
+        let (_, acts) = Round::new(run, "b", view.clone(), input(32, batches.clone()), cfg(), 0, &no_sign);
         let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
         assert!(!a.on_commit(c.clone(), 0).iter().any(|x| matches!(x, RoundAction::Failed(_))));
         // b commits 8 samples while announcing 32: refused.
-        let (mut a, _) = Round::new(run, "a", view.clone(), input(16, batches.clone()), cfg(), 0);
-        let (_, acts) = Round::new(run, "b", view.clone(), input(8, batches.clone()), cfg(), 0);
+        let (mut a, _) = Round::new(run, "a", view.clone(), input(16, batches.clone()), cfg(), 0, &no_sign);
+        let (_, acts) = Round::new(run, "b", view.clone(), input(8, batches.clone()), cfg(), 0, &no_sign);
         let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
         let out = a.on_commit(c.clone(), 0);
         assert!(
@@ -806,13 +876,82 @@ mod tests {
             "{out:?}"
         );
         // a and b see different batch sizes: different rings.
-        let (mut a, _) = Round::new(run, "a", view.clone(), input(16, vec![16, 16]), cfg(), 0);
-        let (_, acts) = Round::new(run, "b", view, input(32, batches), cfg(), 0);
+        let (mut a, _) = Round::new(run, "a", view.clone(), input(16, vec![16, 16]), cfg(), 0, &no_sign);
+        let (_, acts) = Round::new(run, "b", view, input(32, batches), cfg(), 0, &no_sign);
         let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
         let out = a.on_commit(c.clone(), 0);
         assert!(
             out.iter().any(|x| matches!(x, RoundAction::Failed(f) if f.reason.contains("another ring"))),
             "{out:?}"
         );
+    }
+
+    /// Delivers gossip and ring steps between two members until nothing moves; returns the
+    /// actions that stayed with each (audits, outcomes).
+    fn exchange(rounds: &mut [Round; 2], mut queue: VecDeque<(usize, RoundAction)>) -> Vec<Vec<RoundAction>> {
+        let mut kept = vec![Vec::new(), Vec::new()];
+        while let Some((from, a)) = queue.pop_front() {
+            let to = 1 - from;
+            let acts = match &a {
+                RoundAction::Publish(Gossip::Commit(c)) => rounds[to].on_commit(c.clone(), 0),
+                RoundAction::Publish(Gossip::Done(d)) => rounds[to].on_done(d.clone(), 0),
+                RoundAction::Publish(_) => Vec::new(),
+                RoundAction::Send(step) => rounds[to].on_step(RingStep::clone(step).verify().unwrap(), 0),
+                _ => {
+                    kept[from].push(a);
+                    continue;
+                }
+            };
+            queue.extend(acts.into_iter().map(|x| (to, x)));
+        }
+        kept
+    }
+
+    #[test]
+    fn an_audited_member_certifies_only_after_its_audit_and_a_failed_audit_names_the_target() {
+        let run = RunId::from_name(RUN);
+        let view = RingView::order(run, 2, 0, ["a".to_string(), "b".to_string()]);
+        let audited = RoundConfig { audit_every: 1, ..cfg() };
+        let start = |fail: bool| {
+            let mut rounds = Vec::new();
+            let mut queue = VecDeque::new();
+            for (pos, name) in view.members.iter().enumerate() {
+                let input =
+                    Contribution::new(member_data(pos, 10), 5, [3; 32], vec![], 2, 3).with_ring_batches(vec![5, 5]);
+                let (r, acts) = Round::new(run, name, view.clone(), input, audited.clone(), 0, &no_sign);
+                rounds.push(r);
+                queue.extend(acts.into_iter().map(|a| (pos, a)));
+            }
+            let mut rounds: [Round; 2] = rounds.try_into().unwrap();
+            let kept = exchange(&mut rounds, queue);
+            // Each member was asked to audit the other, and nobody certified yet.
+            for (pos, k) in kept.iter().enumerate() {
+                assert_eq!(k.len(), 1, "{k:?}");
+                let RoundAction::Audit(job) = &k[0] else { panic!("{k:?}") };
+                assert_eq!(job.target, 1 - pos);
+                assert_eq!(job.commit.peer, view.members[1 - pos]);
+                assert_eq!(job.batches, vec![5, 5]);
+            }
+            if fail {
+                let acts = rounds[1].audit_failed(0, "chunk 0 differs");
+                let failed = acts.iter().find_map(|a| match a {
+                    RoundAction::Failed(f) => Some(f.clone()),
+                    _ => None,
+                });
+                let f = failed.expect("the attempt fails");
+                assert_eq!((f.kind, f.blame), (FailureKind::Fault, vec![view.members[0].clone()]));
+                return;
+            }
+            let mut queue = VecDeque::new();
+            for (pos, r) in rounds.iter_mut().enumerate() {
+                queue.extend(r.audit_passed(0).into_iter().map(|a| (pos, a)));
+            }
+            let kept = exchange(&mut rounds, queue);
+            for k in kept {
+                assert!(matches!(k.as_slice(), [RoundAction::Completed(_)]), "{k:?}");
+            }
+        };
+        start(false);
+        start(true);
     }
 }

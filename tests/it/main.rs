@@ -3,6 +3,7 @@
 mod allreduce;
 mod bad_input;
 mod bootstrap_killed;
+mod byzantine;
 mod churn;
 mod contracts;
 mod identity;

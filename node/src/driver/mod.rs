@@ -10,8 +10,11 @@
 //! after each round (apply, ledger, evaluation, checkpoint) runs in order
 //! beside the loop ([`post`]).
 
+mod audit;
 mod post;
 mod sync;
+
+pub use audit::FaultMode;
 
 use crate::ledger::client::Client;
 use crate::ledger::outbox::{PendingCredit, RoundTally};
@@ -68,6 +71,10 @@ pub struct DriverConfig {
     /// Test hook (builds with the `fault-injection` feature only): freeze in the middle of
     /// this round's all-reduce, as a peer that hangs or is about to be killed.
     pub pause_in_round: Option<u64>,
+    /// Test hook (builds with the `fault-injection` feature only): lie in this way.
+    pub fault: Option<FaultMode>,
+    /// This peer's identity key: it signs its commits.
+    pub identity: libp2p::identity::Keypair,
 }
 
 /// Where a restarted peer resumes.
@@ -134,6 +141,8 @@ enum Internal {
     },
     /// Other peers told what they know of this peer's unsettled attempts.
     Settled(p2p_proto::message::Settlement),
+    /// An audit, or a check of fault evidence, is done.
+    Audited(audit::Audited),
 }
 
 /// How far a requested stop has got.
@@ -180,6 +189,10 @@ struct Driver {
     /// Frozen by the test hook: ignores everything until killed.
     frozen: bool,
     ticks: u64,
+    /// Peers proven to lie (this peer checked the evidence).
+    convicted: std::collections::HashSet<PeerKey>,
+    /// Fault evidence checked or being checked, by (accused, round, attempt).
+    faults_checked: std::collections::HashSet<(PeerKey, u64, u32)>,
     summary: Summary,
     finished: bool,
 }
@@ -217,6 +230,8 @@ pub async fn run(
         credit_note: None,
         frozen: false,
         ticks: 0,
+        convicted: std::collections::HashSet::new(),
+        faults_checked: std::collections::HashSet::new(),
         membership: Membership::resume(cfg.run, me.clone(), cfg.membership.clone(), state),
         cfg,
         net,
@@ -286,6 +301,7 @@ impl Driver {
             }
             Internal::Serve(req) => self.serve(req),
             Internal::Sync(ev) => self.on_sync_event(ev),
+            Internal::Audited(a) => self.on_audited(a),
             Internal::Settled(s) => {
                 if let Some(ledger) = &self.cfg.ledger {
                     ledger.resolve_pending(&s.certified, &s.not_certified);
@@ -356,6 +372,10 @@ impl Driver {
                 self.membership.on_join(&j, now)
             }
             Gossip::Commit(ref c) => {
+                if !audit::signed_by_its_peer(c) {
+                    warn!(peer = %c.peer, round = c.round, "rejected commit: its signature does not verify");
+                    return;
+                }
                 // A commit states the parameters its gradient was computed on.
                 self.statements.note(&c.peer, StateTag { round: c.round, param_hash: c.param_hash });
                 if let Some(r) = self.round.as_mut().filter(|r| r.is_for(c.round, c.attempt)) {
@@ -395,6 +415,7 @@ impl Driver {
             Gossip::Checkpoint(c) => {
                 debug!(peer = %c.peer, round = c.round, hash = %hex(&c.param_hash), "checkpoint announced");
             }
+            Gossip::Fault(evidence) => self.on_fault(evidence),
         }
     }
 
@@ -551,12 +572,13 @@ impl Driver {
                         }
                     })
                     .collect();
-                let total: u64 = batches.iter().sum();
-                let start = self.cursor + batches[..pos].iter().sum::<u64>();
-                let weight = (spec.batch as f64 / total as f64) as f32;
+                let (offset, _, weight) = p2p_proto::audit::micro_batch(&batches, pos);
+                let fault = self.cfg.fault;
+                let start = FaultMode::start(fault, self.cursor + offset);
                 let gradient = spec.worker.gradient(start, spec.batch, weight);
                 tokio::spawn(async move {
-                    let Ok(g) = gradient.await else { return };
+                    let Ok(mut g) = gradient.await else { return };
+                    FaultMode::distort(fault, &mut g.weighted);
                     if !g.loss.is_finite() {
                         warn!(
                             round = view.round,
@@ -594,7 +616,8 @@ impl Driver {
         // ring goes on without this peer.
         input.leaving = self.leave == Leave::Requested;
         let now = self.now();
-        let (round, acts) = Round::new(self.cfg.run, &self.me, view, input, self.cfg.round.clone(), now);
+        let (round, acts) =
+            Round::new(self.cfg.run, &self.me, view, input, self.cfg.round.clone(), now, &self.signer());
         self.writer = (round.view().len() > 1)
             .then(|| ring_io::spawn_writer(self.net.control(), round.right().clone(), self.cfg.open_timeout));
         let (r, a) = (round.view().round, round.view().attempt);
@@ -680,6 +703,7 @@ impl Driver {
                         let _ = w.send(step);
                     }
                 }
+                RoundAction::Audit(job) => self.audit(job),
                 RoundAction::Completed(o) => self.on_completed(*o),
                 RoundAction::Failed(f) => {
                     let now = self.now();
@@ -769,6 +793,7 @@ impl Driver {
             round_us = o.round_us,
             result_hash = %hex(&o.sum_hash),
             commit = %hex(&o.own_commit),
+            audited = o.audited.as_deref().unwrap_or(""),
             "round complete"
         );
         self.serve_waiting();

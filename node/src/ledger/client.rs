@@ -89,6 +89,11 @@ pub fn endpoint_label(url: &str) -> String {
     }
 }
 
+/// A libp2p peer id for messages.
+fn peer_text(bytes: &[u8]) -> String {
+    libp2p::PeerId::from_bytes(bytes).map(|p| p.to_base58()).unwrap_or_else(|_| format!("0x{}", hex::encode(bytes)))
+}
+
 /// A connection to one deployed ledger contract.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -244,6 +249,13 @@ impl Client {
         .await
     }
 
+    /// The account bound to the libp2p peer id `peer_id` (multihash bytes) in `run`, if any.
+    pub async fn owner_of(&self, run: &[u8; 32], peer_id: &[u8]) -> Result<Option<Address>, ClientError> {
+        let call = self.contract.ownerOfPeerId(B256::from(*run), Bytes::from(peer_id.to_vec()));
+        let owner = self.read(call.call()).await?;
+        Ok((owner != Address::ZERO).then_some(owner))
+    }
+
     /// Whether the chain holds `record` (as written by this peer) already.
     pub async fn on_chain(&self, record: &Record) -> Result<OnChain, ClientError> {
         let me = self.me()?;
@@ -309,6 +321,16 @@ impl Client {
                     .await?;
                 if done { OnChain::Same } else { OnChain::Absent }
             }
+            Record::FaultOf { run, peer_id, round, kind, .. } => {
+                let Some(accused) = self.owner_of(run, peer_id).await? else {
+                    return Ok(OnChain::Different(format!(
+                        "peer {} is not registered in this run: there is no account to report",
+                        peer_text(peer_id)
+                    )));
+                };
+                let done = self.read(c.isFaultReported(B256::from(*run), accused, *round, *kind).call()).await?;
+                if done { OnChain::Same } else { OnChain::Absent }
+            }
         })
     }
 
@@ -358,6 +380,12 @@ impl Client {
             }
             Record::Fault { run, accused, round, kind, evidence } => {
                 go!(c.reportFault(B256::from(*run), Address::from(*accused), *round, *kind, B256::from(*evidence)))
+            }
+            Record::FaultOf { run, peer_id, round, kind, evidence } => {
+                let accused = self.owner_of(run, peer_id).await?.ok_or_else(|| {
+                    ClientError::Other(format!("peer {} is not registered in this run", peer_text(peer_id)))
+                })?;
+                go!(c.reportFault(B256::from(*run), accused, *round, *kind, B256::from(*evidence)))
             }
         }
     }

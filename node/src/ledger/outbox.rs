@@ -73,6 +73,15 @@ pub enum Record {
         kind: u8,
         evidence: B32,
     },
+    /// A fault of the peer with libp2p peer id `peer_id` (multihash bytes): the chain gives its
+    /// account when the report is sent.
+    FaultOf {
+        run: B32,
+        peer_id: Vec<u8>,
+        round: u64,
+        kind: u8,
+        evidence: B32,
+    },
 }
 
 /// The key prefix of the contribution records of one epoch (one per part).
@@ -93,6 +102,9 @@ impl Record {
             Record::Fault { run, accused, round, kind, .. } => {
                 format!("fault:{}:{}:{round}:{kind}", hex::encode(run), hex::encode(accused))
             }
+            Record::FaultOf { run, peer_id, round, kind, .. } => {
+                format!("fault-of:{}:{}:{round}:{kind}", hex::encode(run), hex::encode(peer_id))
+            }
         }
     }
 
@@ -103,7 +115,7 @@ impl Record {
             Record::Register { .. } => "register",
             Record::Contribution { .. } => "contribution",
             Record::Vote { .. } => "vote",
-            Record::Fault { .. } => "fault",
+            Record::Fault { .. } | Record::FaultOf { .. } => "fault",
         }
     }
 

@@ -76,6 +76,20 @@ impl LedgerHandle {
         }
     }
 
+    /// Queues the report of a proven fault of the peer `peer_id` (multihash bytes) at `round`,
+    /// with the digest of its evidence; any peer's report counts, and one per fault lands.
+    pub fn report_fault(&self, peer_id: Vec<u8>, round: u64, kind: u8, evidence: B32) {
+        let record = Record::FaultOf { run: self.run, peer_id, round, kind, evidence };
+        match self.outbox.push(record) {
+            Ok((_, true)) => {
+                info!(round, kind, evidence = %hex::encode(evidence), "fault report queued for the ledger");
+                let _ = self.tx.send(Event::Wake);
+            }
+            Ok((_, false)) => {}
+            Err(e) => error!(round, reason = %e, "cannot store the fault report in the ledger outbox"),
+        }
+    }
+
     /// Notes the attempt this peer is in before it announces its sum (a blocking redb write:
     /// call it off the event loop).
     pub fn note_pending(&self, p: PendingCredit) -> Result<(), OutboxError> {

@@ -60,6 +60,10 @@ pub struct RunConfig {
     /// Evaluate on the test split every N rounds (0: only at the end).
     #[serde(default)]
     pub eval_every: u64,
+    /// One attempt in this many is audited: every member recomputes another's gradient and
+    /// checks it against its commit (0: no audits).
+    #[serde(default = "default_audit_every")]
+    pub audit_every: u64,
     /// The compute build every peer must run (see [`compute_build`]); filled in when absent.
     #[serde(default)]
     pub compute: Option<String>,
@@ -88,6 +92,9 @@ fn default_min_votes() -> u16 {
 }
 fn default_min_peers() -> usize {
     2
+}
+fn default_audit_every() -> u64 {
+    1
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,230 @@
+//! Audits and proven faults.
+//!
+//! Every commit is signed with its member's libp2p identity key and checked on
+//! arrival, so a commit can be shown to anyone as its member's own. When the
+//! round asks for an audit, this peer recomputes the target's gradient on the
+//! compute worker (same parameters, the target's micro-batch and weight),
+//! encodes it and compares the chunk hashes with the target's commit; its
+//! `Done` waits for the answer. A mismatch fails the attempt and is gossiped as
+//! evidence: the signed commit and the ring it was made for. Every peer that
+//! holds that round's parameters checks the evidence by recomputing the
+//! gradient itself; only then does it keep the accused out of rings (a ring
+//! leaves out a peer only when most of its members do) and queue the fault for
+//! the chain. Evidence that does not hold up accuses nobody.
+
+use super::{Compute, Driver, Internal};
+use libp2p::PeerId;
+use libp2p::identity::PublicKey;
+use p2p_proto::audit;
+use p2p_proto::membership::RingView;
+use p2p_proto::message::{FaultEvidence, FaultKind, GradientCommit};
+use p2p_proto::round::AuditJob;
+use tracing::{info, warn};
+
+/// The public key behind a peer id (ed25519 ids inline it).
+fn public_key(peer: &str) -> Option<PublicKey> {
+    let id: PeerId = peer.parse().ok()?;
+    let mh = id.as_ref();
+    // 0x00: the identity multihash, which holds the protobuf-encoded key itself.
+    (mh.code() == 0).then(|| PublicKey::try_decode_protobuf(mh.digest()).ok()).flatten()
+}
+
+/// Whether `commit` carries a valid signature of the peer it names.
+pub(super) fn signed_by_its_peer(commit: &GradientCommit) -> bool {
+    public_key(&commit.peer).is_some_and(|k| k.verify(&commit.signing_bytes(), &commit.signature))
+}
+
+/// A test-only misbehaviour (builds with the `fault-injection` feature): what a lying peer does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultMode {
+    /// Commits to (and sends) the gradient of samples that are not its micro-batch.
+    RandomGradient,
+    /// Commits to (and sends) its gradient scaled by 1000.
+    Scale1000,
+}
+
+impl std::str::FromStr for FaultMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "random-gradient" => Ok(Self::RandomGradient),
+            "scale-1000" => Ok(Self::Scale1000),
+            other => Err(format!("unknown fault mode `{other}`: random-gradient or scale-1000")),
+        }
+    }
+}
+
+/// What an audit or a check of evidence concluded.
+#[derive(Debug)]
+pub(super) enum Audited {
+    /// This peer's own audit in attempt (round, attempt) of the member at `target`.
+    Own { round: u64, attempt: u32, target: usize, job: Box<AuditJob>, verdict: Result<(), String> },
+    /// A check of gossiped evidence.
+    Evidence { evidence: Box<FaultEvidence>, verdict: Result<(), String> },
+}
+
+impl Driver {
+    /// Signs a commit's bytes with this peer's identity key.
+    pub(super) fn signer(&self) -> impl Fn(&[u8]) -> Vec<u8> + use<> {
+        let key = self.cfg.identity.clone();
+        move |bytes: &[u8]| key.sign(bytes).expect("an ed25519 key signs")
+    }
+
+    /// Recomputes the gradient of the member at `target` of `view` (its micro-batch in a round
+    /// with these `batches`, at this peer's current parameters) and checks it against
+    /// `commit`; the verdict comes back as `then(verdict)`.
+    fn recompute(
+        &self,
+        view: &RingView,
+        target: usize,
+        batches: &[u64],
+        commit: GradientCommit,
+        then: impl FnOnce(GradientCommit, Result<(), String>) -> Audited + Send + 'static,
+    ) {
+        let Compute::Train(spec) = &self.cfg.compute else { return };
+        let (offset, batch, weight) = audit::micro_batch(batches, target);
+        let gradient = spec.worker.gradient(self.cursor + offset, batch as usize, weight);
+        let (fixed, n, seg, tx) = (self.cfg.fixed, view.len(), self.cfg.round.segment_elems, self.internal.clone());
+        tokio::spawn(async move {
+            let Ok(g) = gradient.await else { return };
+            let verdict = if g.param_hash != commit.param_hash {
+                Err("held other parameters than this peer".to_owned())
+            } else {
+                let commit = commit.clone();
+                tokio::task::spawn_blocking(move || match fixed.encode(&g.weighted) {
+                    Ok(data) => audit::check(&commit, &data, g.samples as u64, n, seg),
+                    Err(e) => Err(format!("its recomputed gradient cannot be encoded ({e}), yet it committed")),
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))
+            };
+            let _ = tx.send(Internal::Audited(then(commit, verdict)));
+        });
+    }
+
+    /// The round asks this peer to audit a member.
+    pub(super) fn audit(&mut self, job: Box<AuditJob>) {
+        let (round, attempt, target) = (job.view.round, job.view.attempt, job.target);
+        let commit = job.commit.clone();
+        let (view, batches) = (job.view.clone(), job.batches.clone());
+        self.recompute(&view, target, &batches, commit, move |_, verdict| Audited::Own {
+            round,
+            attempt,
+            target,
+            job,
+            verdict,
+        });
+    }
+
+    pub(super) fn on_audited(&mut self, a: Audited) {
+        let now = self.now();
+        match a {
+            Audited::Own { round, attempt, target, job, verdict } => {
+                let Some(r) = self.round.as_mut().filter(|r| r.is_for(round, attempt)) else { return };
+                let acts = match verdict {
+                    Ok(()) => r.audit_passed(now),
+                    Err(reason) => {
+                        let accused = job.commit.peer.clone();
+                        warn!(round, attempt, peer = %accused, %reason, "audit failed: the peer's commit is not its gradient");
+                        let evidence = FaultEvidence {
+                            run: self.cfg.run,
+                            reporter: self.me.clone(),
+                            accused,
+                            kind: FaultKind::AuditMismatch,
+                            commit: job.commit.clone(),
+                            members: job.view.members.clone(),
+                            batches: job.batches.clone(),
+                        };
+                        self.publish(&p2p_proto::message::Gossip::Fault(Box::new(evidence.clone())));
+                        self.proven(&evidence, &reason);
+                        let Some(r) = self.round.as_mut() else { return };
+                        r.audit_failed(target, &reason)
+                    }
+                };
+                self.on_round_actions(acts);
+            }
+            Audited::Evidence { evidence, verdict } => match verdict {
+                Err(reason) => self.proven(&evidence, &reason),
+                Ok(()) => warn!(
+                    round = evidence.commit.round,
+                    accused = %evidence.accused,
+                    reporter = %evidence.reporter,
+                    "fault evidence does not hold up: the accused's commit is its gradient; nobody is excluded"
+                ),
+            },
+        }
+    }
+
+    /// A fault this peer checked itself: keep the peer out for good and report it on chain.
+    fn proven(&mut self, evidence: &FaultEvidence, reason: &str) {
+        let round = evidence.commit.round;
+        if !self.convicted.insert(evidence.accused.clone()) {
+            return;
+        }
+        info!(
+            round,
+            accused = %evidence.accused,
+            reporter = %evidence.reporter,
+            kind = ?evidence.kind,
+            %reason,
+            "fault proven: the peer is kept out of rings"
+        );
+        self.membership.convict(&evidence.accused, round);
+        if let (Some(ledger), Ok(peer)) = (&self.cfg.ledger, evidence.accused.parse::<PeerId>()) {
+            ledger.report_fault(peer.to_bytes(), round, evidence.kind as u8, evidence.digest());
+        }
+    }
+
+    /// Gossiped evidence against a peer: checked here before anything is believed.
+    pub(super) fn on_fault(&mut self, evidence: Box<FaultEvidence>) {
+        let c = &evidence.commit;
+        let key = (evidence.accused.clone(), c.round, c.attempt);
+        if self.convicted.contains(&evidence.accused) || !self.faults_checked.insert(key) {
+            return;
+        }
+        let view = RingView { round: c.round, attempt: c.attempt, members: evidence.members.clone() };
+        let malformed = if c.peer != evidence.accused || c.run != self.cfg.run {
+            Some("the commit is not the accused's in this run")
+        } else if !signed_by_its_peer(c) {
+            Some("the commit's signature does not verify")
+        } else if evidence.members.len() != evidence.batches.len() {
+            Some("the ring and its samples do not match in length")
+        } else if audit::ring_hash(self.cfg.run, &view, &evidence.batches) != c.ring {
+            Some("the commit was made for another ring")
+        } else {
+            None
+        };
+        if let Some(why) = malformed {
+            warn!(accused = %evidence.accused, reporter = %evidence.reporter, why, "fault evidence refused");
+            return;
+        }
+        let Some(target) = view.position(&evidence.accused) else { return };
+        let state = self.membership.state();
+        if self.next_round != c.round || state.param_hash != c.param_hash {
+            info!(
+                round = c.round,
+                accused = %evidence.accused,
+                "fault evidence for a round whose parameters this peer does not hold; not checked"
+            );
+            return;
+        }
+        info!(round = c.round, accused = %evidence.accused, reporter = %evidence.reporter, "checking fault evidence");
+        let batches = evidence.batches.clone();
+        let commit = evidence.commit.clone();
+        self.recompute(&view, target, &batches, commit, move |_, verdict| Audited::Evidence { evidence, verdict });
+    }
+}
+
+impl FaultMode {
+    /// Where a peer in this mode reads its micro-batch, instead of at `start`.
+    pub(super) fn start(mode: Option<Self>, start: u64) -> u64 {
+        if mode == Some(Self::RandomGradient) { start + 7_919 } else { start }
+    }
+
+    /// What a peer in this mode does to its weighted gradient before it encodes it.
+    pub(super) fn distort(mode: Option<Self>, weighted: &mut [f32]) {
+        if mode == Some(Self::Scale1000) {
+            weighted.iter_mut().for_each(|v| *v *= 1000.0);
+        }
+    }
+}

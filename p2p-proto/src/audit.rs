@@ -1,0 +1,163 @@
+//! Gradient audits by recomputation: who audits whom, and what an audit checks.
+//!
+//! Every input of a member's gradient is public: the parameters (every member
+//! holds the same, and its commit names their hash), its micro-batch (its
+//! stretch of the sample stream, after the members before it in ring order)
+//! and its weight (its share of the round's samples). So any member can
+//! recompute any other's gradient, encode it the same way, and compare the
+//! chunk hashes with the commit; on the CPU backend the gradient is bit-exact
+//! from process to process, so an honest member always matches.
+//!
+//! Who audits whom is drawn, once every commit of the attempt is in, from the
+//! digests of all commits: a member chooses its commit before it can know the
+//! others', so no single member can steer whether, or by whom, it is audited.
+//! When an attempt is audited (one in `audit_every`), every member audits the
+//! member a common shift ahead of it in the ring: each audits one, each is
+//! audited once, and a member that commits to anything but its gradient is
+//! caught in that very attempt.
+
+use crate::chunk::chunk_ranges;
+use crate::hash::{Hash, chunk_hash, segment_hashes};
+use crate::membership::RingView;
+use crate::message::{GradientCommit, RunId};
+
+/// The seed of an attempt's audits: blake3 over the digests of all its commits, in ring order.
+pub fn seed<'a>(run: RunId, round: u64, attempt: u32, commits: impl IntoIterator<Item = &'a GradientCommit>) -> Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(b"dtrain/audit-seed/v1");
+    h.update(&run.0);
+    h.update(&round.to_le_bytes());
+    h.update(&attempt.to_le_bytes());
+    for c in commits {
+        h.update(&c.digest());
+    }
+    h.finalize().into()
+}
+
+/// The position member `pos` of a ring of `n` audits in an attempt with `seed`, if the attempt
+/// is audited (one in `audit_every`; 0: never).
+pub fn target(seed: &Hash, n: usize, pos: usize, audit_every: u64) -> Option<usize> {
+    if audit_every == 0 || n < 2 {
+        return None;
+    }
+    let word = |i: usize| u64::from_le_bytes(seed[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    if !word(0).is_multiple_of(audit_every) {
+        return None;
+    }
+    let shift = 1 + (word(1) % (n as u64 - 1)) as usize;
+    Some((pos + shift) % n)
+}
+
+/// The ring identity a commit carries: the ordered ring and every member's samples.
+pub fn ring_hash(run: RunId, view: &RingView, batches: &[u64]) -> Hash {
+    if batches.is_empty() {
+        return view.hash(run);
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(b"dtrain/ring-batches/v1");
+    h.update(&view.hash(run));
+    for b in batches {
+        h.update(&b.to_le_bytes());
+    }
+    h.finalize().into()
+}
+
+/// The chunk hashes a commit to `data` carries in a ring of `n` with segments of
+/// `segment_elems` values.
+pub fn chunk_hashes(data: &[i32], n: usize, segment_elems: usize) -> Vec<Hash> {
+    segment_hashes(data, &chunk_ranges(data.len(), n), segment_elems).iter().map(chunk_hash).collect()
+}
+
+/// Member `pos`'s micro-batch in a round whose members contribute `batches` samples each:
+/// its offset in the round's stretch of the sample stream, its samples, and the weight of its
+/// mean gradient in the ring's sum (its share of the round's samples).
+pub fn micro_batch(batches: &[u64], pos: usize) -> (u64, u64, f32) {
+    let total: u64 = batches.iter().sum();
+    let offset = batches[..pos].iter().sum();
+    let weight = (batches[pos] as f64 / total.max(1) as f64) as f32;
+    (offset, batches[pos], weight)
+}
+
+/// What an audit concludes about a commit, given the auditor's own encoding of the target's
+/// recomputed gradient.
+pub fn check(
+    commit: &GradientCommit,
+    recomputed: &[i32],
+    samples: u64,
+    n: usize,
+    segment_elems: usize,
+) -> Result<(), String> {
+    if commit.len != recomputed.len() as u64 {
+        return Err(format!("it committed {} values, the model has {}", commit.len, recomputed.len()));
+    }
+    if commit.samples != samples {
+        return Err(format!("it committed {} samples, its micro-batch has {samples}", commit.samples));
+    }
+    let want = chunk_hashes(recomputed, n, segment_elems);
+    match want.iter().zip(&commit.chunk_hashes).position(|(a, b)| a != b) {
+        None if want.len() == commit.chunk_hashes.len() => Ok(()),
+        None => Err("its commit lists another number of chunks".into()),
+        Some(i) => Err(format!("chunk {i} of its commit is not the hash of its recomputed gradient")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_audited_attempt_audits_every_member_once_and_no_member_itself() {
+        let mut audited_attempts = 0;
+        for i in 0..200u8 {
+            let seed = *blake3::hash(&[i]).as_bytes();
+            for n in 2..9 {
+                let targets: Vec<Option<usize>> = (0..n).map(|p| target(&seed, n, p, 1)).collect();
+                let mut hit: Vec<usize> = targets.iter().map(|t| t.expect("audited")).collect();
+                assert!(hit.iter().enumerate().all(|(p, t)| p != *t), "no member audits itself");
+                hit.sort();
+                assert_eq!(hit, (0..n).collect::<Vec<_>>(), "each member audited once");
+            }
+            audited_attempts += usize::from(target(&seed, 4, 0, 4).is_some());
+        }
+        // One attempt in four is audited with audit_every = 4 (200 seeds: about 50).
+        assert!((30..=70).contains(&audited_attempts), "{audited_attempts}");
+        assert_eq!(target(&[0; 32], 1, 0, 1), None, "a ring of one audits nobody");
+        assert_eq!(target(&[0; 32], 4, 0, 0), None, "audits off");
+    }
+
+    #[test]
+    fn micro_batches_tile_the_round_and_weights_sum_to_one() {
+        let batches = [16, 32, 48];
+        let parts: Vec<(u64, u64, f32)> = (0..3).map(|p| micro_batch(&batches, p)).collect();
+        assert_eq!(parts.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>(), vec![(0, 16), (16, 32), (48, 48)]);
+        let total: f32 = parts.iter().map(|p| p.2).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_commit_to_anything_but_the_gradient_fails_the_check() {
+        let run = RunId::from_name("audit");
+        let data: Vec<i32> = (0..1000).map(|i| i * 3 - 700).collect();
+        let commit = GradientCommit {
+            run,
+            peer: "p".into(),
+            round: 3,
+            attempt: 0,
+            ring: [0; 32],
+            len: 1000,
+            chunk_hashes: chunk_hashes(&data, 4, 64),
+            samples: 32,
+            param_hash: [1; 32],
+            joiners: vec![],
+            excluded: vec![],
+            leaving: false,
+            signature: vec![],
+        };
+        assert_eq!(check(&commit, &data, 32, 4, 64), Ok(()));
+        let mut other = data.clone();
+        other[999] += 1;
+        assert!(check(&commit, &other, 32, 4, 64).unwrap_err().contains("chunk 3"));
+        assert!(check(&commit, &data, 33, 4, 64).unwrap_err().contains("samples"));
+        assert!(check(&commit, &data[..999], 32, 4, 64).unwrap_err().contains("values"));
+    }
+}

@@ -1,0 +1,201 @@
+//! Lying peers: a peer that commits to something other than its gradient is
+//! caught by an audit in the first round it lies in, every honest peer checks
+//! the evidence itself and keeps it out of rings, the fault is reported on
+//! chain, its rounds are not credited, and the honest peers go on training
+//! with identical parameters. And honest peers with audits on never accuse one
+//! another.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tests::{Anvil, Node, TempDir, check_records, deploy, ensure_fashion_mnist, ledger_json, wait_until};
+
+const K: u64 = 4;
+const BATCH: u64 = 16;
+
+fn config(dir: &TempDir, name: &str, rounds: u64, min_peers: usize) -> String {
+    let path = dir.path().join(format!("{name}.toml"));
+    let text = format!(
+        "name = \"{name}\"\nmodel = \"mlp\"\nbatch = {BATCH}\nrounds = {rounds}\nepoch_rounds = {K}\n\
+         min_peers = {min_peers}\nlr = 0.003\neval_every = 0\naudit_every = 1\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+fn start(name: &str, config: &str, chain: Option<(&Anvil, &str, usize)>, boot: Option<&str>, extra: &[&str]) -> Node {
+    let data = ensure_fashion_mnist().to_str().unwrap().to_owned();
+    let mut f: Vec<String> = ["--config", config, "--dataset", &data].map(String::from).to_vec();
+    if let Some((anvil, contract, account)) = chain {
+        let key = anvil.key_file(account);
+        f.extend(
+            ["--rpc-url", &anvil.url, "--contract", contract, "--eth-key-file", key.to_str().unwrap()]
+                .map(String::from),
+        );
+    }
+    if let Some(b) = boot {
+        f.extend(["--bootstrap".to_owned(), b.to_owned()]);
+    }
+    f.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = f.iter().map(String::as_str).collect();
+    Node::start(name, &refs)
+}
+
+/// Per round: (parameter hash, loss, commit digest), as the node logged after training it.
+fn trained(n: &Node) -> BTreeMap<u64, (String, f64, String)> {
+    n.events("round trained")
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap().to_owned();
+            (e["round"].as_u64().unwrap(), (s("param_hash"), e["loss"].as_f64().unwrap(), s("commit")))
+        })
+        .collect()
+}
+
+fn stop_all(nodes: &mut [Node]) {
+    for n in nodes.iter_mut() {
+        n.terminate();
+    }
+    for n in nodes.iter_mut() {
+        let code = n.wait_exit(Duration::from_secs(150));
+        if code != Some(0) {
+            n.dump();
+        }
+        assert_eq!(code, Some(0), "{} left cleanly", n.name);
+    }
+}
+
+/// Four honest peers and one liar in `mode` train on Anvil: the liar is caught in the first
+/// round it lies in, convicted by every honest peer on evidence each checks itself, reported on
+/// chain, never credited; the honest peers agree and learn.
+fn a_liar_is_caught(mode: &str, account_base: usize, anvil: &Anvil, contract: &str) {
+    let dir = TempDir::new(&format!("byzantine-{mode}"));
+    // 300 rounds set the learning-rate schedule (15 rounds of warm-up); the peers are stopped
+    // long before.
+    let cfg = config(&dir, &format!("it-byzantine-{mode}"), 300, 5);
+    let chain = |i: usize| Some((anvil, contract, account_base + i));
+    let a = start(&format!("{mode}-a"), &cfg, chain(0), None, &[]);
+    let boot = a.address();
+    let mut nodes = vec![a];
+    for i in 1..4 {
+        nodes.push(start(&format!("{mode}-{i}"), &cfg, chain(i), Some(&boot), &[]));
+    }
+    let liar = start(&format!("{mode}-liar"), &cfg, chain(4), Some(&boot), &["--fault-mode", mode]);
+    let liar_id = liar.peer_id();
+    nodes.push(liar);
+    let all: Vec<&Node> = nodes.iter().collect();
+    let honest = &nodes[..4];
+    // Every honest peer proves the fault itself, then trains on without the liar.
+    let proven = wait_until(Duration::from_secs(180), || {
+        honest
+            .iter()
+            .all(|n| {
+                n.events("fault proven: the peer is kept out of rings").iter().any(|e| e["accused"] == liar_id.as_str())
+                    && trained(n).len() >= 40
+            })
+            .then_some(())
+    });
+    if proven.is_none() {
+        all.iter().for_each(|n| n.dump());
+        panic!("{mode}: the honest peers did not all prove the fault and train on");
+    }
+    // Caught in the first round it lied in: the first audited attempt with the liar failed.
+    let first_failure = honest
+        .iter()
+        .flat_map(|n| n.events("round failed"))
+        .filter(|e| e["reason"].as_str().unwrap_or_default().contains(&liar_id))
+        .map(|e| e["round"].as_u64().unwrap())
+        .min()
+        .expect("an attempt failed because of the liar");
+    assert_eq!(first_failure, 0, "{mode}: the liar was caught in round 0, the first round it lied in");
+    let auditors: Vec<&Node> =
+        honest.iter().filter(|n| !n.events("audit failed: the peer's commit is not its gradient").is_empty()).collect();
+    assert_eq!(auditors.len(), 1, "{mode}: one honest peer audited the liar in that attempt");
+    for n in honest {
+        // No completed round ever had the liar in it.
+        assert!(n.rounds().iter().all(|r| !r.members.contains(&liar_id)), "{}: a round with the liar counted", n.name);
+    }
+    let mut nodes = nodes;
+    stop_all(&mut nodes);
+    let logs: Vec<BTreeMap<u64, (String, f64, String)>> = nodes.iter().map(trained).collect();
+    // The honest peers agree on every round and learn.
+    let mut rounds = 0;
+    for r in logs[0].keys() {
+        let hs: Vec<&String> = logs[..4].iter().filter_map(|t| t.get(r).map(|x| &x.0)).collect();
+        assert!(hs.iter().all(|h| *h == hs[0]), "{mode}: honest peers diverged at round {r}");
+        rounds += 1;
+    }
+    assert!(rounds >= 40);
+    let loss = |t: &BTreeMap<u64, (String, f64, String)>, range: std::ops::Range<usize>| -> f64 {
+        t.values().skip(range.start).take(range.len()).map(|x| x.1).sum::<f64>() / range.len() as f64
+    };
+    let (early, late) = (loss(&logs[0], 0..5), loss(&logs[0], rounds - 5..rounds));
+    assert!(late < early, "{mode}: the loss did not fall ({early} -> {late})");
+    // The chain: the fault is reported once, the liar has no credited round, the honest peers
+    // have exactly theirs.
+    let run_id = nodes[0].events("training run")[0]["run_id"].as_str().unwrap().to_owned();
+    let liar_row = ledger_json(
+        anvil,
+        contract,
+        &["contributions", "--run", &run_id, "--peer", &anvil.accounts[account_base + 4].address],
+    );
+    assert_eq!(liar_row["peers"][0]["faults"], 1, "{mode}: the fault is on chain once: {liar_row}");
+    assert_eq!(liar_row["peers"][0]["rounds"], 0, "{mode}: the liar's rounds are not credited");
+    assert!(logs[4].is_empty(), "{mode}: the liar never completed a round");
+    for (i, t) in logs[..4].iter().enumerate() {
+        let row = ledger_json(
+            anvil,
+            contract,
+            &["contributions", "--run", &run_id, "--peer", &anvil.accounts[account_base + i].address],
+        );
+        let logged: Vec<(u64, String)> = t.iter().map(|(r, x)| (*r, x.2.clone())).collect();
+        let n = check_records(row["epochs"].as_array().unwrap(), &logged, K)
+            .unwrap_or_else(|e| panic!("{mode} peer {i}: {e}"));
+        assert_eq!(n, t.len() as u64);
+        assert_eq!(row["peers"][0]["faults"], 0, "{mode}: no honest peer was accused");
+    }
+}
+
+#[test]
+fn a_peer_committing_to_anything_but_its_gradient_is_caught_excluded_and_reported() {
+    let anvil = Anvil::start();
+    let contract = deploy(&anvil);
+    // Commits to the gradient of other samples; commits to its gradient times 1000.
+    a_liar_is_caught("random-gradient", 1, &anvil, &contract);
+    a_liar_is_caught("scale-1000", 1, &anvil, &contract);
+}
+
+#[test]
+fn honest_peers_with_audits_on_never_accuse_one_another() {
+    let dir = TempDir::new("honest-audits");
+    let rounds = 200;
+    let cfg = config(&dir, "it-honest-audits", rounds, 4);
+    let a = start("honest-a", &cfg, None, None, &[]);
+    let boot = a.address();
+    let mut nodes = vec![a];
+    for i in 1..4 {
+        nodes.push(start(&format!("honest-{i}"), &cfg, None, Some(&boot), &[]));
+    }
+    for n in nodes.iter_mut() {
+        let code = n.wait_exit(Duration::from_secs(300));
+        if code != Some(0) {
+            n.dump();
+        }
+        assert_eq!(code, Some(0), "{} trained every round and exited", n.name);
+    }
+    for n in &nodes {
+        let done = n.rounds();
+        assert_eq!(done.len() as u64, rounds, "{}", n.name);
+        // Every round was audited, and every audit passed.
+        assert!(done.iter().all(|r| r.attempt == 0), "{}: no attempt failed", n.name);
+        let every = n.events("round complete");
+        assert!(
+            every.iter().all(|e| !e["audited"].as_str().unwrap_or_default().is_empty()),
+            "{}: every round audited",
+            n.name
+        );
+        assert!(n.events_containing("audit failed").is_empty(), "{}", n.name);
+        for accusation in ["fault proven", "fault evidence", "fault report"] {
+            assert!(n.events_containing(accusation).is_empty(), "{}: {accusation}", n.name);
+        }
+    }
+}
