@@ -35,6 +35,9 @@ enum Cmd {
         /// Evaluate on the test split every N rounds.
         #[arg(long, default_value_t = 300)]
         eval_every: u64,
+        /// Audit one round in this many: every peer recomputes another's gradient (0: none).
+        #[arg(long, default_value_t = 1)]
+        audit_every: u64,
         /// Skip the local chain: no Anvil, nothing recorded.
         #[arg(long)]
         no_chain: bool,
@@ -115,7 +118,7 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     testnet::process::stop_on_signals();
     match Cli::parse().command {
-        Cmd::Train { nodes, rounds, batch, model, lr, epoch_rounds, eval_every, no_chain } => {
+        Cmd::Train { nodes, rounds, batch, model, lr, epoch_rounds, eval_every, audit_every, no_chain } => {
             train::run(&train::TrainOpts {
                 nodes,
                 rounds,
@@ -124,6 +127,7 @@ fn main() -> anyhow::Result<()> {
                 lr,
                 epoch_rounds,
                 eval_every,
+                audit_every,
                 chain: !no_chain,
             })
         }

@@ -23,6 +23,8 @@ pub struct TrainOpts {
     /// K: rounds per on-chain epoch.
     pub epoch_rounds: u64,
     pub eval_every: u64,
+    /// One round in this many is audited (0: none).
+    pub audit_every: u64,
     /// Record on a local Anvil chain.
     pub chain: bool,
 }
@@ -54,8 +56,8 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
         &config,
         format!(
             "name = \"testnet\"\nmodel = \"{}\"\nbatch = {}\nrounds = {}\nepoch_rounds = {}\nmin_peers = {}\n\
-             lr = {}\neval_every = {}\n",
-            o.model, o.batch, o.rounds, o.epoch_rounds, o.nodes, o.lr, o.eval_every
+             lr = {}\neval_every = {}\naudit_every = {}\n",
+            o.model, o.batch, o.rounds, o.epoch_rounds, o.nodes, o.lr, o.eval_every, o.audit_every
         ),
     )?;
     println!(
