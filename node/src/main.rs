@@ -409,6 +409,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             segment_elems: SEGMENT_ELEMS,
             max_peers: fixed.max_peers() as usize,
             audit_every: plan.audit_every,
+            max_units: fixed.max_units(),
         },
         fixed,
         compute: plan.compute,

@@ -56,6 +56,11 @@ pub enum RingError {
     CommitMismatch { chunk: usize },
     #[error("a ring of {n} cannot have a member at position {pos}")]
     BadPosition { n: usize, pos: usize },
+    #[error(
+        "step {id:?} holds {value}, outside the fixed-point range of its {contributions} contribution(s) (±{limit}): \
+         the sender added something no member could have committed"
+    )]
+    OutOfRange { id: StepId, value: i32, contributions: usize, limit: i64 },
 }
 
 /// Where a member stands in a ring and what it all-reduces.
@@ -67,6 +72,9 @@ pub struct RingParams {
     pub n: usize,
     pub pos: usize,
     pub segment_elems: usize,
+    /// Largest magnitude of one member's encoded value ([`crate::FixedPoint::max_units`]): a
+    /// partial sum of k contributions beyond k times it is refused (0: not checked).
+    pub max_units: i32,
 }
 
 /// One member's all-reduce.
@@ -209,6 +217,19 @@ impl RingAllReduce {
         if msg.payload.len() != range.len() * 4 {
             return Err(RingError::WrongLength { id, expected: range.len() * 4, got: msg.payload.len() });
         }
+        if self.p.max_units > 0 {
+            // Reduce-scatter step s carries the sum of s + 1 members' values; all-gather the whole sum.
+            let contributions = if id.phase == Phase::ReduceScatter { s + 1 } else { n };
+            let limit = i64::from(self.p.max_units) * contributions as i64;
+            let beyond = msg
+                .payload
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .find(|v| i64::from(*v).abs() > limit);
+            if let Some(value) = beyond {
+                return Err(RingError::OutOfRange { id, value, contributions, limit });
+            }
+        }
         self.received[id.phase as usize][s][segment] = true;
         self.remaining -= 1;
         self.bytes_received += msg.payload.len() as u64;
@@ -303,7 +324,7 @@ mod tests {
             .map(|pos| {
                 let left = (pos + n - 1) % n;
                 RingAllReduce::new(
-                    RingParams { run, round: 9, attempt: 0, n, pos, segment_elems: seg },
+                    RingParams { run, round: 9, attempt: 0, n, pos, segment_elems: seg, max_units: MAX_UNITS },
                     inputs[pos].clone(),
                     seg_hashes[pos][pos].clone(),
                     commits[left][left],
@@ -350,6 +371,9 @@ mod tests {
         assert!(rings.iter().all(RingAllReduce::is_done));
         Ok(rings.into_iter().map(RingAllReduce::into_result).collect())
     }
+
+    /// One member's range with 256 peers at most, as the node uses it.
+    const MAX_UNITS: i32 = i32::MAX / 256;
 
     fn inputs(n: usize, len: usize, seed: u64) -> Vec<Vec<i32>> {
         let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -443,6 +467,23 @@ mod tests {
             .unwrap_err();
             assert_eq!(err.0, 1, "the right neighbour of position 0 catches it");
             assert!(err.1.contains("does not match its commit"), "{}", err.1);
+        }
+    }
+
+    /// A member that adds a value no member could have committed (a NaN's bits, say) is
+    /// caught by its right neighbour, before anything is added.
+    #[test]
+    fn partial_sums_outside_the_fixed_point_range_are_refused() {
+        for n in 3..6 {
+            let xs = inputs(n, 40, n as u64 + 7);
+            let err = run(&xs, 4, 5, |_, m| {
+                if m.id.phase == Phase::ReduceScatter && m.id.step == 1 && m.id.segment == 0 {
+                    m.payload[..4].copy_from_slice(&f32::NAN.to_bits().to_le_bytes());
+                    m.hash = *blake3::hash(&m.payload).as_bytes();
+                }
+            })
+            .unwrap_err();
+            assert!(err.1.contains("outside the fixed-point range of its 2 contribution(s)"), "{}", err.1);
         }
     }
 

@@ -41,6 +41,9 @@ pub struct RoundConfig {
     pub max_peers: usize,
     /// One attempt in this many is audited (see [`crate::audit`]); 0: none.
     pub audit_every: u64,
+    /// Largest magnitude of one member's encoded value; partial sums beyond the range of their
+    /// contributions are refused (0: not checked).
+    pub max_units: i32,
 }
 
 /// What this member contributes to the round.
@@ -421,6 +424,7 @@ impl Round {
             n,
             pos: self.pos,
             segment_elems: self.cfg.segment_elems,
+            max_units: self.cfg.max_units,
         };
         let data = self.data.take().expect("data until the ring starts");
         let own = std::mem::take(&mut self.own_segments);
@@ -464,7 +468,19 @@ impl Round {
                         self.deadline = now + self.cfg.step_timeout_us;
                         self.maybe_certify(now, &mut out);
                     }
-                    Err(e) => self.fail(format!("ring step from {} rejected: {e}", self.left()), &mut out),
+                    Err(e) => {
+                        // Values out of range, or other than committed, are the sender's doing:
+                        // the stream is authenticated end to end.
+                        let blame = match e {
+                            crate::ring::RingError::OutOfRange { .. }
+                            | crate::ring::RingError::CommitMismatch { .. } => {
+                                vec![self.left().clone()]
+                            }
+                            _ => Vec::new(),
+                        };
+                        let reason = format!("ring step from {} rejected: {e}", self.left());
+                        self.fail_with(reason, FailureKind::Other, blame, &mut out)
+                    }
                 }
             }
             Stage::Certifying | Stage::Finished => {}
@@ -680,6 +696,7 @@ mod tests {
             segment_elems: 3,
             max_peers: 8,
             audit_every: 0,
+            max_units: 1 << 20,
         }
     }
 

@@ -159,9 +159,11 @@ fn a_liar_is_caught(mode: &str, account_base: usize, anvil: &Anvil, contract: &s
 fn a_peer_committing_to_anything_but_its_gradient_is_caught_excluded_and_reported() {
     let anvil = Anvil::start();
     let contract = deploy(&anvil);
-    // Commits to the gradient of other samples; commits to its gradient times 1000.
+    // Commits to the gradient of other samples; to its gradient times 1000; to NaNs (their raw
+    // bits: the right neighbour's range check refuses them at once, and the audit proves it).
     a_liar_is_caught("random-gradient", 1, &anvil, &contract);
     a_liar_is_caught("scale-1000", 1, &anvil, &contract);
+    a_liar_is_caught("nan", 1, &anvil, &contract);
 }
 
 #[test]

@@ -41,6 +41,8 @@ pub enum FaultMode {
     RandomGradient,
     /// Commits to (and sends) its gradient scaled by 1000.
     Scale1000,
+    /// Commits to (and sends) NaNs, as the raw bits of f32 NaN (the encoder refuses them).
+    Nan,
 }
 
 impl std::str::FromStr for FaultMode {
@@ -49,7 +51,8 @@ impl std::str::FromStr for FaultMode {
         match s {
             "random-gradient" => Ok(Self::RandomGradient),
             "scale-1000" => Ok(Self::Scale1000),
-            other => Err(format!("unknown fault mode `{other}`: random-gradient or scale-1000")),
+            "nan" => Ok(Self::Nan),
+            other => Err(format!("unknown fault mode `{other}`: random-gradient, scale-1000 or nan")),
         }
     }
 }
@@ -120,9 +123,14 @@ impl Driver {
         let now = self.now();
         match a {
             Audited::Own { round, attempt, target, job, verdict } => {
-                let Some(r) = self.round.as_mut().filter(|r| r.is_for(round, attempt)) else { return };
+                let current = self.round.as_ref().is_some_and(|r| r.is_for(round, attempt));
+                if !current && verdict.is_ok() {
+                    return;
+                }
+                // A failed audit proves the fault even when the attempt failed meanwhile for
+                // another reason (a range check caught the same lie first, say).
                 let acts = match verdict {
-                    Ok(()) => r.audit_passed(now),
+                    Ok(()) => self.round.as_mut().map(|r| r.audit_passed(now)).unwrap_or_default(),
                     Err(reason) => {
                         let accused = job.commit.peer.clone();
                         warn!(round, attempt, peer = %accused, %reason, "audit failed: the peer's commit is not its gradient");
@@ -137,8 +145,10 @@ impl Driver {
                         };
                         self.publish(&p2p_proto::message::Gossip::Fault(Box::new(evidence.clone())));
                         self.proven(&evidence, &reason);
-                        let Some(r) = self.round.as_mut() else { return };
-                        r.audit_failed(target, &reason)
+                        match self.round.as_mut().filter(|_| current) {
+                            Some(r) => r.audit_failed(target, &reason),
+                            None => return,
+                        }
                     }
                 };
                 self.on_round_actions(acts);
@@ -223,8 +233,22 @@ impl FaultMode {
 
     /// What a peer in this mode does to its weighted gradient before it encodes it.
     pub(super) fn distort(mode: Option<Self>, weighted: &mut [f32]) {
-        if mode == Some(Self::Scale1000) {
-            weighted.iter_mut().for_each(|v| *v *= 1000.0);
+        match mode {
+            Some(Self::Scale1000) => weighted.iter_mut().for_each(|v| *v *= 1000.0),
+            Some(Self::Nan) => weighted.fill(f32::NAN),
+            _ => {}
         }
+    }
+
+    /// How a peer in this mode encodes: NaNs go out as their raw bits.
+    pub(super) fn encode(
+        mode: Option<Self>,
+        fixed: &p2p_proto::FixedPoint,
+        weighted: &[f32],
+    ) -> Result<Vec<i32>, p2p_proto::fixed::FixedPointError> {
+        if mode == Some(Self::Nan) {
+            return Ok(weighted.iter().map(|v| v.to_bits() as i32).collect());
+        }
+        fixed.encode(weighted)
     }
 }

@@ -588,7 +588,7 @@ impl Driver {
                         return;
                     }
                     let prepared = tokio::task::spawn_blocking(move || {
-                        let data = fixed.encode(&g.weighted).map_err(|e| e.to_string())?;
+                        let data = FaultMode::encode(fault, &fixed, &g.weighted).map_err(|e| e.to_string())?;
                         let input = Contribution::new(data, g.samples as u64, g.param_hash, joiners, n, seg)
                             .with_ring_batches(batches)
                             .with_excluded(excluded);
