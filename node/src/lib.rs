@@ -19,6 +19,7 @@ pub mod driver;
 pub mod ledger;
 pub mod net;
 pub mod ring_io;
+pub mod sign;
 pub mod state_sync;
 pub mod store;
 pub mod train;

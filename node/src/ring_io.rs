@@ -4,7 +4,7 @@
 //! frames of every step on it, in order. Incoming streams are read by one task
 //! each, which checks every frame before it reaches the driver: the length
 //! against [`p2p_proto::MAX_FRAME_BYTES`] before allocating, the version, the
-//! encoding, and the payload against its blake3 hash. A bad frame closes that
+//! encoding, the sender's signature, and the payload against its blake3 hash. A bad frame closes that
 //! stream with a logged reason; it never reaches the ring state machine.
 
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
@@ -83,12 +83,22 @@ pub fn spawn_acceptor(mut control: Control, inbound: mpsc::Sender<Inbound>) {
 async fn read_stream(peer: PeerId, mut stream: libp2p::Stream, inbound: mpsc::Sender<Inbound>) {
     let mut buf = Vec::new();
     let close = Arc::new(Notify::new());
+    let Some(key) = crate::sign::public_key(&peer) else {
+        warn!(%peer, "rejected ring stream: the peer's id holds no key to check its signatures");
+        return;
+    };
     loop {
         let frame = tokio::select! {
             f = read_frame::<RingFrame, _>(&mut stream, &mut buf) => f,
             () = close.notified() => return,
         };
         let step = match frame {
+            Ok(Some(RingFrame::Step(step)))
+                if !crate::sign::step_is_signed(&key, step.run, step.round, step.attempt, &step.header()) =>
+            {
+                warn!(%peer, "rejected ring frame: its signature does not verify; closing the stream");
+                return;
+            }
             Ok(Some(RingFrame::Step(step))) => step.verify(),
             Ok(None) => return,
             Err(e) => {

@@ -78,6 +78,30 @@ pub fn micro_batch(batches: &[u64], pos: usize) -> (u64, u64, f32) {
     (offset, batches[pos], weight)
 }
 
+/// Whether `steps` (signed step-0 segments of the committing member's own chunk, at position
+/// `pos` of the ring) contradict `commit`: their hashes make another chunk hash than it
+/// committed to. The caller checks the signatures; this checks the shape and the hashes.
+pub fn contradicts(commit: &GradientCommit, pos: usize, steps: &[crate::message::SignedStep]) -> Result<(), String> {
+    use crate::ring::Phase;
+    if steps.is_empty() {
+        return Err("no signed segment".into());
+    }
+    for (i, s) in steps.iter().enumerate() {
+        if s.id.phase != Phase::ReduceScatter
+            || s.id.step != 0
+            || s.id.chunk as usize != pos
+            || s.id.segment as usize != i
+        {
+            return Err(format!("segment {i} is not step 0 of the member's own chunk {pos}"));
+        }
+    }
+    let Some(committed) = commit.chunk_hashes.get(pos) else { return Err("the commit has no such chunk".into()) };
+    if chunk_hash(steps.iter().map(|s| &s.hash)) == *committed {
+        return Err("the signed segments make the committed chunk hash: no contradiction".into());
+    }
+    Ok(())
+}
+
 /// What an audit concludes about a commit, given the auditor's own encoding of the target's
 /// recomputed gradient.
 pub fn check(
@@ -159,5 +183,51 @@ mod tests {
         assert!(check(&commit, &other, 32, 4, 64).unwrap_err().contains("chunk 3"));
         assert!(check(&commit, &data, 33, 4, 64).unwrap_err().contains("samples"));
         assert!(check(&commit, &data[..999], 32, 4, 64).unwrap_err().contains("values"));
+    }
+
+    #[test]
+    fn signed_segments_against_the_commit_are_a_contradiction_and_honest_ones_are_not() {
+        use crate::message::{SignedStep, StepId};
+        use crate::ring::Phase;
+        let data: Vec<i32> = (0..100).collect();
+        let segs = segment_hashes(&data, &chunk_ranges(100, 2), 16);
+        let commit = GradientCommit {
+            run: RunId::from_name("c"),
+            peer: "p".into(),
+            round: 1,
+            attempt: 0,
+            ring: [0; 32],
+            len: 100,
+            chunk_hashes: segs.iter().map(chunk_hash).collect(),
+            samples: 1,
+            param_hash: [0; 32],
+            joiners: vec![],
+            excluded: vec![],
+            leaving: false,
+            signature: vec![],
+        };
+        let steps = |pos: usize, hashes: &[Hash]| -> Vec<SignedStep> {
+            hashes
+                .iter()
+                .enumerate()
+                .map(|(i, h)| SignedStep {
+                    id: StepId { phase: Phase::ReduceScatter, step: 0, chunk: pos as u32, segment: i as u32 },
+                    hash: *h,
+                    signature: vec![],
+                })
+                .collect()
+        };
+        // The honest segments of chunk 1 make its committed hash: no contradiction.
+        assert!(contradicts(&commit, 1, &steps(1, &segs[1])).is_err());
+        // One altered segment: a contradiction.
+        let mut altered = segs[1].clone();
+        altered[2][0] ^= 1;
+        assert_eq!(contradicts(&commit, 1, &steps(1, &altered)), Ok(()));
+        // Segments of another chunk, or out of order, prove nothing.
+        assert!(contradicts(&commit, 0, &steps(1, &altered)).is_err());
+        let mut shuffled = steps(1, &altered);
+        shuffled.swap(0, 1);
+        assert!(contradicts(&commit, 1, &shuffled).is_err());
+        assert!(contradicts(&commit, 1, &[]).is_err());
     }
 }

@@ -195,12 +195,16 @@ impl GradientCommit {
 pub enum FaultKind {
     /// The member's commit does not match the gradient recomputed from public inputs.
     AuditMismatch = 1,
+    /// The member signed a commit and, in the ring, signed a chunk that contradicts it.
+    CommitContradiction = 2,
 }
 
-/// Evidence that `accused` lied in `round`: enough for any peer holding that round's state to
-/// check it by itself. For an audit mismatch: the accused's signed commit, and the ring it was
-/// made for (its members in order and their samples, which its `ring` hash commits to), from
-/// which the accused's micro-batch and weight follow.
+/// Evidence that `accused` lied in `round`, enough for any peer to check it by itself: the
+/// accused's signed commit, and the ring it was made for (its members in order and their
+/// samples, which its `ring` hash commits to). For an audit mismatch a peer holding that round's
+/// parameters recomputes the accused's gradient from them; for a contradiction, `steps` are the
+/// accused's signed step-0 segments of its own chunk, whose hashes do not make the chunk hash
+/// it committed to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FaultEvidence {
     pub run: RunId,
@@ -210,6 +214,7 @@ pub struct FaultEvidence {
     pub commit: GradientCommit,
     pub members: Vec<PeerKey>,
     pub batches: Vec<u64>,
+    pub steps: Vec<SignedStep>,
 }
 
 impl FaultEvidence {
@@ -362,7 +367,9 @@ pub struct StepId {
     pub segment: u32,
 }
 
-/// One segment of one ring step: little-endian `i32` values and their blake3.
+/// One segment of one ring step: little-endian `i32` values, their blake3, and the sender's
+/// signature over where the segment belongs and its hash ([`RingStep::signing_bytes`]), so a
+/// segment sent against the sender's commit can be shown to anyone.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct RingStep {
     pub run: RunId,
@@ -372,6 +379,24 @@ pub struct RingStep {
     pub hash: Hash,
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// A ring segment without its values: what its sender signed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedStep {
+    pub id: StepId,
+    pub hash: Hash,
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl SignedStep {
+    /// What the sender signed, for a step of `(run, round, attempt)`.
+    pub fn signing_bytes(&self, run: RunId, round: u64, attempt: u32) -> Vec<u8> {
+        RingStep::signing_bytes(run, round, attempt, &self.id, &self.hash)
+    }
 }
 
 impl fmt::Debug for RingStep {
@@ -395,10 +420,29 @@ pub enum StepError {
 }
 
 impl RingStep {
-    /// A step whose hash is computed from `payload`.
+    /// A step whose hash is computed from `payload` (unsigned until its sender signs it).
     pub fn new(run: RunId, round: u64, attempt: u32, id: StepId, payload: Vec<u8>) -> Self {
         let hash = *blake3::hash(&payload).as_bytes();
-        Self { run, round, attempt, id, hash, payload }
+        Self { run, round, attempt, id, hash, payload, signature: Vec::new() }
+    }
+
+    /// What the sender of a step signs: the run, round, attempt, place and hash of the segment.
+    pub fn signing_bytes(run: RunId, round: u64, attempt: u32, id: &StepId, hash: &Hash) -> Vec<u8> {
+        let mut out = b"dtrain/ring-step/v1".to_vec();
+        out.extend_from_slice(&run.0);
+        out.extend_from_slice(&round.to_le_bytes());
+        out.extend_from_slice(&attempt.to_le_bytes());
+        out.push(id.phase as u8);
+        out.extend_from_slice(&id.step.to_le_bytes());
+        out.extend_from_slice(&id.chunk.to_le_bytes());
+        out.extend_from_slice(&id.segment.to_le_bytes());
+        out.extend_from_slice(hash);
+        out
+    }
+
+    /// The step without its values.
+    pub fn header(&self) -> SignedStep {
+        SignedStep { id: self.id, hash: self.hash, signature: self.signature.clone() }
     }
 
     /// Checks the payload against its hash and its shape.

@@ -165,7 +165,15 @@ impl RingAllReduce {
         let id = StepId { phase, step: step as u16, chunk: chunk as u32, segment: segment as u32 };
         self.bytes_sent += payload.len() as u64;
         match hash {
-            Some(hash) => RingStep { run: self.p.run, round: self.p.round, attempt: self.p.attempt, id, hash, payload },
+            Some(hash) => RingStep {
+                run: self.p.run,
+                round: self.p.round,
+                attempt: self.p.attempt,
+                id,
+                hash,
+                payload,
+                signature: Vec::new(),
+            },
             None => RingStep::new(self.p.run, self.p.round, self.p.attempt, id, payload),
         }
     }

@@ -19,7 +19,7 @@ use crate::chunk::chunk_ranges;
 use crate::hash::{Hash, chunk_hash, hash_i32s, hex, segment_hashes};
 use crate::membership::RingView;
 use crate::message::{
-    Gossip, GradientCommit, PartialSums, PeerKey, RingStep, RoundDone, RoundFailed, RunId, VerifiedStep,
+    Gossip, GradientCommit, PartialSums, PeerKey, RingStep, RoundDone, RoundFailed, RunId, SignedStep, VerifiedStep,
 };
 use crate::ring::{RingAllReduce, RingParams};
 
@@ -166,12 +166,26 @@ pub struct AuditJob {
     pub batches: Vec<u64>,
 }
 
+/// Proof that the left neighbour signed a chunk other than the one it committed to.
+#[derive(Debug, Clone)]
+pub struct Contradiction {
+    pub view: RingView,
+    /// Position of the left neighbour.
+    pub accused: usize,
+    pub commit: GradientCommit,
+    pub batches: Vec<u64>,
+    /// Its signed step-0 segments of its own chunk, in order.
+    pub steps: Vec<SignedStep>,
+}
+
 /// What the round asks the node to do.
 #[derive(Debug, Clone)]
 pub enum RoundAction {
     Publish(Gossip),
-    /// Send to the right neighbour.
+    /// Sign and send to the right neighbour.
     Send(RingStep),
+    /// Gossip this proof of a lie (the attempt fails too).
+    Contradiction(Box<Contradiction>),
     /// Run this audit, then call [`Round::audit_passed`] or [`Round::audit_failed`].
     Audit(Box<AuditJob>),
     Completed(Box<Outcome>),
@@ -209,6 +223,8 @@ pub struct Round {
     auditing: bool,
     /// The member this member audits in this attempt.
     audit_target: Option<usize>,
+    /// The left neighbour's signed step-0 segments (its own chunk), as they arrived.
+    left_step0: Vec<SignedStep>,
     deadline: u64,
     last_publish: u64,
     started: u64,
@@ -269,6 +285,7 @@ impl Round {
             next: None,
             auditing: false,
             audit_target: None,
+            left_step0: Vec::new(),
             deadline: now + cfg.commit_timeout_us,
             last_publish: now,
             started: now,
@@ -461,6 +478,10 @@ impl Round {
                 }
             }
             Stage::Reducing => {
+                let s = step.step();
+                if s.id.phase == crate::ring::Phase::ReduceScatter && s.id.step == 0 {
+                    self.left_step0.push(s.header());
+                }
                 let ring = self.ring.as_mut().expect("ring while reducing");
                 match ring.on_step(step) {
                     Ok(send) => {
@@ -478,6 +499,18 @@ impl Round {
                             }
                             _ => Vec::new(),
                         };
+                        if matches!(e, crate::ring::RingError::CommitMismatch { .. }) {
+                            let accused = (self.pos + self.view.len() - 1) % self.view.len();
+                            let mut steps = self.left_step0.clone();
+                            steps.sort_by_key(|s| s.id.segment);
+                            out.push(RoundAction::Contradiction(Box::new(Contradiction {
+                                view: self.view.clone(),
+                                accused,
+                                commit: self.commits[accused].clone().expect("all commits"),
+                                batches: self.ring_batches.clone(),
+                                steps,
+                            })));
+                        }
                         let reason = format!("ring step from {} rejected: {e}", self.left());
                         self.fail_with(reason, FailureKind::Other, blame, &mut out)
                     }
@@ -770,7 +803,7 @@ mod tests {
                             out.push((to, rounds[to].on_step(v, now)));
                         }
                     }
-                    RoundAction::Audit(_) => {}
+                    RoundAction::Audit(_) | RoundAction::Contradiction(_) => {}
                     RoundAction::Completed(_) | RoundAction::Failed(_) => results[from].push(a.clone()),
                 }
                 for (to, acts) in out {

@@ -1,5 +1,5 @@
-//! A hostile peer connects to a running node and sends it a ring payload whose
-//! hash is wrong, an oversize frame, garbage bytes, a well-formed payload while
+//! A hostile peer connects to a running node and sends it an unsigned ring
+//! payload, a payload whose hash is wrong, an oversize frame, garbage bytes, a well-formed payload while
 //! not being the node's ring neighbour, garbage gossip, and on the state
 //! protocol garbage and a request for another run. The node rejects each (with
 //! a logged reason, a refusal or a closed stream), keeps running, and its rounds
@@ -22,18 +22,27 @@ struct Rogue {
     gossipsub: gossipsub::Behaviour,
 }
 
-/// What the rogue sends on one ring stream each.
-fn attacks(run: RunId) -> Vec<(&'static str, Vec<u8>)> {
+/// What the rogue sends on one ring stream each; its frames carry its own valid signature
+/// (but the unsigned one), so they reach the checks after it.
+fn attacks(run: RunId, key: &libp2p::identity::Keypair) -> Vec<(&'static str, Vec<u8>)> {
+    let sign = |mut step: RingStep| {
+        step.signature =
+            key.sign(&RingStep::signing_bytes(step.run, step.round, step.attempt, &step.id, &step.hash)).unwrap();
+        step
+    };
     let id = StepId { phase: Phase::ReduceScatter, step: 0, chunk: 0, segment: 0 };
     let mut wrong = RingStep::new(run, 0, 0, id, vec![7u8; 64]);
     wrong.hash[0] ^= 1;
+    let wrong = sign(wrong);
+    let unsigned = RingStep::new(run, 0, 0, id, vec![7u8; 64]);
     let mut oversize = (u32::MAX).to_le_bytes().to_vec();
     oversize.extend([1u8; 64]);
     let mut garbage_body = 40u32.to_le_bytes().to_vec();
     garbage_body.push(p2p_proto::PROTOCOL_VERSION);
     garbage_body.extend((0..39u8).map(|i| i.wrapping_mul(97) ^ 0xa5));
-    let stray = RingStep::new(run, 0, 0, id, vec![1u8; 64]);
+    let stray = sign(RingStep::new(run, 0, 0, id, vec![1u8; 64]));
     vec![
+        ("unsigned", encode_frame(&RingFrame::Step(unsigned))),
         ("wrong hash", encode_frame(&RingFrame::Step(wrong))),
         ("oversize", oversize),
         ("garbage", garbage_body),
@@ -42,7 +51,8 @@ fn attacks(run: RunId) -> Vec<(&'static str, Vec<u8>)> {
 }
 
 async fn attack(target: Multiaddr, run: RunId) {
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key.clone())
         .with_tokio()
         .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
         .unwrap()
@@ -78,7 +88,7 @@ async fn attack(target: Multiaddr, run: RunId) {
             }
         }
     });
-    for (what, bytes) in attacks(run) {
+    for (what, bytes) in attacks(run, &key) {
         let mut s = control.open_stream(peer, StreamProtocol::new(RING_PROTOCOL)).await.expect(what);
         s.write_all(&bytes).await.expect(what);
         s.flush().await.expect(what);
@@ -136,7 +146,9 @@ fn a_hostile_peer_cannot_crash_a_node_or_corrupt_a_round() {
     let rejected = victim.events_containing("rejected ring frame");
     let reasons: Vec<String> =
         rejected.iter().map(|e| format!("{} {}", e["message"], e["reason"].as_str().unwrap_or_default())).collect();
-    for want in ["hash mismatch", "oversize", "malformed", "not this peer's left neighbour"] {
+    for want in
+        ["signature does not verify", "hash mismatch", "oversize", "malformed", "not this peer's left neighbour"]
+    {
         assert!(reasons.iter().any(|r| r.contains(want)), "no rejection for '{want}' in {reasons:?}");
     }
     assert!(!victim.events_containing("rejected gossip message").is_empty(), "garbage gossip was rejected");

@@ -107,9 +107,15 @@ fn a_liar_is_caught(mode: &str, account_base: usize, anvil: &Anvil, contract: &s
         .min()
         .expect("an attempt failed because of the liar");
     assert_eq!(first_failure, 0, "{mode}: the liar was caught in round 0, the first round it lied in");
-    let auditors: Vec<&Node> =
-        honest.iter().filter(|n| !n.events("audit failed: the peer's commit is not its gradient").is_empty()).collect();
-    assert_eq!(auditors.len(), 1, "{mode}: one honest peer audited the liar in that attempt");
+    // One honest peer caught it: its auditor, or (a chunk sent against the commit) its right
+    // neighbour, which holds the contradicting signatures.
+    let caught = if mode == "commit-mismatch" {
+        "the peer signed a chunk that contradicts its commit"
+    } else {
+        "audit failed: the peer's commit is not its gradient"
+    };
+    let catchers: Vec<&Node> = honest.iter().filter(|n| !n.events(caught).is_empty()).collect();
+    assert_eq!(catchers.len(), 1, "{mode}: one honest peer caught the liar in that attempt");
     for n in honest {
         // No completed round ever had the liar in it.
         assert!(n.rounds().iter().all(|r| !r.members.contains(&liar_id)), "{}: a round with the liar counted", n.name);
@@ -164,6 +170,8 @@ fn a_peer_committing_to_anything_but_its_gradient_is_caught_excluded_and_reporte
     a_liar_is_caught("random-gradient", 1, &anvil, &contract);
     a_liar_is_caught("scale-1000", 1, &anvil, &contract);
     a_liar_is_caught("nan", 1, &anvil, &contract);
+    // Commits to its gradient but sends other values: its own signatures contradict each other.
+    a_liar_is_caught("commit-mismatch", 1, &anvil, &contract);
 }
 
 #[test]

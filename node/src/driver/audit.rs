@@ -14,24 +14,15 @@
 
 use super::{Compute, Driver, Internal};
 use libp2p::PeerId;
-use libp2p::identity::PublicKey;
 use p2p_proto::audit;
 use p2p_proto::membership::RingView;
 use p2p_proto::message::{FaultEvidence, FaultKind, GradientCommit};
 use p2p_proto::round::AuditJob;
 use tracing::{info, warn};
 
-/// The public key behind a peer id (ed25519 ids inline it).
-fn public_key(peer: &str) -> Option<PublicKey> {
-    let id: PeerId = peer.parse().ok()?;
-    let mh = id.as_ref();
-    // 0x00: the identity multihash, which holds the protobuf-encoded key itself.
-    (mh.code() == 0).then(|| PublicKey::try_decode_protobuf(mh.digest()).ok()).flatten()
-}
-
 /// Whether `commit` carries a valid signature of the peer it names.
 pub(super) fn signed_by_its_peer(commit: &GradientCommit) -> bool {
-    public_key(&commit.peer).is_some_and(|k| k.verify(&commit.signing_bytes(), &commit.signature))
+    crate::sign::commit_is_signed(commit)
 }
 
 /// A test-only misbehaviour (builds with the `fault-injection` feature): what a lying peer does.
@@ -43,6 +34,8 @@ pub enum FaultMode {
     Scale1000,
     /// Commits to (and sends) NaNs, as the raw bits of f32 NaN (the encoder refuses them).
     Nan,
+    /// Commits to its gradient, then sends (and signs) other values for its own chunk.
+    CommitMismatch,
 }
 
 impl std::str::FromStr for FaultMode {
@@ -52,7 +45,8 @@ impl std::str::FromStr for FaultMode {
             "random-gradient" => Ok(Self::RandomGradient),
             "scale-1000" => Ok(Self::Scale1000),
             "nan" => Ok(Self::Nan),
-            other => Err(format!("unknown fault mode `{other}`: random-gradient, scale-1000 or nan")),
+            "commit-mismatch" => Ok(Self::CommitMismatch),
+            other => Err(format!("unknown fault mode `{other}`: random-gradient, scale-1000, nan or commit-mismatch")),
         }
     }
 }
@@ -69,8 +63,27 @@ pub(super) enum Audited {
 impl Driver {
     /// Signs a commit's bytes with this peer's identity key.
     pub(super) fn signer(&self) -> impl Fn(&[u8]) -> Vec<u8> + use<> {
-        let key = self.cfg.identity.clone();
-        move |bytes: &[u8]| key.sign(bytes).expect("an ed25519 key signs")
+        let signer = self.signer.clone();
+        move |bytes: &[u8]| signer.sign(bytes)
+    }
+
+    /// This peer's left neighbour signed a chunk that contradicts its commit: gossip the proof
+    /// and act on it (the round fails on its own).
+    pub(super) fn contradiction(&mut self, c: Box<p2p_proto::round::Contradiction>) {
+        let accused = c.view.members[c.accused].clone();
+        warn!(round = c.view.round, peer = %accused, "the peer signed a chunk that contradicts its commit");
+        let evidence = FaultEvidence {
+            run: self.cfg.run,
+            reporter: self.me.clone(),
+            accused,
+            kind: FaultKind::CommitContradiction,
+            commit: c.commit,
+            members: c.view.members,
+            batches: c.batches,
+            steps: c.steps,
+        };
+        self.publish(&p2p_proto::message::Gossip::Fault(Box::new(evidence.clone())));
+        self.proven(&evidence, "it signed a chunk other than the one it committed to");
     }
 
     /// Recomputes the gradient of the member at `target` of `view` (its micro-batch in a round
@@ -142,6 +155,7 @@ impl Driver {
                             commit: job.commit.clone(),
                             members: job.view.members.clone(),
                             batches: job.batches.clone(),
+                            steps: Vec::new(),
                         };
                         self.publish(&p2p_proto::message::Gossip::Fault(Box::new(evidence.clone())));
                         self.proven(&evidence, &reason);
@@ -209,6 +223,25 @@ impl Driver {
             return;
         }
         let Some(target) = view.position(&evidence.accused) else { return };
+        if evidence.kind == FaultKind::CommitContradiction {
+            // Self-contained: the accused's own signatures contradict each other.
+            let key = crate::sign::peer_key(&evidence.accused);
+            let signed = key.is_some_and(|k| {
+                evidence.steps.iter().all(|s| crate::sign::step_is_signed(&k, c.run, c.round, c.attempt, s))
+            });
+            let verdict = if !signed {
+                Ok(())
+            } else {
+                match audit::contradicts(c, target, &evidence.steps) {
+                    Ok(()) => Err("it signed a chunk other than the one it committed to".to_owned()),
+                    Err(why) => {
+                        warn!(accused = %evidence.accused, why, "fault evidence refused");
+                        return;
+                    }
+                }
+            };
+            return self.on_audited(Audited::Evidence { evidence, verdict });
+        }
         let state = self.membership.state();
         if self.next_round != c.round || state.param_hash != c.param_hash {
             info!(
@@ -237,6 +270,19 @@ impl FaultMode {
             Some(Self::Scale1000) => weighted.iter_mut().for_each(|v| *v *= 1000.0),
             Some(Self::Nan) => weighted.fill(f32::NAN),
             _ => {}
+        }
+    }
+
+    /// What a peer in this mode does to a ring segment before it signs it: its own chunk goes
+    /// out with other values (and their hash), against its commit.
+    pub(super) fn tamper(mode: Option<Self>, step: &mut p2p_proto::message::RingStep) {
+        if mode == Some(Self::CommitMismatch)
+            && step.id.phase == p2p_proto::ring::Phase::ReduceScatter
+            && step.id.step == 0
+            && step.payload.len() >= 4
+        {
+            step.payload[0] ^= 0x10;
+            step.hash = *blake3::hash(&step.payload).as_bytes();
         }
     }
 

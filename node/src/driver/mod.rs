@@ -193,6 +193,8 @@ struct Driver {
     convicted: std::collections::HashSet<PeerKey>,
     /// Fault evidence checked or being checked, by (accused, round, attempt).
     faults_checked: std::collections::HashSet<(PeerKey, u64, u32)>,
+    /// Signs this peer's commits and ring segments.
+    signer: crate::sign::Signer,
     summary: Summary,
     finished: bool,
 }
@@ -232,6 +234,7 @@ pub async fn run(
         ticks: 0,
         convicted: std::collections::HashSet::new(),
         faults_checked: std::collections::HashSet::new(),
+        signer: crate::sign::Signer::new(cfg.identity.clone()),
         membership: Membership::resume(cfg.run, me.clone(), cfg.membership.clone(), state),
         cfg,
         net,
@@ -700,10 +703,14 @@ impl Driver {
                         return;
                     }
                     if let Some(w) = &self.writer {
+                        let mut step = step;
+                        FaultMode::tamper(self.cfg.fault, &mut step);
+                        self.signer.sign_step(&mut step);
                         let _ = w.send(step);
                     }
                 }
                 RoundAction::Audit(job) => self.audit(job),
+                RoundAction::Contradiction(c) => self.contradiction(c),
                 RoundAction::Completed(o) => self.on_completed(*o),
                 RoundAction::Failed(f) => {
                     let now = self.now();
