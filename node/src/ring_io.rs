@@ -4,8 +4,11 @@
 //! frames of every step on it, in order. Incoming streams are read by one task
 //! each, which checks every frame before it reaches the driver: the length
 //! against [`p2p_proto::MAX_FRAME_BYTES`] before allocating, the version, the
-//! encoding, the sender's signature, and the payload against its blake3 hash. A bad frame closes that
-//! stream with a logged reason; it never reaches the ring state machine.
+//! encoding, the sender's signature, the payload against its blake3 hash, and that every
+//! frame of a stream is for the attempt of its first (a frame signed for another round
+//! is a replay). A bad frame closes that stream with a logged reason and is reported to the
+//! driver (which fails the attempt, naming the sender); it never reaches the ring state
+//! machine.
 
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, StreamProtocol};
@@ -18,11 +21,13 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, warn};
 
-/// A verified ring step and the peer whose stream carried it.
+/// A verified ring step (or why a frame was rejected) and the peer whose stream carried it.
 #[derive(Debug)]
 pub struct Inbound {
     pub from: PeerId,
-    pub step: VerifiedStep,
+    pub step: Result<VerifiedStep, String>,
+    /// The (round, attempt) of the stream's first frame, if one was accepted.
+    pub attempt: Option<(u64, u32)>,
     /// Notified by the driver to close the stream (it is not the ring's).
     pub close: Arc<Notify>,
 }
@@ -87,6 +92,7 @@ async fn read_stream(peer: PeerId, mut stream: libp2p::Stream, inbound: mpsc::Se
         warn!(%peer, "rejected ring stream: the peer's id holds no key to check its signatures");
         return;
     };
+    let mut attempt: Option<(p2p_proto::RunId, u64, u32)> = None;
     loop {
         let frame = tokio::select! {
             f = read_frame::<RingFrame, _>(&mut stream, &mut buf) => f,
@@ -96,26 +102,29 @@ async fn read_stream(peer: PeerId, mut stream: libp2p::Stream, inbound: mpsc::Se
             Ok(Some(RingFrame::Step(step)))
                 if !crate::sign::step_is_signed(&key, step.run, step.round, step.attempt, &step.header()) =>
             {
-                warn!(%peer, "rejected ring frame: its signature does not verify; closing the stream");
-                return;
+                Err("its signature does not verify".to_owned())
             }
-            Ok(Some(RingFrame::Step(step))) => step.verify(),
+            Ok(Some(RingFrame::Step(step))) if attempt.is_some_and(|a| a != (step.run, step.round, step.attempt)) => {
+                let (_, round, att) = attempt.expect("checked");
+                Err(format!(
+                    "a frame signed for round {} attempt {} on a stream of round {round} attempt {att}: replayed or stale",
+                    step.round, step.attempt
+                ))
+            }
+            Ok(Some(RingFrame::Step(step))) => {
+                let at = (step.run, step.round, step.attempt);
+                step.verify().map_err(|e| e.to_string()).inspect(|_| attempt = Some(at))
+            }
             Ok(None) => return,
-            Err(e) => {
-                warn!(%peer, reason = %e, "rejected ring frame; closing the stream");
-                return;
-            }
+            Err(e) => Err(e.to_string()),
         };
-        match step {
-            Ok(step) => {
-                if inbound.send(Inbound { from: peer, step, close: close.clone() }).await.is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                warn!(%peer, reason = %e, "rejected ring frame; closing the stream");
-                return;
-            }
+        let at = attempt.map(|(_, r, a)| (r, a));
+        let rejected = step.is_err();
+        if let Err(reason) = &step {
+            warn!(%peer, %reason, "rejected ring frame; closing the stream");
+        }
+        if inbound.send(Inbound { from: peer, step, attempt: at, close: close.clone() }).await.is_err() || rejected {
+            return;
         }
     }
 }

@@ -1,11 +1,11 @@
-//! Signatures with the peer's libp2p identity key (ed25519): on commits and on
-//! ring segments, so that what a peer sent can be shown to anyone as its own.
+//! Signatures with the peer's libp2p identity key (ed25519): on commits, on
+//! ring segments and on sum checks, so that what a peer sent can be shown to anyone as its own.
 //! A peer id of an ed25519 key inlines the key, so anyone can check a signature
 //! from the peer id alone.
 
 use libp2p::PeerId;
 use libp2p::identity::{Keypair, PublicKey};
-use p2p_proto::message::{GradientCommit, RingStep, RunId, SignedStep};
+use p2p_proto::message::{GradientCommit, RingStep, RunId, SignedStep, SumCheck};
 
 /// The public key behind a peer id (ed25519 ids inline it).
 pub fn public_key(peer: &PeerId) -> Option<PublicKey> {
@@ -21,6 +21,11 @@ fn key_of(peer: &str) -> Option<PublicKey> {
 /// Whether `commit` carries a valid signature of the peer it names.
 pub fn commit_is_signed(commit: &GradientCommit) -> bool {
     key_of(&commit.peer).is_some_and(|k| k.verify(&commit.signing_bytes(), &commit.signature))
+}
+
+/// Whether `check` carries a valid signature of the peer it names.
+pub fn sum_check_is_signed(check: &SumCheck) -> bool {
+    key_of(&check.peer).is_some_and(|k| k.verify(&check.signing_bytes(), &check.signature))
 }
 
 /// Whether `step` of `(run, round, attempt)` carries a valid signature of `peer`.
@@ -39,6 +44,11 @@ impl Signer {
 
     pub fn sign(&self, bytes: &[u8]) -> Vec<u8> {
         self.0.sign(bytes).expect("an ed25519 key signs")
+    }
+
+    /// Signs a sum check in place.
+    pub fn sign_sum_check(&self, check: &mut SumCheck) {
+        check.signature = self.sign(&check.signing_bytes());
     }
 
     /// Signs a ring segment in place.

@@ -10,7 +10,8 @@
 //! 3. [`chunk`] splits the vector into one chunk per ring member, and each chunk
 //!    into segments that travel as one frame each; [`hash`] commits to them.
 //! 4. [`round`] gossips the commit, runs [`ring`] (reduce-scatter, then
-//!    all-gather) and certifies the result with every member's `Done`.
+//!    all-gather) and certifies the result with every member's `Done`; in an
+//!    audited attempt [`sumcheck`] then checks every member's partial sums.
 //! 5. [`message`] defines every message on the wire and [`codec`] frames it
 //!    with a version byte and a size limit checked before any allocation.
 //!
@@ -28,6 +29,7 @@ pub mod message;
 pub mod ring;
 pub mod round;
 pub mod state;
+pub mod sumcheck;
 
 pub use codec::{FrameError, MAX_FRAME_BYTES, PROTOCOL_VERSION, decode_frame, encode_frame};
 pub use fixed::FixedPoint;

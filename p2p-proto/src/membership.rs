@@ -36,7 +36,11 @@
 //! vain. A peer named in [`STRIKES_TO_OPEN`] failed rounds in a row is kept out
 //! of rings for [`BREAKER_BASE_ROUNDS`] rounds, twice as long each time it
 //! happens again (up to [`BREAKER_MAX_ROUNDS`]); a round it completes clears its
-//! strikes. One timeout never bans a peer. A peer proven to lie is kept out for
+//! strikes. One timeout never bans a peer; a message that failed its checks
+//! (altered bytes, a replay, a false claim about a segment: faults its receiver
+//! sees but cannot prove to others) counts as [`STRIKES_TO_OPEN`] strikes, so
+//! every peer that receives one keeps the sender out at once, and the sender is
+//! out of rings once most of them did. A peer proven to lie is kept out for
 //! good ([`Membership::convict`]). A forming ring leaves out a peer when more
 //! than half of its other members keep it out, so every member computes the same
 //! ring and no single peer can keep an honest one out.
@@ -564,12 +568,17 @@ impl Membership {
     /// The round failed, waiting in vain for `blame` (none when it failed for another
     /// reason): form again for the same round with the next attempt, after a back-off.
     pub fn round_failed(&mut self, now: u64, blame: &[PeerKey]) -> Vec<PeerKey> {
+        self.round_failed_with(now, blame, 1)
+    }
+
+    /// As [`Self::round_failed`], each blamed peer taking `strikes` strikes.
+    pub fn round_failed_with(&mut self, now: u64, blame: &[PeerKey], strikes: u32) -> Vec<PeerKey> {
         let mut opened = Vec::new();
         if let Phase::Running(v) = &self.phase {
             let (round, attempt) = (v.round, v.attempt + 1);
             for p in blame.iter().filter(|p| **p != self.me) {
                 let b = self.breakers.entry(p.clone()).or_default();
-                b.strikes += 1;
+                b.strikes += strikes;
                 if b.strikes >= STRIKES_TO_OPEN {
                     let rounds = (BREAKER_BASE_ROUNDS << b.opens.min(16)).min(BREAKER_MAX_ROUNDS);
                     b.open_until = round + rounds;
@@ -917,6 +926,19 @@ mod tests {
         }
         assert!(ps[0].excluded(10 + 2 * BREAKER_BASE_ROUNDS - 1).contains(&flaky));
         assert!(!ps[0].excluded(10 + 2 * BREAKER_BASE_ROUNDS).contains(&flaky));
+    }
+
+    #[test]
+    fn a_bad_message_opens_the_breaker_at_once_but_only_where_it_was_seen() {
+        let mut ps = peers(3, 3);
+        simulate(&mut ps, &[true; 3], 20, 0);
+        let liar = "peer-2".to_string();
+        let now = 20 * 50 * MS;
+        ps[0].phase = Phase::Running(RingView::order(ps[0].run, 1, 0, names(3)));
+        assert_eq!(ps[0].round_failed_with(now, std::slice::from_ref(&liar), STRIKES_TO_OPEN), vec![liar.clone()]);
+        assert_eq!(ps[0].excluded(1), vec![liar.clone()]);
+        // Peer 1 saw nothing: one peer's word keeps nobody out of its rings.
+        assert!(ps[1].excluded(1).is_empty());
     }
 
     #[test]

@@ -63,6 +63,10 @@ pub enum Gossip {
     Checkpoint(CheckpointAnnounce),
     /// A proven fault, with its evidence: every peer checks it itself.
     Fault(Box<FaultEvidence>),
+    /// A member's checksums of the ring segments it sent and received ([`crate::sumcheck`]).
+    SumCheck(Box<SumCheck>),
+    /// A member checked every sum check it could and found nothing wrong.
+    Checked(RoundChecked),
 }
 
 impl Gossip {
@@ -77,6 +81,8 @@ impl Gossip {
             Gossip::Failed(m) => m.run,
             Gossip::Checkpoint(m) => m.run,
             Gossip::Fault(m) => m.run,
+            Gossip::SumCheck(m) => m.run,
+            Gossip::Checked(m) => m.run,
         }
     }
 
@@ -91,6 +97,8 @@ impl Gossip {
             Gossip::Failed(m) => &m.peer,
             Gossip::Checkpoint(m) => &m.peer,
             Gossip::Fault(m) => &m.reporter,
+            Gossip::SumCheck(m) => &m.peer,
+            Gossip::Checked(m) => &m.peer,
         }
     }
 }
@@ -197,6 +205,9 @@ pub enum FaultKind {
     AuditMismatch = 1,
     /// The member signed a commit and, in the ring, signed a chunk that contradicts it.
     CommitContradiction = 2,
+    /// The member's partial sums (by its own signed checksums) did not add its committed
+    /// gradient to what it received: it dropped, changed or added values in the ring.
+    PartialSumMismatch = 3,
 }
 
 /// Evidence that `accused` lied in `round`, enough for any peer to check it by itself: the
@@ -215,6 +226,8 @@ pub struct FaultEvidence {
     pub members: Vec<PeerKey>,
     pub batches: Vec<u64>,
     pub steps: Vec<SignedStep>,
+    /// For a partial-sum mismatch: the accused's signed checksums of what it sent and received.
+    pub sum_check: Option<Box<SumCheck>>,
 }
 
 impl FaultEvidence {
@@ -222,6 +235,54 @@ impl FaultEvidence {
     pub fn digest(&self) -> Hash {
         blake3::hash(&crate::codec::encode_frame(self)).into()
     }
+}
+
+/// A checksum claim about one ring segment: where it belongs, its blake3 and its two
+/// evaluations ([`crate::sumcheck::eval_le_bytes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentClaim {
+    pub id: StepId,
+    pub hash: Hash,
+    pub eval: [u64; 2],
+}
+
+/// What a member states, once the ring agreed on the sum, about every reduce-scatter segment
+/// it sent and received (and the fully reduced chunk it sent first in the all-gather), signed
+/// with its identity key. Its neighbours hold those segments and check the claims; its auditor
+/// checks that the difference of what it sent and received is its committed gradient.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SumCheck {
+    pub run: RunId,
+    pub peer: PeerKey,
+    pub round: u64,
+    pub attempt: u32,
+    /// The hash of the sum every member certified: the checksums' evaluation points derive
+    /// from it, so nobody knew them while the ring ran.
+    pub sum: Hash,
+    pub sent: Vec<SegmentClaim>,
+    pub received: Vec<SegmentClaim>,
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl SumCheck {
+    /// What the member signs: the check's encoding with an empty signature.
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        let mut unsigned = self.clone();
+        unsigned.signature.clear();
+        crate::codec::encode_frame(&unsigned)
+    }
+}
+
+/// A member checked every member's sum check (the claims about segments it holds and, if it
+/// audited one, that member's partial sums) and found nothing wrong: the round counts once
+/// every member said so.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundChecked {
+    pub run: RunId,
+    pub peer: PeerKey,
+    pub round: u64,
+    pub attempt: u32,
 }
 
 /// One outgoing partial sum of the reduce-scatter: which step, which chunk, its hash.

@@ -12,6 +12,12 @@
 //!    the same hash. A member that dies mid-round thus makes the round fail for
 //!    everyone (within the timeouts) instead of counting for some.
 //!
+//! 4. **Check.** In an audited attempt every member then gossips its signed
+//!    [`SumCheck`] ([`crate::sumcheck`]): neighbours check the claims about the
+//!    segments they hold, the auditor checks that its target's partial sums
+//!    added exactly its committed gradient. A member whose checks all passed
+//!    gossips `Checked`, and the round counts once every member did.
+//!
 //! Any timeout, any inconsistent message from a member, or a member's
 //! `Failed` fails the attempt; membership then forms the next one.
 
@@ -19,9 +25,12 @@ use crate::chunk::chunk_ranges;
 use crate::hash::{Hash, chunk_hash, hash_i32s, hex, segment_hashes};
 use crate::membership::RingView;
 use crate::message::{
-    Gossip, GradientCommit, PartialSums, PeerKey, RingStep, RoundDone, RoundFailed, RunId, SignedStep, VerifiedStep,
+    Gossip, GradientCommit, PartialSums, PeerKey, RingStep, RoundChecked, RoundDone, RoundFailed, RunId, SegmentClaim,
+    SignedStep, StepId, SumCheck, VerifiedStep,
 };
-use crate::ring::{RingAllReduce, RingParams};
+use crate::ring::{Phase, RingAllReduce, RingParams};
+use crate::sumcheck;
+use std::collections::BTreeMap;
 
 /// Timeouts and sizes of a round.
 #[derive(Debug, Clone)]
@@ -151,6 +160,10 @@ pub enum FailureKind {
     Fault,
     /// A member left, stopped responding, or timed out.
     Gone,
+    /// The blamed member sent this member a message that failed its checks (bytes altered
+    /// after signing, a replay, values out of range, a false claim about a segment): seen
+    /// here, not provable to others.
+    BadMessage,
     /// Anything else (views differ, a rejected step, another member failed).
     Other,
 }
@@ -178,14 +191,29 @@ pub struct Contradiction {
     pub steps: Vec<SignedStep>,
 }
 
+/// Proof that the member at `accused` sent partial sums other than what it received plus its
+/// committed gradient: its own signed checksums, against its gradient recomputed from public
+/// inputs (which its commit matched).
+#[derive(Debug, Clone)]
+pub struct SumFault {
+    pub view: RingView,
+    pub accused: usize,
+    pub commit: GradientCommit,
+    pub batches: Vec<u64>,
+    pub check: SumCheck,
+}
+
 /// What the round asks the node to do.
 #[derive(Debug, Clone)]
 pub enum RoundAction {
+    /// Gossip this message (a [`Gossip::SumCheck`] is signed first).
     Publish(Gossip),
     /// Sign and send to the right neighbour.
     Send(RingStep),
     /// Gossip this proof of a lie (the attempt fails too).
     Contradiction(Box<Contradiction>),
+    /// Gossip this proof of a wrong partial sum (the attempt fails too).
+    SumFault(Box<SumFault>),
     /// Run this audit, then call [`Round::audit_passed`] or [`Round::audit_failed`].
     Audit(Box<AuditJob>),
     Completed(Box<Outcome>),
@@ -197,6 +225,7 @@ enum Stage {
     Committing,
     Reducing,
     Certifying,
+    Checking,
     Finished,
 }
 
@@ -225,6 +254,18 @@ pub struct Round {
     audit_target: Option<usize>,
     /// The left neighbour's signed step-0 segments (its own chunk), as they arrived.
     left_step0: Vec<SignedStep>,
+    /// Whether this attempt's partial sums are checked ([`crate::sumcheck`]): audited ones.
+    sum_checking: bool,
+    /// Segments received (reduce-scatter and all-gather step 0) and sent, kept for the checks.
+    held_in: BTreeMap<StepId, (Hash, Vec<u8>)>,
+    held_out: BTreeMap<StepId, (Hash, Vec<u8>)>,
+    checks: Vec<Option<SumCheck>>,
+    checked: Vec<bool>,
+    /// Members that said all their checks passed.
+    confirmed: Vec<bool>,
+    /// The audited member's recomputed values, to check its sum check against.
+    audited_data: Option<Vec<i32>>,
+    points: [u64; 2],
     deadline: u64,
     last_publish: u64,
     started: u64,
@@ -286,6 +327,14 @@ impl Round {
             auditing: false,
             audit_target: None,
             left_step0: Vec::new(),
+            sum_checking: false,
+            held_in: BTreeMap::new(),
+            held_out: BTreeMap::new(),
+            checks: vec![None; n],
+            checked: vec![false; n],
+            confirmed: vec![false; n],
+            audited_data: None,
+            points: [0; 2],
             deadline: now + cfg.commit_timeout_us,
             last_publish: now,
             started: now,
@@ -426,6 +475,7 @@ impl Round {
             && !self.ring_batches.is_empty()
         {
             self.auditing = true;
+            self.sum_checking = true;
             self.audit_target = Some(target);
             out.push(RoundAction::Audit(Box::new(AuditJob {
                 view: self.view.clone(),
@@ -479,8 +529,11 @@ impl Round {
             }
             Stage::Reducing => {
                 let s = step.step();
-                if s.id.phase == crate::ring::Phase::ReduceScatter && s.id.step == 0 {
+                if s.id.phase == Phase::ReduceScatter && s.id.step == 0 {
                     self.left_step0.push(s.header());
+                }
+                if self.sum_checking && (s.id.phase == Phase::ReduceScatter || s.id.step == 0) {
+                    self.held_in.insert(s.id, (s.hash, s.payload.clone()));
                 }
                 let ring = self.ring.as_mut().expect("ring while reducing");
                 match ring.on_step(step) {
@@ -490,15 +543,10 @@ impl Round {
                         self.maybe_certify(now, &mut out);
                     }
                     Err(e) => {
-                        // Values out of range, or other than committed, are the sender's doing:
-                        // the stream is authenticated end to end.
-                        let blame = match e {
-                            crate::ring::RingError::OutOfRange { .. }
-                            | crate::ring::RingError::CommitMismatch { .. } => {
-                                vec![self.left().clone()]
-                            }
-                            _ => Vec::new(),
-                        };
+                        // Every rejected step (values out of range or other than committed, a
+                        // step out of place or twice) is the sender's doing: the stream is
+                        // authenticated end to end.
+                        let blame = vec![self.left().clone()];
                         if matches!(e, crate::ring::RingError::CommitMismatch { .. }) {
                             let accused = (self.pos + self.view.len() - 1) % self.view.len();
                             let mut steps = self.left_step0.clone();
@@ -512,20 +560,32 @@ impl Round {
                             })));
                         }
                         let reason = format!("ring step from {} rejected: {e}", self.left());
-                        self.fail_with(reason, FailureKind::Other, blame, &mut out)
+                        self.fail_with(reason, FailureKind::BadMessage, blame, &mut out)
                     }
                 }
             }
-            Stage::Certifying | Stage::Finished => {}
+            Stage::Certifying | Stage::Checking | Stage::Finished => {}
         }
         out
     }
 
-    /// This member's audit found the target's commit to be its gradient.
-    pub fn audit_passed(&mut self, now: u64) -> Vec<RoundAction> {
+    /// What this member actually sent (after signing): kept for its sum check.
+    pub fn note_sent(&mut self, step: &RingStep) {
+        if self.sum_checking
+            && self.is_for(step.round, step.attempt)
+            && (step.id.phase == Phase::ReduceScatter || step.id.step == 0)
+        {
+            self.held_out.insert(step.id, (step.hash, step.payload.clone()));
+        }
+    }
+
+    /// This member's audit found the target's commit to be its gradient, recomputed as `data`
+    /// (kept to check the target's partial sums).
+    pub fn audit_passed(&mut self, now: u64, data: Option<Vec<i32>>) -> Vec<RoundAction> {
         let mut out = Vec::new();
         if self.auditing && self.stage != Stage::Finished {
             self.auditing = false;
+            self.audited_data = data;
             self.maybe_certify(now, &mut out);
         }
         out
@@ -595,7 +655,12 @@ impl Round {
                 }
             }
         }
-        if self.stage == Stage::Certifying && self.dones.iter().all(Option::is_some) {
+        if self.stage == Stage::Certifying && self.dones.iter().all(Option::is_some) && self.sum_checking {
+            self.start_checks(now, out);
+        }
+        if (self.stage == Stage::Certifying && self.dones.iter().all(Option::is_some))
+            || (self.stage == Stage::Checking && self.confirmed.iter().all(|c| *c))
+        {
             self.stage = Stage::Finished;
             let (sum, sum_hash) = self.sum.take().expect("sum");
             let samples = self.commits.iter().flatten().map(|c| c.samples).sum();
@@ -616,6 +681,143 @@ impl Round {
                 audited: self.audit_target.map(|t| self.view.members[t].clone()),
             })));
         }
+    }
+
+    /// Every member certified the sum: gossip this member's claims and check those already in.
+    fn start_checks(&mut self, now: u64, out: &mut Vec<RoundAction>) {
+        let sum = self.sum.as_ref().expect("sum").1;
+        self.points = sumcheck::points(self.run, self.view.round, self.view.attempt, &sum);
+        let points = self.points;
+        let claims = |held: &BTreeMap<StepId, (Hash, Vec<u8>)>, all_gather: bool| -> Vec<SegmentClaim> {
+            held.iter()
+                .filter(|(id, _)| all_gather || id.phase == Phase::ReduceScatter)
+                .map(|(id, (hash, bytes))| SegmentClaim {
+                    id: *id,
+                    hash: *hash,
+                    eval: sumcheck::eval_le_bytes(bytes, points),
+                })
+                .collect()
+        };
+        let check = SumCheck {
+            run: self.run,
+            peer: self.view.members[self.pos].clone(),
+            round: self.view.round,
+            attempt: self.view.attempt,
+            sum,
+            sent: claims(&self.held_out, true),
+            received: claims(&self.held_in, false),
+            signature: Vec::new(),
+        };
+        out.push(RoundAction::Publish(Gossip::SumCheck(Box::new(check.clone()))));
+        self.checks[self.pos] = Some(check);
+        self.checked[self.pos] = true;
+        self.stage = Stage::Checking;
+        self.deadline = now + self.cfg.done_timeout_us;
+        self.last_publish = now;
+        for i in 0..self.checks.len() {
+            if i != self.pos && self.checks[i].is_some() && self.stage == Stage::Checking {
+                self.verify_check(i, out);
+            }
+        }
+        self.maybe_confirm(out);
+    }
+
+    /// Checks member `i`'s sum check: its shape, the claims about segments this member holds
+    /// and, if this member audited it, its partial sums against its recomputed values.
+    fn verify_check(&mut self, i: usize, out: &mut Vec<RoundAction>) {
+        let n = self.view.len();
+        let (left, right) = ((self.pos + n - 1) % n, (self.pos + 1) % n);
+        let check = self.checks[i].as_ref().expect("a check to verify");
+        let peer = check.peer.clone();
+        let len = self.own_commit().len as usize;
+        let sum = self.sum.as_ref().expect("sum while checking").1;
+        let wrong = if check.sum != sum {
+            Err("its sum check is for another sum".to_owned())
+        } else {
+            sumcheck::check_shape(check, n, i, len, self.cfg.segment_elems)
+                .and_then(|()| {
+                    if i == left { sumcheck::check_held(&check.sent, &self.held_in, self.points) } else { Ok(()) }
+                })
+                .and_then(|()| {
+                    if i == right { sumcheck::check_held(&check.received, &self.held_out, self.points) } else { Ok(()) }
+                })
+        };
+        if let Err(why) = wrong {
+            return self.fail_with(format!("peer {peer}: {why}"), FailureKind::BadMessage, vec![peer], out);
+        }
+        if self.audit_target == Some(i)
+            && let Some(data) = &self.audited_data
+            && let Err(why) = sumcheck::check_own(check, n, data, self.cfg.segment_elems, self.points)
+        {
+            out.push(RoundAction::SumFault(Box::new(SumFault {
+                view: self.view.clone(),
+                accused: i,
+                commit: self.commits[i].clone().expect("all commits"),
+                batches: self.ring_batches.clone(),
+                check: check.clone(),
+            })));
+            return self.fail_with(format!("peer {peer}: {why}"), FailureKind::Fault, vec![peer], out);
+        }
+        self.checked[i] = true;
+        self.maybe_confirm(out);
+    }
+
+    /// Once every check passed, tells the others.
+    fn maybe_confirm(&mut self, out: &mut Vec<RoundAction>) {
+        if self.stage == Stage::Checking && !self.confirmed[self.pos] && self.checked.iter().all(|c| *c) {
+            self.confirmed[self.pos] = true;
+            out.push(RoundAction::Publish(Gossip::Checked(self.own_checked())));
+        }
+    }
+
+    fn own_checked(&self) -> RoundChecked {
+        RoundChecked {
+            run: self.run,
+            peer: self.view.members[self.pos].clone(),
+            round: self.view.round,
+            attempt: self.view.attempt,
+        }
+    }
+
+    /// A member said all its checks passed.
+    pub fn on_checked(&mut self, c: &RoundChecked, now: u64) -> Vec<RoundAction> {
+        let mut out = Vec::new();
+        if self.stage == Stage::Finished || !self.is_for(c.round, c.attempt) || !self.sum_checking {
+            return out;
+        }
+        if let Some(i) = self.member(&c.peer).filter(|i| *i != self.pos) {
+            self.confirmed[i] = true;
+            self.maybe_certify(now, &mut out);
+        }
+        out
+    }
+
+    /// A member's sum check (the caller checked its signature).
+    pub fn on_sum_check(&mut self, check: SumCheck, now: u64) -> Vec<RoundAction> {
+        let mut out = Vec::new();
+        if self.stage == Stage::Finished || !self.is_for(check.round, check.attempt) || !self.sum_checking {
+            return out;
+        }
+        let Some(i) = self.member(&check.peer).filter(|i| *i != self.pos) else { return out };
+        match &self.checks[i] {
+            Some(prev) if *prev != check => {
+                let peer = check.peer.clone();
+                self.fail_with(
+                    format!("peer {peer} sent two different sum checks for one attempt"),
+                    FailureKind::BadMessage,
+                    vec![peer],
+                    &mut out,
+                );
+                return out;
+            }
+            Some(_) => return out,
+            None => self.checks[i] = Some(check),
+        }
+        if self.stage == Stage::Checking {
+            self.verify_check(i, &mut out);
+            self.maybe_certify(now, &mut out);
+        }
+        out
     }
 
     pub fn on_done(&mut self, d: RoundDone, now: u64) -> Vec<RoundAction> {
@@ -660,6 +862,22 @@ impl Round {
         out
     }
 
+    /// The left neighbour sent a frame that failed the checks before the state machine (its
+    /// hash, its signature, a replay on this attempt's stream): the attempt fails, naming it.
+    pub fn rejected_from_left(&mut self, reason: &str) -> Vec<RoundAction> {
+        let mut out = Vec::new();
+        if matches!(self.stage, Stage::Committing | Stage::Reducing) {
+            let left = self.left().clone();
+            self.fail_with(
+                format!("ring frame from {left} rejected: {reason}"),
+                FailureKind::BadMessage,
+                vec![left],
+                &mut out,
+            );
+        }
+        out
+    }
+
     /// This member aborts the attempt (it is leaving before the ring could use its gradient).
     pub fn abort(&mut self, reason: &str) -> Vec<RoundAction> {
         let mut out = Vec::new();
@@ -670,7 +888,7 @@ impl Round {
     /// Whether this member's gradient may already be in another member's partial sums: the
     /// attempt is past its commit barrier.
     pub fn is_reducing(&self) -> bool {
-        matches!(self.stage, Stage::Reducing | Stage::Certifying)
+        matches!(self.stage, Stage::Reducing | Stage::Certifying | Stage::Checking)
     }
 
     /// Timeouts and re-gossip.
@@ -690,6 +908,10 @@ impl Round {
                     ("this member's audit", Vec::new())
                 }
                 Stage::Reducing => ("ring data", vec![self.left().clone()]),
+                Stage::Checking if self.checks.iter().any(Option::is_none) => {
+                    ("sum checks", missing(self.checks.iter().map(Option::is_some).collect()))
+                }
+                Stage::Checking => ("their checks", missing(self.confirmed.clone())),
                 _ => ("Done", missing(self.dones.iter().map(Option::is_some).collect())),
             };
             let reason = format!("timed out waiting for {what} from {}", blame.join(", "));
@@ -704,6 +926,13 @@ impl Round {
                 }
                 Stage::Certifying => {
                     out.push(RoundAction::Publish(Gossip::Done(self.dones[self.pos].clone().expect("own done"))));
+                }
+                Stage::Checking => {
+                    let check = self.checks[self.pos].clone().expect("own check");
+                    out.push(RoundAction::Publish(Gossip::SumCheck(Box::new(check))));
+                    if self.confirmed[self.pos] {
+                        out.push(RoundAction::Publish(Gossip::Checked(self.own_checked())));
+                    }
                 }
                 _ => {}
             }
@@ -803,7 +1032,7 @@ mod tests {
                             out.push((to, rounds[to].on_step(v, now)));
                         }
                     }
-                    RoundAction::Audit(_) | RoundAction::Contradiction(_) => {}
+                    RoundAction::Audit(_) | RoundAction::Contradiction(_) | RoundAction::SumFault(_) => {}
                     RoundAction::Completed(_) | RoundAction::Failed(_) => results[from].push(a.clone()),
                 }
                 for (to, acts) in out {
@@ -945,8 +1174,13 @@ mod tests {
             let acts = match &a {
                 RoundAction::Publish(Gossip::Commit(c)) => rounds[to].on_commit(c.clone(), 0),
                 RoundAction::Publish(Gossip::Done(d)) => rounds[to].on_done(d.clone(), 0),
+                RoundAction::Publish(Gossip::SumCheck(c)) => rounds[to].on_sum_check((**c).clone(), 0),
+                RoundAction::Publish(Gossip::Checked(c)) => rounds[to].on_checked(c, 0),
                 RoundAction::Publish(_) => Vec::new(),
-                RoundAction::Send(step) => rounds[to].on_step(RingStep::clone(step).verify().unwrap(), 0),
+                RoundAction::Send(step) => {
+                    rounds[from].note_sent(step);
+                    rounds[to].on_step(RingStep::clone(step).verify().unwrap(), 0)
+                }
                 _ => {
                     kept[from].push(a);
                     continue;
@@ -994,7 +1228,7 @@ mod tests {
             }
             let mut queue = VecDeque::new();
             for (pos, r) in rounds.iter_mut().enumerate() {
-                queue.extend(r.audit_passed(0).into_iter().map(|a| (pos, a)));
+                queue.extend(r.audit_passed(0, Some(member_data(1 - pos, 10))).into_iter().map(|a| (pos, a)));
             }
             let kept = exchange(&mut rounds, queue);
             for k in kept {
@@ -1003,5 +1237,157 @@ mod tests {
         };
         start(false);
         start(true);
+    }
+
+    /// What each member ended with, the proofs gossiped (by whom), and the ring.
+    type AuditedRound = (Vec<Option<RoundAction>>, Vec<(usize, Box<SumFault>)>, RingView);
+
+    /// Runs one audited attempt of `n` members over `len` values with a perfect network; each
+    /// audit passes with the target's true values. `tamper` may change a segment its sender
+    /// sends (after it was noted as sent, so the sender's claims describe what it sent),
+    /// `lie` a member's sum check. Returns what each member ended with, and any proof gossiped.
+    fn audited_round(
+        n: usize,
+        len: usize,
+        tamper: impl Fn(usize, &mut RingStep),
+        lie: impl Fn(usize, &mut SumCheck),
+    ) -> AuditedRound {
+        let run = RunId::from_name(RUN);
+        let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+        let view = RingView::order(run, 7, 0, names);
+        let audited = RoundConfig { audit_every: 1, ..cfg() };
+        let data = |pos: usize| member_data(pos, len);
+        let mut rounds = Vec::new();
+        let mut queue: VecDeque<(usize, RoundAction)> = VecDeque::new();
+        for (pos, name) in view.members.iter().enumerate() {
+            let input =
+                Contribution::new(data(pos), 4, [5; 32], vec![], n, cfg().segment_elems).with_ring_batches(vec![4; n]);
+            let (r, acts) = Round::new(run, name, view.clone(), input, audited.clone(), 0, &no_sign);
+            rounds.push(r);
+            queue.extend(acts.into_iter().map(|a| (pos, a)));
+        }
+        let mut ended: Vec<Option<RoundAction>> = vec![None; n];
+        let mut proofs = Vec::new();
+        while let Some((from, a)) = queue.pop_front() {
+            let mut out: Vec<(usize, Vec<RoundAction>)> = Vec::new();
+            match a {
+                RoundAction::Publish(mut g) => {
+                    if let Gossip::SumCheck(c) = &mut g {
+                        lie(from, c);
+                    }
+                    for to in (0..n).filter(|t| *t != from) {
+                        let acts = match &g {
+                            Gossip::Commit(c) => rounds[to].on_commit(c.clone(), 0),
+                            Gossip::Done(d) => rounds[to].on_done(d.clone(), 0),
+                            Gossip::Failed(f) => rounds[to].on_failed(f),
+                            Gossip::SumCheck(c) => rounds[to].on_sum_check((**c).clone(), 0),
+                            Gossip::Checked(c) => rounds[to].on_checked(c, 0),
+                            _ => Vec::new(),
+                        };
+                        out.push((to, acts));
+                    }
+                }
+                RoundAction::Send(mut step) => {
+                    tamper(from, &mut step);
+                    rounds[from].note_sent(&step);
+                    let to = (from + 1) % n;
+                    out.push((to, rounds[to].on_step(step.verify().unwrap(), 0)));
+                }
+                RoundAction::Audit(job) => out.push((from, rounds[from].audit_passed(0, Some(data(job.target))))),
+                RoundAction::SumFault(f) => proofs.push((from, f)),
+                a @ (RoundAction::Completed(_) | RoundAction::Failed(_)) => ended[from] = Some(a),
+                RoundAction::Contradiction(_) => {}
+            }
+            for (to, acts) in out {
+                queue.extend(acts.into_iter().map(|a| (to, a)));
+            }
+        }
+        (ended, proofs, view)
+    }
+
+    #[test]
+    fn honest_members_pass_every_sum_check_and_certify_the_exact_sum() {
+        for n in 2..6 {
+            for len in [1, 5, 17] {
+                let (ended, proofs, _) = audited_round(n, len, |_, _| {}, |_, _| {});
+                assert!(proofs.is_empty(), "n {n} len {len}: an honest member was accused: {proofs:?}");
+                let want: Vec<i32> = (0..len).map(|j| (0..n).map(|i| member_data(i, len)[j]).sum()).collect();
+                for e in ended {
+                    let Some(RoundAction::Completed(o)) = e else { panic!("n {n} len {len}: {e:?}") };
+                    assert_eq!(o.sum, want);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_member_whose_partial_sum_drops_or_changes_values_is_proven_by_its_auditor() {
+        let n = 4;
+        for liar in 0..n {
+            for change in [i32::MIN, 1] {
+                // i32::MIN stands for "drop what came in": the liar sends only its own values.
+                let (ended, proofs, view) = audited_round(
+                    n,
+                    20,
+                    |from, step| {
+                        if from == liar && step.id.phase == Phase::ReduceScatter && step.id.step == 1 {
+                            let mut v: Vec<i32> = step
+                                .payload
+                                .chunks_exact(4)
+                                .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+                                .collect();
+                            if change == i32::MIN {
+                                let chunk = crate::chunk::chunk_range(20, n, step.id.chunk as usize);
+                                let seg =
+                                    crate::chunk::segment_range(&chunk, cfg().segment_elems, step.id.segment as usize);
+                                v = member_data(liar, 20)[seg].to_vec();
+                            } else {
+                                v[0] += change;
+                            }
+                            *step =
+                                RingStep::new(step.run, step.round, step.attempt, step.id, crate::hash::le_bytes(&v));
+                        }
+                    },
+                    |_, _| {},
+                );
+                assert_eq!(proofs.len(), 1, "liar {liar}: {proofs:?}");
+                let (auditor, proof) = &proofs[0];
+                assert_eq!(proof.accused, liar);
+                assert_eq!(proof.check.peer, view.members[liar]);
+                assert_ne!(*auditor, liar);
+                for (pos, e) in ended.iter().enumerate() {
+                    let Some(RoundAction::Failed(f)) = e else { panic!("member {pos} certified a wrong sum: {e:?}") };
+                    if pos == *auditor {
+                        assert_eq!((f.kind, f.blame.clone()), (FailureKind::Fault, vec![view.members[liar].clone()]));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_member_lying_about_a_segment_it_sent_or_received_is_named_by_the_neighbour_holding_it() {
+        let n = 3;
+        for (sent, liar) in [(true, 0), (false, 0), (true, 2), (false, 1)] {
+            let (ended, proofs, view) = audited_round(
+                n,
+                12,
+                |_, _| {},
+                |from, c| {
+                    if from == liar {
+                        let claims = if sent { &mut c.sent } else { &mut c.received };
+                        claims[0].eval[1] = (claims[0].eval[1] + 1) % sumcheck::P;
+                    }
+                },
+            );
+            // The lie also breaks what its claims say about its own values, which its auditor may
+            // prove; whoever is named, it is the liar.
+            assert!(proofs.iter().all(|(_, p)| p.accused == liar), "{proofs:?}");
+            let holder = if sent { (liar + 1) % n } else { (liar + n - 1) % n };
+            let Some(RoundAction::Failed(f)) = &ended[holder] else { panic!("{:?}", ended[holder]) };
+            assert_eq!(f.blame, vec![view.members[liar].clone()], "{f:?}");
+            assert!(f.reason.contains("does not match"), "{f:?}");
+            assert!(ended.iter().all(|e| matches!(e, Some(RoundAction::Failed(_)))), "nobody certifies: {ended:?}");
+        }
     }
 }

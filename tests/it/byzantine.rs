@@ -1,9 +1,12 @@
-//! Lying peers: a peer that commits to something other than its gradient is
-//! caught by an audit in the first round it lies in, every honest peer checks
-//! the evidence itself and keeps it out of rings, the fault is reported on
-//! chain, its rounds are not credited, and the honest peers go on training
-//! with identical parameters. And honest peers with audits on never accuse one
-//! another.
+//! Lying peers: a peer that commits to something other than its gradient, or
+//! whose partial sums drop what it received, is caught by an audit in the first
+//! round it lies in, every honest peer checks the evidence itself and keeps it
+//! out of rings, the fault is reported on chain, its rounds are not credited,
+//! and the honest peers go on training with identical parameters. A peer that
+//! sends frames that fail their checks (altered after signing, replayed from an
+//! earlier round) cannot be proven to lie, so it is not reported; every peer
+//! that receives such a frame keeps it out, and once most do it is out of
+//! rings. And honest peers with audits on never accuse one another.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -109,10 +112,10 @@ fn a_liar_is_caught(mode: &str, account_base: usize, anvil: &Anvil, contract: &s
     assert_eq!(first_failure, 0, "{mode}: the liar was caught in round 0, the first round it lied in");
     // One honest peer caught it: its auditor, or (a chunk sent against the commit) its right
     // neighbour, which holds the contradicting signatures.
-    let caught = if mode == "commit-mismatch" {
-        "the peer signed a chunk that contradicts its commit"
-    } else {
-        "audit failed: the peer's commit is not its gradient"
+    let caught = match mode {
+        "commit-mismatch" => "the peer signed a chunk that contradicts its commit",
+        "drop-contribution" => "the peer's partial sums did not add its committed gradient to what it received",
+        _ => "audit failed: the peer's commit is not its gradient",
     };
     let catchers: Vec<&Node> = honest.iter().filter(|n| !n.events(caught).is_empty()).collect();
     assert_eq!(catchers.len(), 1, "{mode}: one honest peer caught the liar in that attempt");
@@ -172,6 +175,98 @@ fn a_peer_committing_to_anything_but_its_gradient_is_caught_excluded_and_reporte
     a_liar_is_caught("nan", 1, &anvil, &contract);
     // Commits to its gradient but sends other values: its own signatures contradict each other.
     a_liar_is_caught("commit-mismatch", 1, &anvil, &contract);
+    // Commits to its gradient, sends it, but its partial sums leave out what it received: its
+    // auditor proves it from its signed sum check.
+    a_liar_is_caught("drop-contribution", 1, &anvil, &contract);
+}
+
+/// Four honest peers and one peer in `mode` (frames altered after signing, or replayed from an
+/// earlier round): every frame it sends that way is refused by its receiver, naming it; the
+/// receivers keep it out, and once most do the honest peers train on without it. Nothing proves
+/// the fault to a third peer, so nothing is reported on chain; it is credited exactly the
+/// rounds it completed honestly.
+fn bad_frames_are_refused(mode: &str, reason: &str, account_base: usize, anvil: &Anvil, contract: &str) {
+    let dir = TempDir::new(&format!("bad-frames-{mode}"));
+    let cfg = config(&dir, &format!("it-bad-frames-{mode}"), 300, 5);
+    let chain = |i: usize| Some((anvil, contract, account_base + i));
+    let a = start(&format!("{mode}-a"), &cfg, chain(0), None, &[]);
+    let boot = a.address();
+    let mut nodes = vec![a];
+    for i in 1..4 {
+        nodes.push(start(&format!("{mode}-{i}"), &cfg, chain(i), Some(&boot), &[]));
+    }
+    let bad = start(&format!("{mode}-bad"), &cfg, chain(4), Some(&boot), &["--fault-mode", mode]);
+    let bad_id = bad.peer_id();
+    nodes.push(bad);
+    let honest = &nodes[..4];
+    let trained_on =
+        wait_until(Duration::from_secs(240), || honest.iter().all(|n| trained(n).len() >= 40).then_some(()));
+    if trained_on.is_none() {
+        nodes.iter().for_each(|n| n.dump());
+        panic!("{mode}: the honest peers did not train on");
+    }
+    // Refused, with the reason, by whoever received such a frame; the attempt failed naming it.
+    let refusals: Vec<u64> = honest
+        .iter()
+        .flat_map(|n| n.events("round failed"))
+        .filter(|e| {
+            let r = e["reason"].as_str().unwrap_or_default();
+            r.contains(&format!("ring frame from {bad_id} rejected")) && r.contains(reason)
+        })
+        .map(|e| e["round"].as_u64().unwrap())
+        .collect();
+    assert!(!refusals.is_empty(), "{mode}: no frame of the peer was refused");
+    let first = *refusals.iter().min().unwrap();
+    assert!(first <= 1, "{mode}: refused in its first rounds of sending such frames (round {first})");
+    let opened = honest
+        .iter()
+        .filter(|n| {
+            n.events("peer failed rounds in a row: kept out of rings for a while (circuit breaker)")
+                .iter()
+                .any(|e| e["peer"] == bad_id.as_str())
+        })
+        .count();
+    assert!(opened * 2 > honest.len(), "{mode}: most honest peers keep it out ({opened} of 4)");
+    for n in honest {
+        // A round counted with it only before it started sending bad frames.
+        for r in n.rounds().iter().filter(|r| r.members.contains(&bad_id)) {
+            assert!(r.round < first, "{}: round {} counted with the peer sending bad frames", n.name, r.round);
+        }
+    }
+    let mut nodes = nodes;
+    stop_all(&mut nodes);
+    let logs: Vec<BTreeMap<u64, (String, f64, String)>> = nodes.iter().map(trained).collect();
+    for r in logs[0].keys() {
+        let hs: Vec<&String> = logs[..4].iter().filter_map(|t| t.get(r).map(|x| &x.0)).collect();
+        assert!(hs.iter().all(|h| *h == hs[0]), "{mode}: honest peers diverged at round {r}");
+    }
+    let rounds = logs[0].len();
+    let loss = |t: &BTreeMap<u64, (String, f64, String)>, range: std::ops::Range<usize>| -> f64 {
+        t.values().skip(range.start).take(range.len()).map(|x| x.1).sum::<f64>() / range.len() as f64
+    };
+    let (early, late) = (loss(&logs[0], 0..5), loss(&logs[0], rounds - 5..rounds));
+    assert!(late < early, "{mode}: the loss did not fall ({early} -> {late})");
+    let run_id = nodes[0].events("training run")[0]["run_id"].as_str().unwrap().to_owned();
+    for (i, t) in logs.iter().enumerate() {
+        let row = ledger_json(
+            anvil,
+            contract,
+            &["contributions", "--run", &run_id, "--peer", &anvil.accounts[account_base + i].address],
+        );
+        let logged: Vec<(u64, String)> = t.iter().map(|(r, x)| (*r, x.2.clone())).collect();
+        let n = check_records(row["epochs"].as_array().unwrap(), &logged, K)
+            .unwrap_or_else(|e| panic!("{mode} peer {i}: {e}"));
+        assert_eq!(n, t.len() as u64, "{mode} peer {i}: credited exactly the rounds it completed");
+        assert_eq!(row["peers"][0]["faults"], 0, "{mode} peer {i}: nothing unproven is reported");
+    }
+}
+
+#[test]
+fn a_peer_sending_altered_or_replayed_frames_is_refused_and_kept_out() {
+    let anvil = Anvil::start();
+    let contract = deploy(&anvil);
+    bad_frames_are_refused("corrupt-in-transit", "payload hash mismatch", 1, &anvil, &contract);
+    bad_frames_are_refused("replay", "replayed or stale", 1, &anvil, &contract);
 }
 
 #[test]

@@ -11,6 +11,11 @@
 //! gradient itself; only then does it keep the accused out of rings (a ring
 //! leaves out a peer only when most of its members do) and queue the fault for
 //! the chain. Evidence that does not hold up accuses nobody.
+//!
+//! The audited member's recomputed values also check its partial sums: its
+//! signed sum check ([`p2p_proto::sumcheck`]) must say that what it sent is what
+//! it received plus those values. If not, the check itself, its commit and the
+//! ring are the evidence, checked the same way (recompute, then compare).
 
 use super::{Compute, Driver, Internal};
 use libp2p::PeerId;
@@ -36,6 +41,23 @@ pub enum FaultMode {
     Nan,
     /// Commits to its gradient, then sends (and signs) other values for its own chunk.
     CommitMismatch,
+    /// Sends (and signs) partial sums of its own values only, dropping what it received.
+    DropContribution,
+    /// Alters partial sums after signing them: the bytes no longer match their hash.
+    CorruptInTransit,
+    /// Sends, in every later round, a partial sum it signed in its first.
+    Replay,
+}
+
+/// What a test-only liar remembers between messages.
+#[derive(Debug, Default)]
+pub struct FaultState {
+    /// Reduce-scatter segments received in the current attempt, by (chunk, segment).
+    received: std::collections::HashMap<(u32, u32), Vec<u8>>,
+    /// The attempt they belong to.
+    attempt: (u64, u32),
+    /// A signed partial sum of an earlier round, to replay.
+    old: Option<p2p_proto::message::RingStep>,
 }
 
 impl std::str::FromStr for FaultMode {
@@ -46,7 +68,13 @@ impl std::str::FromStr for FaultMode {
             "scale-1000" => Ok(Self::Scale1000),
             "nan" => Ok(Self::Nan),
             "commit-mismatch" => Ok(Self::CommitMismatch),
-            other => Err(format!("unknown fault mode `{other}`: random-gradient, scale-1000, nan or commit-mismatch")),
+            "drop-contribution" => Ok(Self::DropContribution),
+            "corrupt-in-transit" => Ok(Self::CorruptInTransit),
+            "replay" => Ok(Self::Replay),
+            other => Err(format!(
+                "unknown fault mode `{other}`: random-gradient, scale-1000, nan, commit-mismatch, drop-contribution, \
+                 corrupt-in-transit or replay"
+            )),
         }
     }
 }
@@ -54,8 +82,16 @@ impl std::str::FromStr for FaultMode {
 /// What an audit or a check of evidence concluded.
 #[derive(Debug)]
 pub(super) enum Audited {
-    /// This peer's own audit in attempt (round, attempt) of the member at `target`.
-    Own { round: u64, attempt: u32, target: usize, job: Box<AuditJob>, verdict: Result<(), String> },
+    /// This peer's own audit in attempt (round, attempt) of the member at `target`, with the
+    /// target's recomputed values.
+    Own {
+        round: u64,
+        attempt: u32,
+        target: usize,
+        job: Box<AuditJob>,
+        verdict: Result<(), String>,
+        data: Option<Vec<i32>>,
+    },
     /// A check of gossiped evidence.
     Evidence { evidence: Box<FaultEvidence>, verdict: Result<(), String> },
 }
@@ -81,21 +117,42 @@ impl Driver {
             members: c.view.members,
             batches: c.batches,
             steps: c.steps,
+            sum_check: None,
         };
         self.publish(&p2p_proto::message::Gossip::Fault(Box::new(evidence.clone())));
         self.proven(&evidence, "it signed a chunk other than the one it committed to");
     }
 
+    /// The member this peer audited sent partial sums other than what it received plus its
+    /// gradient, by its own signed sum check: gossip the proof and act on it.
+    pub(super) fn sum_fault(&mut self, f: Box<p2p_proto::round::SumFault>) {
+        let accused = f.view.members[f.accused].clone();
+        warn!(round = f.view.round, peer = %accused, "the peer's partial sums did not add its committed gradient to what it received");
+        let evidence = FaultEvidence {
+            run: self.cfg.run,
+            reporter: self.me.clone(),
+            accused,
+            kind: FaultKind::PartialSumMismatch,
+            commit: f.commit,
+            members: f.view.members,
+            batches: f.batches,
+            steps: Vec::new(),
+            sum_check: Some(Box::new(f.check)),
+        };
+        self.publish(&p2p_proto::message::Gossip::Fault(Box::new(evidence.clone())));
+        self.proven(&evidence, "its partial sums dropped, changed or added values");
+    }
+
     /// Recomputes the gradient of the member at `target` of `view` (its micro-batch in a round
     /// with these `batches`, at this peer's current parameters) and checks it against
-    /// `commit`; the verdict comes back as `then(verdict)`.
+    /// `commit`; the verdict comes back as `then(verdict, recomputed values)`.
     fn recompute(
         &self,
         view: &RingView,
         target: usize,
         batches: &[u64],
         commit: GradientCommit,
-        then: impl FnOnce(GradientCommit, Result<(), String>) -> Audited + Send + 'static,
+        then: impl FnOnce(Result<(), String>, Option<Vec<i32>>) -> Audited + Send + 'static,
     ) {
         let Compute::Train(spec) = &self.cfg.compute else { return };
         let (offset, batch, weight) = audit::micro_batch(batches, target);
@@ -103,18 +160,17 @@ impl Driver {
         let (fixed, n, seg, tx) = (self.cfg.fixed, view.len(), self.cfg.round.segment_elems, self.internal.clone());
         tokio::spawn(async move {
             let Ok(g) = gradient.await else { return };
-            let verdict = if g.param_hash != commit.param_hash {
-                Err("held other parameters than this peer".to_owned())
+            let (verdict, data) = if g.param_hash != commit.param_hash {
+                (Err("held other parameters than this peer".to_owned()), None)
             } else {
-                let commit = commit.clone();
                 tokio::task::spawn_blocking(move || match fixed.encode(&g.weighted) {
-                    Ok(data) => audit::check(&commit, &data, g.samples as u64, n, seg),
-                    Err(e) => Err(format!("its recomputed gradient cannot be encoded ({e}), yet it committed")),
+                    Ok(data) => (audit::check(&commit, &data, g.samples as u64, n, seg), Some(data)),
+                    Err(e) => (Err(format!("its recomputed gradient cannot be encoded ({e}), yet it committed")), None),
                 })
                 .await
-                .unwrap_or_else(|e| Err(e.to_string()))
+                .unwrap_or_else(|e| (Err(e.to_string()), None))
             };
-            let _ = tx.send(Internal::Audited(then(commit, verdict)));
+            let _ = tx.send(Internal::Audited(then(verdict, data)));
         });
     }
 
@@ -123,19 +179,20 @@ impl Driver {
         let (round, attempt, target) = (job.view.round, job.view.attempt, job.target);
         let commit = job.commit.clone();
         let (view, batches) = (job.view.clone(), job.batches.clone());
-        self.recompute(&view, target, &batches, commit, move |_, verdict| Audited::Own {
+        self.recompute(&view, target, &batches, commit, move |verdict, data| Audited::Own {
             round,
             attempt,
             target,
             job,
             verdict,
+            data,
         });
     }
 
     pub(super) fn on_audited(&mut self, a: Audited) {
         let now = self.now();
         match a {
-            Audited::Own { round, attempt, target, job, verdict } => {
+            Audited::Own { round, attempt, target, job, verdict, data } => {
                 let current = self.round.as_ref().is_some_and(|r| r.is_for(round, attempt));
                 if !current && verdict.is_ok() {
                     return;
@@ -143,7 +200,7 @@ impl Driver {
                 // A failed audit proves the fault even when the attempt failed meanwhile for
                 // another reason (a range check caught the same lie first, say).
                 let acts = match verdict {
-                    Ok(()) => self.round.as_mut().map(|r| r.audit_passed(now)).unwrap_or_default(),
+                    Ok(()) => self.round.as_mut().map(|r| r.audit_passed(now, data)).unwrap_or_default(),
                     Err(reason) => {
                         let accused = job.commit.peer.clone();
                         warn!(round, attempt, peer = %accused, %reason, "audit failed: the peer's commit is not its gradient");
@@ -156,6 +213,7 @@ impl Driver {
                             members: job.view.members.clone(),
                             batches: job.batches.clone(),
                             steps: Vec::new(),
+                            sum_check: None,
                         };
                         self.publish(&p2p_proto::message::Gossip::Fault(Box::new(evidence.clone())));
                         self.proven(&evidence, &reason);
@@ -254,7 +312,29 @@ impl Driver {
         info!(round = c.round, accused = %evidence.accused, reporter = %evidence.reporter, "checking fault evidence");
         let batches = evidence.batches.clone();
         let commit = evidence.commit.clone();
-        self.recompute(&view, target, &batches, commit, move |_, verdict| Audited::Evidence { evidence, verdict });
+        let (n, seg) = (view.len(), self.cfg.round.segment_elems);
+        if evidence.kind == FaultKind::PartialSumMismatch {
+            // The accused's own signed claims, for the ring the evidence names.
+            let check = evidence.sum_check.as_deref().filter(|s| {
+                (s.run, s.peer.as_str(), s.round, s.attempt) == (c.run, evidence.accused.as_str(), c.round, c.attempt)
+                    && crate::sign::sum_check_is_signed(s)
+                    && p2p_proto::sumcheck::check_shape(s, n, target, c.len as usize, seg).is_ok()
+            });
+            let Some(check) = check.cloned() else {
+                warn!(accused = %evidence.accused, reporter = %evidence.reporter, "fault evidence refused: its sum check is not the accused's, signed, for that ring");
+                return;
+            };
+            self.recompute(&view, target, &batches, commit, move |verdict, data| {
+                // Its commit must be its gradient, and its claims must add up to it.
+                let verdict = verdict.and_then(|()| {
+                    let points = p2p_proto::sumcheck::points(check.run, check.round, check.attempt, &check.sum);
+                    data.map_or(Ok(()), |d| p2p_proto::sumcheck::check_own(&check, n, &d, seg, points))
+                });
+                Audited::Evidence { evidence, verdict }
+            });
+            return;
+        }
+        self.recompute(&view, target, &batches, commit, move |verdict, _| Audited::Evidence { evidence, verdict });
     }
 }
 
@@ -274,15 +354,52 @@ impl FaultMode {
     }
 
     /// What a peer in this mode does to a ring segment before it signs it: its own chunk goes
-    /// out with other values (and their hash), against its commit.
-    pub(super) fn tamper(mode: Option<Self>, step: &mut p2p_proto::message::RingStep) {
-        if mode == Some(Self::CommitMismatch)
-            && step.id.phase == p2p_proto::ring::Phase::ReduceScatter
-            && step.id.step == 0
-            && step.payload.len() >= 4
-        {
+    /// out with other values (and their hash), against its commit; or its partial sums go out
+    /// without what it received.
+    pub(super) fn tamper(mode: Option<Self>, step: &mut p2p_proto::message::RingStep, st: &mut FaultState) {
+        let rs = step.id.phase == p2p_proto::ring::Phase::ReduceScatter;
+        if mode == Some(Self::CommitMismatch) && rs && step.id.step == 0 && step.payload.len() >= 4 {
             step.payload[0] ^= 0x10;
             step.hash = *blake3::hash(&step.payload).as_bytes();
+        }
+        if mode == Some(Self::DropContribution)
+            && rs
+            && step.id.step >= 1
+            && st.attempt == (step.round, step.attempt)
+            && let Some(got) = st.received.get(&(step.id.chunk, step.id.segment))
+        {
+            for (out, inb) in step.payload.chunks_exact_mut(4).zip(got.chunks_exact(4)) {
+                let v = i32::from_le_bytes([out[0], out[1], out[2], out[3]])
+                    .wrapping_sub(i32::from_le_bytes([inb[0], inb[1], inb[2], inb[3]]));
+                out.copy_from_slice(&v.to_le_bytes());
+            }
+            step.hash = *blake3::hash(&step.payload).as_bytes();
+        }
+    }
+
+    /// What a peer in this mode notes of a reduce-scatter segment it received.
+    pub(super) fn received(mode: Option<Self>, step: &p2p_proto::message::RingStep, st: &mut FaultState) {
+        if mode == Some(Self::DropContribution) && step.id.phase == p2p_proto::ring::Phase::ReduceScatter {
+            if st.attempt != (step.round, step.attempt) {
+                st.received.clear();
+                st.attempt = (step.round, step.attempt);
+            }
+            st.received.insert((step.id.chunk, step.id.segment), step.payload.clone());
+        }
+    }
+
+    /// What a peer in this mode does to a signed segment on its way out: alter its bytes, or
+    /// send in its place one it signed in an earlier round.
+    pub(super) fn in_transit(mode: Option<Self>, step: &mut p2p_proto::message::RingStep, st: &mut FaultState) {
+        let partial = step.id.phase == p2p_proto::ring::Phase::ReduceScatter && step.id.step >= 1;
+        match mode {
+            Some(Self::CorruptInTransit) if partial && !step.payload.is_empty() => step.payload[0] ^= 0x01,
+            Some(Self::Replay) if partial => match &st.old {
+                Some(old) if old.round < step.round => *step = old.clone(),
+                Some(_) => {}
+                None => st.old = Some(step.clone()),
+            },
+            _ => {}
         }
     }
 

@@ -27,7 +27,7 @@ use libp2p::PeerId;
 use p2p_proto::codec::{decode_exact, encode_frame};
 use p2p_proto::demo::demo_vector;
 use p2p_proto::hash::hex;
-use p2p_proto::membership::{Membership, MembershipAction, MembershipConfig, RingView};
+use p2p_proto::membership::{Membership, MembershipAction, MembershipConfig, RingView, STRIKES_TO_OPEN};
 use p2p_proto::message::{AttemptRef, Gossip, PeerKey, RingStep, RunId, StateTag};
 use p2p_proto::round::{Contribution, FailureKind, Round, RoundAction, RoundConfig};
 use p2p_proto::state::{Statements, Verdict};
@@ -193,8 +193,10 @@ struct Driver {
     convicted: std::collections::HashSet<PeerKey>,
     /// Fault evidence checked or being checked, by (accused, round, attempt).
     faults_checked: std::collections::HashSet<(PeerKey, u64, u32)>,
-    /// Signs this peer's commits and ring segments.
+    /// Signs this peer's commits, ring segments and sum checks.
     signer: crate::sign::Signer,
+    /// What a test-only liar remembers.
+    fault_state: audit::FaultState,
     summary: Summary,
     finished: bool,
 }
@@ -235,6 +237,7 @@ pub async fn run(
         convicted: std::collections::HashSet::new(),
         faults_checked: std::collections::HashSet::new(),
         signer: crate::sign::Signer::new(cfg.identity.clone()),
+        fault_state: audit::FaultState::default(),
         membership: Membership::resume(cfg.run, me.clone(), cfg.membership.clone(), state),
         cfg,
         net,
@@ -419,6 +422,22 @@ impl Driver {
                 debug!(peer = %c.peer, round = c.round, hash = %hex(&c.param_hash), "checkpoint announced");
             }
             Gossip::Fault(evidence) => self.on_fault(evidence),
+            Gossip::SumCheck(check) => {
+                if !crate::sign::sum_check_is_signed(&check) {
+                    warn!(peer = %check.peer, round = check.round, "rejected sum check: its signature does not verify");
+                    return;
+                }
+                if let Some(r) = self.round.as_mut().filter(|r| r.is_for(check.round, check.attempt)) {
+                    let acts = r.on_sum_check(*check, now);
+                    self.on_round_actions(acts);
+                }
+            }
+            Gossip::Checked(c) => {
+                if let Some(r) = self.round.as_mut().filter(|r| r.is_for(c.round, c.attempt)) {
+                    let acts = r.on_checked(&c, now);
+                    self.on_round_actions(acts);
+                }
+            }
         }
     }
 
@@ -446,17 +465,32 @@ impl Driver {
         let now = self.now();
         let from = msg.from.to_string();
         let Some(round) = self.round.as_mut().filter(|r| *r.left() == from) else {
-            warn!(peer = %from, "rejected ring frame: the sender is not this peer's left neighbour in the ring");
+            if msg.step.is_ok() {
+                warn!(peer = %from, "rejected ring frame: the sender is not this peer's left neighbour in the ring");
+            }
             msg.close.notify_one();
             return;
         };
-        let step = msg.step.step();
+        let step = match &msg.step {
+            Ok(step) => step.step(),
+            Err(reason) => {
+                // The left neighbour sent a bad frame on this attempt's stream: the attempt cannot
+                // complete, and the sender is to blame (the stream is authenticated end to end).
+                if msg.attempt.is_none_or(|(r, a)| round.is_for(r, a)) {
+                    let acts = round.rejected_from_left(reason);
+                    self.on_round_actions(acts);
+                }
+                return;
+            }
+        };
         if !round.is_for(step.round, step.attempt) || step.run != self.cfg.run {
             debug!(peer = %from, round = step.round, attempt = step.attempt, "stale ring frame dropped");
             msg.close.notify_one();
             return;
         }
-        let acts = round.on_step(msg.step, now);
+        FaultMode::received(self.cfg.fault, step, &mut self.fault_state);
+        let Ok(step) = msg.step else { return };
+        let acts = round.on_step(step, now);
         self.on_round_actions(acts);
     }
 
@@ -694,6 +728,10 @@ impl Driver {
                         *held = Some(Gossip::Done(d));
                     }
                 }
+                RoundAction::Publish(Gossip::SumCheck(mut check)) => {
+                    self.signer.sign_sum_check(&mut check);
+                    self.publish(&Gossip::SumCheck(check));
+                }
                 RoundAction::Publish(g) => self.publish(&g),
                 RoundAction::Send(step) => {
                     if self.cfg.pause_in_round == Some(step.round) && step.id.step >= 1 {
@@ -704,13 +742,18 @@ impl Driver {
                     }
                     if let Some(w) = &self.writer {
                         let mut step = step;
-                        FaultMode::tamper(self.cfg.fault, &mut step);
+                        FaultMode::tamper(self.cfg.fault, &mut step, &mut self.fault_state);
                         self.signer.sign_step(&mut step);
+                        if let Some(r) = self.round.as_mut() {
+                            r.note_sent(&step);
+                        }
+                        FaultMode::in_transit(self.cfg.fault, &mut step, &mut self.fault_state);
                         let _ = w.send(step);
                     }
                 }
                 RoundAction::Audit(job) => self.audit(job),
                 RoundAction::Contradiction(c) => self.contradiction(c),
+                RoundAction::SumFault(f) => self.sum_fault(f),
                 RoundAction::Completed(o) => self.on_completed(*o),
                 RoundAction::Failed(f) => {
                     let now = self.now();
@@ -719,7 +762,8 @@ impl Driver {
                     warn!(round, attempt, reason = %f.reason, "round failed");
                     self.writer = None;
                     self.summary.rounds_failed += 1;
-                    for p in self.membership.round_failed(now, &f.blame) {
+                    let strikes = if f.kind == FailureKind::BadMessage { STRIKES_TO_OPEN } else { 1 };
+                    for p in self.membership.round_failed_with(now, &f.blame, strikes) {
                         warn!(peer = %p, round, "peer failed rounds in a row: kept out of rings for a while (circuit breaker)");
                     }
                     if self.leave == Leave::Requested {
