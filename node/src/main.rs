@@ -245,6 +245,8 @@ struct Plan {
     min_peers: usize,
     /// One attempt in this many is audited (0: none).
     audit_every: u64,
+    /// The run's fixed-point format (with its coordinate-wise clipping, if any).
+    fixed: FixedPoint,
 }
 
 /// The run configuration from `--config`, bound to this peer's dataset and build.
@@ -269,6 +271,7 @@ fn demo_plan(args: &StartArgs) -> Plan {
         min_peers: args.run.min_peers,
         // The demonstration vector has no gradient to recompute.
         audit_every: 0,
+        fixed: FixedPoint::default(),
     }
 }
 
@@ -313,6 +316,10 @@ fn train_plan(args: &StartArgs, cfg: &RunConfig, ds: data::Dataset) -> anyhow::R
         rounds: cfg.rounds,
         min_peers: cfg.min_peers,
         audit_every: cfg.audit_every,
+        fixed: match cfg.clip_value {
+            Some(c) => FixedPoint::default().with_clip(c)?,
+            None => FixedPoint::default(),
+        },
     })
 }
 
@@ -390,7 +397,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         Compute::Train(spec) => resume_from_checkpoint(spec, run, chain.as_ref()).await,
         Compute::Demo { .. } => None,
     };
-    let fixed = FixedPoint::default();
+    let fixed = plan.fixed;
     let t = &args.timing;
     let cfg = DriverConfig {
         run,

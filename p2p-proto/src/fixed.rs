@@ -15,6 +15,12 @@
 //! With the defaults (`scale_bits = 20`, `max_peers = 256`) a value is kept to
 //! within 4.8e-7 and clipped at ±8.0, which is above the largest element a
 //! gradient clipped to a global norm of 8 can have.
+//!
+//! Robust aggregation: [`FixedPoint::with_clip`] lowers the bound to a chosen
+//! `±clip` (coordinate-wise clipping). Honest members clip to it when encoding,
+//! and every receiver refuses a partial sum beyond what its contributions could
+//! reach ([`crate::ring::RingParams::max_units`]), so no member, honest or not,
+//! moves one coordinate of the sum by more than `clip`.
 
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +38,8 @@ pub enum FixedPointError {
     MaxPeers(u32),
     #[error("value at index {index} is not finite ({value}): the gradient holds NaN or infinity")]
     NotFinite { index: usize, value: f32 },
+    #[error("clip_value {0} is not a positive number of at least one unit ({1})")]
+    Clip(f32, f64),
     #[error("a ring of {size} peers exceeds the {max} the fixed-point range is sized for: raise max_peers")]
     RingTooLarge { size: usize, max: u32 },
 }
@@ -41,11 +49,14 @@ pub enum FixedPointError {
 pub struct FixedPoint {
     scale_bits: u32,
     max_peers: u32,
+    /// Coordinate-wise clipping bound, in units (`None`: the range is the bound).
+    #[serde(default)]
+    clip_units: Option<i32>,
 }
 
 impl Default for FixedPoint {
     fn default() -> Self {
-        Self { scale_bits: DEFAULT_SCALE_BITS, max_peers: DEFAULT_MAX_PEERS }
+        Self { scale_bits: DEFAULT_SCALE_BITS, max_peers: DEFAULT_MAX_PEERS, clip_units: None }
     }
 }
 
@@ -59,7 +70,17 @@ impl FixedPoint {
         if max_peers == 0 || max_peers > 65536 {
             return Err(FixedPointError::MaxPeers(max_peers));
         }
-        Ok(Self { scale_bits, max_peers })
+        Ok(Self { scale_bits, max_peers, clip_units: None })
+    }
+
+    /// The same format, every value clipped to `±clip` (at least one unit, at most the range).
+    pub fn with_clip(self, clip: f32) -> Result<Self, FixedPointError> {
+        let units = f64::from(clip) * self.scale();
+        if !(clip.is_finite() && units >= 1.0) {
+            return Err(FixedPointError::Clip(clip, 1.0 / self.scale()));
+        }
+        let range = i32::MAX / self.max_peers as i32;
+        Ok(Self { clip_units: Some((units.floor().min(f64::from(range))) as i32), ..self })
     }
 
     pub fn scale_bits(&self) -> u32 {
@@ -76,7 +97,8 @@ impl FixedPoint {
 
     /// Largest magnitude of one encoded value, in units.
     pub fn max_units(&self) -> i32 {
-        i32::MAX / self.max_peers as i32
+        let range = i32::MAX / self.max_peers as i32;
+        self.clip_units.map_or(range, |c| c.min(range))
     }
 
     /// Largest magnitude of one value; larger values are clipped to it.
@@ -234,6 +256,20 @@ mod tests {
         // With the default format one more peer at the top of the range overflows.
         let fp = FixedPoint::default();
         assert!((0..=fp.max_peers()).try_fold(0i32, |acc, _| acc.checked_add(fp.max_units())).is_none());
+    }
+
+    #[test]
+    fn coordinate_clipping_bounds_every_value_and_the_range_check() {
+        let fp = FixedPoint::default().with_clip(0.05).unwrap();
+        assert_eq!(fp.max_units(), (0.05f64 * f64::from(1u32 << DEFAULT_SCALE_BITS)).floor() as i32);
+        let enc = fp.encode(&[0.04, -0.04, 0.5, -7.0, 1e9]).unwrap();
+        assert_eq!(fp.decode(&enc[2..]), vec![fp.max_value() as f32, -fp.max_value() as f32, fp.max_value() as f32]);
+        assert!((fp.decode(&enc[..1])[0] - 0.04).abs() < 1e-6, "values within the bound are kept");
+        // The bound never exceeds the range, and a bound below one unit, zero, or not finite is refused.
+        assert_eq!(FixedPoint::default().with_clip(1e6).unwrap().max_units(), FixedPoint::default().max_units());
+        for bad in [0.0, -1.0, 1e-9, f32::NAN, f32::INFINITY] {
+            assert!(matches!(FixedPoint::default().with_clip(bad), Err(FixedPointError::Clip(..))), "{bad}");
+        }
     }
 
     #[test]

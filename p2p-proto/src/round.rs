@@ -559,7 +559,7 @@ impl Round {
                                 steps,
                             })));
                         }
-                        let reason = format!("ring step from {} rejected: {e}", self.left());
+                        let reason = format!("ring frame from {} rejected: {e}", self.left());
                         self.fail_with(reason, FailureKind::BadMessage, blame, &mut out)
                     }
                 }

@@ -16,10 +16,14 @@ const K: u64 = 4;
 const BATCH: u64 = 16;
 
 fn config(dir: &TempDir, name: &str, rounds: u64, min_peers: usize) -> String {
+    config_with(dir, name, rounds, min_peers, "audit_every = 1\n")
+}
+
+fn config_with(dir: &TempDir, name: &str, rounds: u64, min_peers: usize, extra: &str) -> String {
     let path = dir.path().join(format!("{name}.toml"));
     let text = format!(
         "name = \"{name}\"\nmodel = \"mlp\"\nbatch = {BATCH}\nrounds = {rounds}\nepoch_rounds = {K}\n\
-         min_peers = {min_peers}\nlr = 0.003\neval_every = 0\naudit_every = 1\n"
+         min_peers = {min_peers}\nlr = 0.003\neval_every = 0\n{extra}"
     );
     std::fs::write(&path, text).unwrap();
     path.to_str().unwrap().to_owned()
@@ -185,9 +189,10 @@ fn a_peer_committing_to_anything_but_its_gradient_is_caught_excluded_and_reporte
 /// receivers keep it out, and once most do the honest peers train on without it. Nothing proves
 /// the fault to a third peer, so nothing is reported on chain; it is credited exactly the
 /// rounds it completed honestly.
-fn bad_frames_are_refused(mode: &str, reason: &str, account_base: usize, anvil: &Anvil, contract: &str) {
+fn bad_frames_are_refused(mode: &str, reason: &str, extra: &str, anvil: &Anvil, contract: &str) {
     let dir = TempDir::new(&format!("bad-frames-{mode}"));
-    let cfg = config(&dir, &format!("it-bad-frames-{mode}"), 300, 5);
+    let cfg = config_with(&dir, &format!("it-bad-frames-{mode}"), 300, 5, extra);
+    let account_base = 1;
     let chain = |i: usize| Some((anvil, contract, account_base + i));
     let a = start(&format!("{mode}-a"), &cfg, chain(0), None, &[]);
     let boot = a.address();
@@ -265,8 +270,24 @@ fn bad_frames_are_refused(mode: &str, reason: &str, account_base: usize, anvil: 
 fn a_peer_sending_altered_or_replayed_frames_is_refused_and_kept_out() {
     let anvil = Anvil::start();
     let contract = deploy(&anvil);
-    bad_frames_are_refused("corrupt-in-transit", "payload hash mismatch", 1, &anvil, &contract);
-    bad_frames_are_refused("replay", "replayed or stale", 1, &anvil, &contract);
+    bad_frames_are_refused("corrupt-in-transit", "payload hash mismatch", "audit_every = 1\n", &anvil, &contract);
+    bad_frames_are_refused("replay", "replayed or stale", "audit_every = 1\n", &anvil, &contract);
+}
+
+#[test]
+fn with_coordinate_clipping_a_scaled_gradient_is_refused_even_without_audits() {
+    let anvil = Anvil::start();
+    let contract = deploy(&anvil);
+    // Robust aggregation: no member may move a coordinate of the averaged gradient by more than
+    // 0.05. A peer scaling its gradient by 1000 (and ignoring the clipping) sends values beyond
+    // what its contributions can reach: its receivers refuse them and keep it out.
+    bad_frames_are_refused(
+        "scale-1000",
+        "outside the fixed-point range",
+        "audit_every = 0\nclip_value = 0.05\n",
+        &anvil,
+        &contract,
+    );
 }
 
 #[test]

@@ -403,15 +403,17 @@ impl FaultMode {
         }
     }
 
-    /// How a peer in this mode encodes: NaNs go out as their raw bits.
+    /// How a peer in this mode encodes: NaNs go out as their raw bits; a scaled gradient
+    /// ignores the run's coordinate-wise clipping (only the fixed-point range bounds it).
     pub(super) fn encode(
         mode: Option<Self>,
         fixed: &p2p_proto::FixedPoint,
         weighted: &[f32],
     ) -> Result<Vec<i32>, p2p_proto::fixed::FixedPointError> {
-        if mode == Some(Self::Nan) {
-            return Ok(weighted.iter().map(|v| v.to_bits() as i32).collect());
+        match mode {
+            Some(Self::Nan) => Ok(weighted.iter().map(|v| v.to_bits() as i32).collect()),
+            Some(Self::Scale1000) => p2p_proto::FixedPoint::default().encode(weighted),
+            _ => fixed.encode(weighted),
         }
-        fixed.encode(weighted)
     }
 }

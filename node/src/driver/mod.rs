@@ -363,6 +363,20 @@ impl Driver {
         }
         let now = self.now();
         self.membership.observe(msg.peer(), now);
+        let attempt = match &msg {
+            Gossip::Commit(c) => Some((c.round, c.attempt)),
+            Gossip::Done(d) => Some((d.round, d.attempt)),
+            Gossip::SumCheck(c) => Some((c.round, c.attempt)),
+            Gossip::Checked(c) => Some((c.round, c.attempt)),
+            _ => None,
+        };
+        if let (Some((round, attempt)), Some(r)) = (attempt, &self.round)
+            && r.is_for(round, attempt)
+            && r.view().position(msg.peer()).is_none()
+        {
+            warn!(peer = %source, round, attempt, "ignored a message for the current attempt from a peer not in its ring");
+            return;
+        }
         match msg {
             Gossip::Heartbeat(h) => {
                 self.batches.insert(h.peer.clone(), u64::from(h.batch));
@@ -450,6 +464,7 @@ impl Driver {
             _ => return,
         };
         if self.round.as_ref().is_some_and(|r| round < r.view().round) {
+            debug!(peer = msg.peer(), round, "stale round message dropped: its round is over");
             return;
         }
         if self.pending.len() >= MAX_PENDING_GOSSIP {

@@ -64,6 +64,11 @@ pub struct RunConfig {
     /// checks it against its commit (0: no audits).
     #[serde(default = "default_audit_every")]
     pub audit_every: u64,
+    /// Robust aggregation: the largest contribution one member may make to one coordinate of
+    /// the averaged gradient (coordinate-wise clipping, enforced by every receiver's range
+    /// check). Absent: the fixed-point range (±8) is the only bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_value: Option<f32>,
     /// The compute build every peer must run (see [`compute_build`]); filled in when absent.
     #[serde(default)]
     pub compute: Option<String>,
@@ -145,6 +150,11 @@ impl RunConfig {
         }
         if !(self.lr.is_finite() && self.lr > 0.0 && self.clip_norm.is_finite() && self.clip_norm > 0.0) {
             return Err("lr and clip_norm must be positive".into());
+        }
+        if let Some(c) = self.clip_value
+            && let Err(e) = p2p_proto::FixedPoint::default().with_clip(c)
+        {
+            return Err(e.to_string());
         }
         if self.quorum_bps == 0 || self.quorum_bps > 10_000 || self.min_votes == 0 {
             return Err("quorum_bps must be in 1..=10000 and min_votes at least 1".into());
