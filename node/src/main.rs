@@ -247,6 +247,8 @@ struct Plan {
     audit_every: u64,
     /// The run's fixed-point format (with its coordinate-wise clipping, if any).
     fixed: FixedPoint,
+    /// Every gradient's norm is clipped to this before weighting (none: not checked).
+    clip_norm: Option<f32>,
 }
 
 /// The run configuration from `--config`, bound to this peer's dataset and build.
@@ -272,6 +274,7 @@ fn demo_plan(args: &StartArgs) -> Plan {
         // The demonstration vector has no gradient to recompute.
         audit_every: 0,
         fixed: FixedPoint::default(),
+        clip_norm: None,
     }
 }
 
@@ -320,6 +323,7 @@ fn train_plan(args: &StartArgs, cfg: &RunConfig, ds: data::Dataset) -> anyhow::R
             Some(c) => FixedPoint::default().with_clip(c)?,
             None => FixedPoint::default(),
         },
+        clip_norm: Some(cfg.clip_norm),
     })
 }
 
@@ -417,6 +421,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             max_peers: fixed.max_peers() as usize,
             audit_every: plan.audit_every,
             max_units: fixed.max_units(),
+            max_norm_units: plan.clip_norm.map_or(0.0, |c| f64::from(c) * f64::from(1u32 << fixed.scale_bits())),
         },
         fixed,
         compute: plan.compute,

@@ -26,7 +26,8 @@ use tracing::{debug, warn};
 pub struct Inbound {
     pub from: PeerId,
     pub step: Result<VerifiedStep, String>,
-    /// The (round, attempt) of the stream's first frame, if one was accepted.
+    /// For a rejected frame that is its sender's doing (not a transport error): the attempt
+    /// it was sent in (the stream's, or the frame's own); `None` when nobody is to blame.
     pub attempt: Option<(u64, u32)>,
     /// Notified by the driver to close the stream (it is not the ring's).
     pub close: Arc<Notify>,
@@ -98,27 +99,38 @@ async fn read_stream(peer: PeerId, mut stream: libp2p::Stream, inbound: mpsc::Se
             f = read_frame::<RingFrame, _>(&mut stream, &mut buf) => f,
             () = close.notified() => return,
         };
-        let step = match frame {
+        let stream_at = attempt.map(|(_, r, a)| (r, a));
+        // A rejected frame is its sender's doing (the stream is authenticated end to end),
+        // except when the transport cut it short.
+        let (step, at) = match frame {
             Ok(Some(RingFrame::Step(step)))
                 if !crate::sign::step_is_signed(&key, step.run, step.round, step.attempt, &step.header()) =>
             {
-                Err("its signature does not verify".to_owned())
+                (Err("its signature does not verify".to_owned()), stream_at.or(Some((step.round, step.attempt))))
             }
             Ok(Some(RingFrame::Step(step))) if attempt.is_some_and(|a| a != (step.run, step.round, step.attempt)) => {
                 let (_, round, att) = attempt.expect("checked");
-                Err(format!(
+                let why = format!(
                     "a frame signed for round {} attempt {} on a stream of round {round} attempt {att}: replayed or stale",
                     step.round, step.attempt
-                ))
+                );
+                (Err(why), stream_at)
             }
             Ok(Some(RingFrame::Step(step))) => {
                 let at = (step.run, step.round, step.attempt);
-                step.verify().map_err(|e| e.to_string()).inspect(|_| attempt = Some(at))
+                match step.verify() {
+                    Ok(v) => {
+                        attempt = Some(at);
+                        (Ok(v), Some((at.1, at.2)))
+                    }
+                    Err(e) => (Err(e.to_string()), Some((at.1, at.2))),
+                }
             }
             Ok(None) => return,
-            Err(e) => Err(e.to_string()),
+            Err(ReadError::Io(e)) => (Err(format!("stream error: {e}")), None),
+            Err(ReadError::Frame(e @ FrameError::Truncated { .. })) => (Err(e.to_string()), None),
+            Err(e) => (Err(e.to_string()), stream_at),
         };
-        let at = attempt.map(|(_, r, a)| (r, a));
         let rejected = step.is_err();
         if let Err(reason) = &step {
             warn!(%peer, %reason, "rejected ring frame; closing the stream");

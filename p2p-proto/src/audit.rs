@@ -78,6 +78,27 @@ pub fn micro_batch(batches: &[u64], pos: usize) -> (u64, u64, f32) {
     (offset, batches[pos], weight)
 }
 
+/// Whether the norm `commit` states is above the largest an honest member at `pos` can commit
+/// to: its gradient clipped to the run's norm (`max_norm_units`, in units; 0: not checked) and
+/// weighted by its share of the samples, plus half a unit of rounding per value.
+pub fn norm_exceeds(commit: &GradientCommit, batches: &[u64], pos: usize, max_norm_units: f64) -> Option<String> {
+    if !(commit.norm.is_finite() && commit.norm >= 0.0) {
+        return Some(format!("it committed to a norm of {}", commit.norm));
+    }
+    if max_norm_units <= 0.0 || batches.is_empty() {
+        return None;
+    }
+    let (_, _, weight) = micro_batch(batches, pos);
+    let limit = max_norm_units * f64::from(weight) * (1.0 + 1e-5) + 0.5 * (commit.len as f64).sqrt() + 1.0;
+    (commit.norm > limit).then(|| {
+        format!(
+            "it committed to a gradient of norm {:.0} units, above the {limit:.0} the run's norm clipping allows \
+             for its weight",
+            commit.norm
+        )
+    })
+}
+
 /// Whether `steps` (signed step-0 segments of the committing member's own chunk, at position
 /// `pos` of the ring) contradict `commit`: their hashes make another chunk hash than it
 /// committed to. The caller checks the signatures; this checks the shape and the hashes.
@@ -119,10 +140,15 @@ pub fn check(
     }
     let want = chunk_hashes(recomputed, n, segment_elems);
     match want.iter().zip(&commit.chunk_hashes).position(|(a, b)| a != b) {
-        None if want.len() == commit.chunk_hashes.len() => Ok(()),
-        None => Err("its commit lists another number of chunks".into()),
-        Some(i) => Err(format!("chunk {i} of its commit is not the hash of its recomputed gradient")),
+        None if want.len() == commit.chunk_hashes.len() => {}
+        None => return Err("its commit lists another number of chunks".into()),
+        Some(i) => return Err(format!("chunk {i} of its commit is not the hash of its recomputed gradient")),
     }
+    let norm = crate::fixed::norm_units(recomputed);
+    if commit.norm.to_bits() != norm.to_bits() {
+        return Err(format!("it committed to a norm of {}, its recomputed gradient has {norm}", commit.norm));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -171,6 +197,7 @@ mod tests {
             len: 1000,
             chunk_hashes: chunk_hashes(&data, 4, 64),
             samples: 32,
+            norm: crate::fixed::norm_units(&data),
             param_hash: [1; 32],
             joiners: vec![],
             excluded: vec![],
@@ -183,6 +210,38 @@ mod tests {
         assert!(check(&commit, &other, 32, 4, 64).unwrap_err().contains("chunk 3"));
         assert!(check(&commit, &data, 33, 4, 64).unwrap_err().contains("samples"));
         assert!(check(&commit, &data[..999], 32, 4, 64).unwrap_err().contains("values"));
+        let understated = GradientCommit { norm: commit.norm / 2.0, ..commit.clone() };
+        assert!(check(&understated, &data, 32, 4, 64).unwrap_err().contains("norm"));
+    }
+
+    #[test]
+    fn a_commit_above_the_runs_norm_clipping_proves_a_lie_and_an_honest_one_does_not() {
+        let len = 10_000u64;
+        let commit = |norm: f64| GradientCommit {
+            run: RunId::from_name("norm"),
+            peer: "p".into(),
+            round: 0,
+            attempt: 0,
+            ring: [0; 32],
+            len,
+            chunk_hashes: vec![],
+            samples: 16,
+            norm,
+            param_hash: [0; 32],
+            joiners: vec![],
+            excluded: vec![],
+            leaving: false,
+            signature: vec![],
+        };
+        // Clipped to 5.0 (in units of 2^-20), one of four equal members: weight 1/4.
+        let max = 5.0 * f64::from(1u32 << 20);
+        let batches = [16, 16, 16, 16];
+        let honest = max / 4.0 + 0.5 * (len as f64).sqrt();
+        assert_eq!(norm_exceeds(&commit(honest), &batches, 1, max), None);
+        assert!(norm_exceeds(&commit(honest * 1.01), &batches, 1, max).is_some());
+        assert!(norm_exceeds(&commit(1000.0 * max / 4.0), &batches, 1, max).unwrap().contains("norm clipping"));
+        assert!(norm_exceeds(&commit(f64::NAN), &batches, 1, 0.0).is_some(), "a NaN norm is never honest");
+        assert_eq!(norm_exceeds(&commit(1e30), &batches, 1, 0.0), None, "not checked without a bound");
     }
 
     #[test]
@@ -200,6 +259,7 @@ mod tests {
             len: 100,
             chunk_hashes: segs.iter().map(chunk_hash).collect(),
             samples: 1,
+            norm: 0.0,
             param_hash: [0; 32],
             joiners: vec![],
             excluded: vec![],

@@ -18,9 +18,10 @@
 //!
 //! Robust aggregation: [`FixedPoint::with_clip`] lowers the bound to a chosen
 //! `±clip` (coordinate-wise clipping). Honest members clip to it when encoding,
-//! and every receiver refuses a partial sum beyond what its contributions could
-//! reach ([`crate::ring::RingParams::max_units`]), so no member, honest or not,
-//! moves one coordinate of the sum by more than `clip`.
+//! and every receiver refuses a partial sum of k contributions beyond `k * clip`
+//! ([`crate::ring::RingParams::max_units`]), so one coordinate of a ring's sum
+//! never exceeds `n * clip`, whatever a liar sends; in audited attempts the sum
+//! checks ([`crate::sumcheck`]) hold every member to exactly its clipped values.
 
 use serde::{Deserialize, Serialize};
 
@@ -184,6 +185,12 @@ pub fn add_assign_le_bytes(acc: &mut [i32], bytes: &[u8]) {
     for (a, b) in acc.iter_mut().zip(bytes.chunks_exact(4)) {
         *a = a.wrapping_add(i32::from_le_bytes([b[0], b[1], b[2], b[3]]));
     }
+}
+
+/// The L2 norm of encoded values, in units: squares summed in f64 in index order, so every
+/// peer computes the same bits.
+pub fn norm_units(values: &[i32]) -> f64 {
+    values.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt()
 }
 
 /// Clips `values` in place so their L2 norm is at most `max_norm`; returns the

@@ -168,6 +168,8 @@ pub struct GradientCommit {
     pub chunk_hashes: Vec<Hash>,
     /// Samples behind this gradient.
     pub samples: u64,
+    /// L2 norm of the encoded vector, in fixed-point units ([`crate::fixed::norm_units`]).
+    pub norm: f64,
     /// Hash of the parameters the gradient was computed on.
     pub param_hash: Hash,
     /// Peers that asked to join, as this member saw them.
@@ -208,6 +210,9 @@ pub enum FaultKind {
     /// The member's partial sums (by its own signed checksums) did not add its committed
     /// gradient to what it received: it dropped, changed or added values in the ring.
     PartialSumMismatch = 3,
+    /// The member signed a commit to a gradient whose norm is above what the run's norm
+    /// clipping allows for its weight: no honest member can commit to it.
+    NormExceeded = 4,
 }
 
 /// Evidence that `accused` lied in `round`, enough for any peer to check it by itself: the

@@ -53,6 +53,9 @@ pub struct RoundConfig {
     /// Largest magnitude of one member's encoded value; partial sums beyond the range of their
     /// contributions are refused (0: not checked).
     pub max_units: i32,
+    /// The run's norm clipping, in units: a commit to a larger weighted norm is refused as
+    /// proof of a lie ([`crate::audit::norm_exceeds`]; 0: not checked).
+    pub max_norm_units: f64,
 }
 
 /// What this member contributes to the round.
@@ -62,6 +65,8 @@ pub struct Contribution {
     pub data: Vec<i32>,
     pub samples: u64,
     pub param_hash: Hash,
+    /// L2 norm of `data`, in units.
+    norm: f64,
     /// Peers that asked to join, as this member saw them.
     pub joiners: Vec<PeerKey>,
     /// Joiners this member keeps out of the next ring.
@@ -91,6 +96,7 @@ impl Contribution {
         let chunks = chunk_ranges(data.len(), n);
         let segment_hashes = segment_hashes(&data, &chunks, segment_elems);
         Self {
+            norm: crate::fixed::norm_units(&data),
             data,
             samples,
             param_hash,
@@ -179,6 +185,16 @@ pub struct AuditJob {
     pub batches: Vec<u64>,
 }
 
+/// A commit that proves a lie by itself (its norm is above what the run allows).
+#[derive(Debug, Clone)]
+pub struct BadCommit {
+    pub view: RingView,
+    pub accused: usize,
+    pub commit: GradientCommit,
+    pub batches: Vec<u64>,
+    pub reason: String,
+}
+
 /// Proof that the left neighbour signed a chunk other than the one it committed to.
 #[derive(Debug, Clone)]
 pub struct Contradiction {
@@ -214,6 +230,8 @@ pub enum RoundAction {
     Contradiction(Box<Contradiction>),
     /// Gossip this proof of a wrong partial sum (the attempt fails too).
     SumFault(Box<SumFault>),
+    /// Act on this commit that proves its member lied (the attempt fails too).
+    BadCommit(Box<BadCommit>),
     /// Run this audit, then call [`Round::audit_passed`] or [`Round::audit_failed`].
     Audit(Box<AuditJob>),
     Completed(Box<Outcome>),
@@ -254,6 +272,8 @@ pub struct Round {
     audit_target: Option<usize>,
     /// The left neighbour's signed step-0 segments (its own chunk), as they arrived.
     left_step0: Vec<SignedStep>,
+    /// Sum of squares of the left neighbour's own values seen so far (step 0).
+    left_step0_sq: f64,
     /// Whether this attempt's partial sums are checked ([`crate::sumcheck`]): audited ones.
     sum_checking: bool,
     /// Segments received (reduce-scatter and all-gather step 0) and sent, kept for the checks.
@@ -301,6 +321,7 @@ impl Round {
             len: input.data.len() as u64,
             chunk_hashes: segs.iter().map(chunk_hash).collect(),
             samples: input.samples,
+            norm: input.norm,
             param_hash: input.param_hash,
             joiners: input.joiners,
             excluded: input.excluded,
@@ -327,6 +348,7 @@ impl Round {
             auditing: false,
             audit_target: None,
             left_step0: Vec::new(),
+            left_step0_sq: 0.0,
             sum_checking: false,
             held_in: BTreeMap::new(),
             held_out: BTreeMap::new(),
@@ -435,6 +457,16 @@ impl Round {
             if *prev != c {
                 self.fail(format!("peer {} sent two different commits for one round", c.peer), &mut out);
             }
+        } else if let Some(why) = crate::audit::norm_exceeds(&c, &self.ring_batches, i, self.cfg.max_norm_units) {
+            let peer = c.peer.clone();
+            out.push(RoundAction::BadCommit(Box::new(BadCommit {
+                view: self.view.clone(),
+                accused: i,
+                commit: c,
+                batches: self.ring_batches.clone(),
+                reason: why.clone(),
+            })));
+            self.fail_with(format!("peer {peer}: {why}"), FailureKind::Fault, vec![peer], &mut out);
         } else {
             self.commits[i] = Some(c);
             self.maybe_reduce(now, &mut out);
@@ -531,6 +563,23 @@ impl Round {
                 let s = step.step();
                 if s.id.phase == Phase::ReduceScatter && s.id.step == 0 {
                     self.left_step0.push(s.header());
+                    // Part of the left neighbour's vector cannot have a larger norm than it all.
+                    self.left_step0_sq += s
+                        .payload
+                        .chunks_exact(4)
+                        .map(|b| f64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])).powi(2))
+                        .sum::<f64>();
+                    let n = self.view.len();
+                    let claimed = self.commits[(self.pos + n - 1) % n].as_ref().map_or(0.0, |c| c.norm);
+                    if self.left_step0_sq.sqrt() > claimed * (1.0 + 1e-9) + 1.0 {
+                        let left = self.left().clone();
+                        let reason = format!(
+                            "ring frame from {left} rejected: its own chunk alone has a larger norm than the {claimed:.0} \
+                             units it committed to"
+                        );
+                        self.fail_with(reason, FailureKind::BadMessage, vec![left], &mut out);
+                        return out;
+                    }
                 }
                 if self.sum_checking && (s.id.phase == Phase::ReduceScatter || s.id.step == 0) {
                     self.held_in.insert(s.id, (s.hash, s.payload.clone()));
@@ -959,6 +1008,7 @@ mod tests {
             max_peers: 8,
             audit_every: 0,
             max_units: 1 << 20,
+            max_norm_units: 0.0,
         }
     }
 
@@ -1032,7 +1082,10 @@ mod tests {
                             out.push((to, rounds[to].on_step(v, now)));
                         }
                     }
-                    RoundAction::Audit(_) | RoundAction::Contradiction(_) | RoundAction::SumFault(_) => {}
+                    RoundAction::Audit(_)
+                    | RoundAction::Contradiction(_)
+                    | RoundAction::SumFault(_)
+                    | RoundAction::BadCommit(_) => {}
                     RoundAction::Completed(_) | RoundAction::Failed(_) => results[from].push(a.clone()),
                 }
                 for (to, acts) in out {
@@ -1296,7 +1349,7 @@ mod tests {
                 RoundAction::Audit(job) => out.push((from, rounds[from].audit_passed(0, Some(data(job.target))))),
                 RoundAction::SumFault(f) => proofs.push((from, f)),
                 a @ (RoundAction::Completed(_) | RoundAction::Failed(_)) => ended[from] = Some(a),
-                RoundAction::Contradiction(_) => {}
+                RoundAction::Contradiction(_) | RoundAction::BadCommit(_) => {}
             }
             for (to, acts) in out {
                 queue.extend(acts.into_iter().map(|a| (to, a)));
@@ -1389,5 +1442,42 @@ mod tests {
             assert!(f.reason.contains("does not match"), "{f:?}");
             assert!(ended.iter().all(|e| matches!(e, Some(RoundAction::Failed(_)))), "nobody certifies: {ended:?}");
         }
+    }
+
+    #[test]
+    fn a_commit_above_the_norm_clipping_proves_its_member_lied_and_one_understating_its_norm_is_refused() {
+        let run = RunId::from_name(RUN);
+        let view = RingView::order(run, 0, 0, ["a".to_string(), "b".to_string()]);
+        let bounded = RoundConfig { max_norm_units: 1000.0, ..cfg() };
+        let input = |v: i32| Contribution::new(vec![v; 4], 1, [0; 32], vec![], 2, 3).with_ring_batches(vec![1, 1]);
+        let (mut a, _) = Round::new(run, "a", view.clone(), input(1), bounded.clone(), 0, &no_sign);
+        // Weight 1/2: at most 500 units plus rounding; b commits to a norm of 2 * 10_000.
+        let (_, acts) = Round::new(run, "b", view.clone(), input(10_000), bounded.clone(), 0, &no_sign);
+        let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
+        let out = a.on_commit(c.clone(), 0);
+        assert!(out.iter().any(|x| matches!(x, RoundAction::BadCommit(b) if b.commit.peer == "b")), "{out:?}");
+        assert!(out.iter().any(
+            |x| matches!(x, RoundAction::Failed(f) if f.kind == FailureKind::Fault && f.blame == vec!["b".to_string()])
+        ));
+        // b commits to an honest-looking norm but its own chunk is larger: refused when it arrives.
+        let (mut a, acts_a) = Round::new(run, "a", view.clone(), input(1), bounded.clone(), 0, &no_sign);
+        let (mut b, acts) = Round::new(run, "b", view.clone(), input(300), bounded, 0, &no_sign);
+        let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
+        let understated = GradientCommit { norm: 100.0, ..c.clone() };
+        let RoundAction::Publish(Gossip::Commit(ca)) = &acts_a[0] else { panic!() };
+        let sends: Vec<RingStep> = b
+            .on_commit(ca.clone(), 0)
+            .into_iter()
+            .filter_map(|x| match x {
+                RoundAction::Send(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        assert!(a.on_commit(understated, 0).iter().all(|x| !matches!(x, RoundAction::Failed(_))));
+        let out: Vec<RoundAction> = sends.into_iter().flat_map(|s| a.on_step(s.verify().unwrap(), 0)).collect();
+        assert!(
+            out.iter().any(|x| matches!(x, RoundAction::Failed(f) if f.kind == FailureKind::BadMessage && f.reason.contains("larger norm"))),
+            "{out:?}"
+        );
     }
 }

@@ -43,6 +43,9 @@ pub enum FaultMode {
     CommitMismatch,
     /// Sends (and signs) partial sums of its own values only, dropping what it received.
     DropContribution,
+    /// Commits to (and sends) a gradient of norm 4.5 (below the default norm clipping of 5) all
+    /// in one coordinate, weighted like any other, ignoring the run's coordinate-wise clipping.
+    Spike,
     /// Alters partial sums after signing them: the bytes no longer match their hash.
     CorruptInTransit,
     /// Sends, in every later round, a partial sum it signed in its first.
@@ -69,11 +72,12 @@ impl std::str::FromStr for FaultMode {
             "nan" => Ok(Self::Nan),
             "commit-mismatch" => Ok(Self::CommitMismatch),
             "drop-contribution" => Ok(Self::DropContribution),
+            "spike" => Ok(Self::Spike),
             "corrupt-in-transit" => Ok(Self::CorruptInTransit),
             "replay" => Ok(Self::Replay),
             other => Err(format!(
                 "unknown fault mode `{other}`: random-gradient, scale-1000, nan, commit-mismatch, drop-contribution, \
-                 corrupt-in-transit or replay"
+                 spike, corrupt-in-transit or replay"
             )),
         }
     }
@@ -121,6 +125,26 @@ impl Driver {
         };
         self.publish(&p2p_proto::message::Gossip::Fault(Box::new(evidence.clone())));
         self.proven(&evidence, "it signed a chunk other than the one it committed to");
+    }
+
+    /// A member signed a commit no honest member can make (its norm is above the run's norm
+    /// clipping): the commit is the proof; gossip it and act on it.
+    pub(super) fn bad_commit(&mut self, b: Box<p2p_proto::round::BadCommit>) {
+        let accused = b.view.members[b.accused].clone();
+        warn!(round = b.view.round, peer = %accused, reason = %b.reason, "the peer committed to a gradient above the run's norm clipping");
+        let evidence = FaultEvidence {
+            run: self.cfg.run,
+            reporter: self.me.clone(),
+            accused,
+            kind: FaultKind::NormExceeded,
+            commit: b.commit,
+            members: b.view.members,
+            batches: b.batches,
+            steps: Vec::new(),
+            sum_check: None,
+        };
+        self.publish(&p2p_proto::message::Gossip::Fault(Box::new(evidence.clone())));
+        self.proven(&evidence, &b.reason);
     }
 
     /// The member this peer audited sent partial sums other than what it received plus its
@@ -281,6 +305,14 @@ impl Driver {
             return;
         }
         let Some(target) = view.position(&evidence.accused) else { return };
+        if evidence.kind == FaultKind::NormExceeded {
+            // Self-contained: the signed commit states a norm no honest member can reach.
+            let verdict = match audit::norm_exceeds(c, &evidence.batches, target, self.cfg.round.max_norm_units) {
+                Some(why) => Err(why),
+                None => Ok(()),
+            };
+            return self.on_audited(Audited::Evidence { evidence, verdict });
+        }
         if evidence.kind == FaultKind::CommitContradiction {
             // Self-contained: the accused's own signatures contradict each other.
             let key = crate::sign::peer_key(&evidence.accused);
@@ -345,10 +377,16 @@ impl FaultMode {
     }
 
     /// What a peer in this mode does to its weighted gradient before it encodes it.
-    pub(super) fn distort(mode: Option<Self>, weighted: &mut [f32]) {
+    pub(super) fn distort(mode: Option<Self>, weighted: &mut [f32], weight: f32) {
         match mode {
             Some(Self::Scale1000) => weighted.iter_mut().for_each(|v| *v *= 1000.0),
             Some(Self::Nan) => weighted.fill(f32::NAN),
+            Some(Self::Spike) => {
+                weighted.fill(0.0);
+                if let Some(first) = weighted.first_mut() {
+                    *first = 4.5 * weight;
+                }
+            }
             _ => {}
         }
     }
@@ -412,7 +450,7 @@ impl FaultMode {
     ) -> Result<Vec<i32>, p2p_proto::fixed::FixedPointError> {
         match mode {
             Some(Self::Nan) => Ok(weighted.iter().map(|v| v.to_bits() as i32).collect()),
-            Some(Self::Scale1000) => p2p_proto::FixedPoint::default().encode(weighted),
+            Some(Self::Scale1000 | Self::Spike) => p2p_proto::FixedPoint::default().encode(weighted),
             _ => fixed.encode(weighted),
         }
     }

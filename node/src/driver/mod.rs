@@ -491,7 +491,7 @@ impl Driver {
             Err(reason) => {
                 // The left neighbour sent a bad frame on this attempt's stream: the attempt cannot
                 // complete, and the sender is to blame (the stream is authenticated end to end).
-                if msg.attempt.is_none_or(|(r, a)| round.is_for(r, a)) {
+                if msg.attempt.is_some_and(|(r, a)| round.is_for(r, a)) {
                     let acts = round.rejected_from_left(reason);
                     self.on_round_actions(acts);
                 }
@@ -630,7 +630,7 @@ impl Driver {
                 let gradient = spec.worker.gradient(start, spec.batch, weight);
                 tokio::spawn(async move {
                     let Ok(mut g) = gradient.await else { return };
-                    FaultMode::distort(fault, &mut g.weighted);
+                    FaultMode::distort(fault, &mut g.weighted, weight);
                     if !g.loss.is_finite() {
                         warn!(
                             round = view.round,
@@ -769,6 +769,7 @@ impl Driver {
                 RoundAction::Audit(job) => self.audit(job),
                 RoundAction::Contradiction(c) => self.contradiction(c),
                 RoundAction::SumFault(f) => self.sum_fault(f),
+                RoundAction::BadCommit(b) => self.bad_commit(b),
                 RoundAction::Completed(o) => self.on_completed(*o),
                 RoundAction::Failed(f) => {
                     let now = self.now();

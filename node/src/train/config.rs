@@ -65,8 +65,9 @@ pub struct RunConfig {
     #[serde(default = "default_audit_every")]
     pub audit_every: u64,
     /// Robust aggregation: the largest contribution one member may make to one coordinate of
-    /// the averaged gradient (coordinate-wise clipping, enforced by every receiver's range
-    /// check). Absent: the fixed-point range (±8) is the only bound.
+    /// the averaged gradient (coordinate-wise clipping: honest members clip to it, receivers
+    /// refuse a partial sum of k contributions beyond k times it, audits hold every member to
+    /// it exactly). Absent: the fixed-point range (±8) is the only bound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_value: Option<f32>,
     /// The compute build every peer must run (see [`compute_build`]); filled in when absent.

@@ -178,7 +178,10 @@ fn serve<M: Net>(
             Job::Gradient { start, batch, weight, reply } => {
                 let began = Instant::now();
                 let idx = sampler.stream(start, batch);
-                let g = t.gradient(&ds.train, &idx);
+                let mut g = t.gradient(&ds.train, &idx);
+                // Each member's gradient is clipped before it is weighted: a commit to a larger
+                // norm proves a lie ([`p2p_proto::audit::norm_exceeds`]).
+                p2p_proto::fixed::clip_global_norm(&mut g.grad, cfg.clip_norm);
                 let weighted = g.grad.iter().map(|v| v * weight).collect();
                 let _ = reply.send(Gradient {
                     weighted,
