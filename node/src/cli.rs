@@ -291,7 +291,8 @@ pub struct FaultArgs {
     #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     pub fault_pause_in_round: Option<u64>,
-    /// Lie in this way every round: random-gradient, scale-1000.
+    /// Lie in this way every round: random-gradient, scale-1000, nan, commit-mismatch,
+    /// drop-contribution, spike, corrupt-in-transit or replay.
     #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     pub fault_mode: Option<crate::driver::FaultMode>,
