@@ -279,6 +279,10 @@ pub struct Round {
     /// Segments received (reduce-scatter and all-gather step 0) and sent, kept for the checks.
     held_in: BTreeMap<StepId, (Hash, Vec<u8>)>,
     held_out: BTreeMap<StepId, (Hash, Vec<u8>)>,
+    /// The same segments' claims (hash and checksums), once the points are known: each
+    /// segment is evaluated once, then its bytes are dropped.
+    claims_in: BTreeMap<StepId, SegmentClaim>,
+    claims_out: BTreeMap<StepId, SegmentClaim>,
     checks: Vec<Option<SumCheck>>,
     checked: Vec<bool>,
     /// Members that said all their checks passed.
@@ -352,6 +356,8 @@ impl Round {
             sum_checking: false,
             held_in: BTreeMap::new(),
             held_out: BTreeMap::new(),
+            claims_in: BTreeMap::new(),
+            claims_out: BTreeMap::new(),
             checks: vec![None; n],
             checked: vec![false; n],
             confirmed: vec![false; n],
@@ -737,24 +743,24 @@ impl Round {
         let sum = self.sum.as_ref().expect("sum").1;
         self.points = sumcheck::points(self.run, self.view.round, self.view.attempt, &sum);
         let points = self.points;
-        let claims = |held: &BTreeMap<StepId, (Hash, Vec<u8>)>, all_gather: bool| -> Vec<SegmentClaim> {
-            held.iter()
-                .filter(|(id, _)| all_gather || id.phase == Phase::ReduceScatter)
-                .map(|(id, (hash, bytes))| SegmentClaim {
-                    id: *id,
-                    hash: *hash,
-                    eval: sumcheck::eval_le_bytes(bytes, points),
+        let evaluate = |held: BTreeMap<StepId, (Hash, Vec<u8>)>| -> BTreeMap<StepId, SegmentClaim> {
+            held.into_iter()
+                .map(|(id, (hash, bytes))| {
+                    (id, SegmentClaim { id, hash, eval: sumcheck::eval_le_bytes(&bytes, points) })
                 })
                 .collect()
         };
+        self.claims_in = evaluate(std::mem::take(&mut self.held_in));
+        self.claims_out = evaluate(std::mem::take(&mut self.held_out));
         let check = SumCheck {
             run: self.run,
             peer: self.view.members[self.pos].clone(),
             round: self.view.round,
             attempt: self.view.attempt,
             sum,
-            sent: claims(&self.held_out, true),
-            received: claims(&self.held_in, false),
+            sent: self.claims_out.values().copied().collect(),
+            // The all-gather chunk it received is not its to claim (its sender claims it).
+            received: self.claims_in.values().filter(|c| c.id.phase == Phase::ReduceScatter).copied().collect(),
             signature: Vec::new(),
         };
         out.push(RoundAction::Publish(Gossip::SumCheck(Box::new(check.clone()))));
@@ -784,12 +790,12 @@ impl Round {
             Err("its sum check is for another sum".to_owned())
         } else {
             sumcheck::check_shape(check, n, i, len, self.cfg.segment_elems)
-                .and_then(|()| {
-                    if i == left { sumcheck::check_held(&check.sent, &self.held_in, self.points) } else { Ok(()) }
-                })
-                .and_then(|()| {
-                    if i == right { sumcheck::check_held(&check.received, &self.held_out, self.points) } else { Ok(()) }
-                })
+                .and_then(|()| if i == left { sumcheck::check_held(&check.sent, &self.claims_in) } else { Ok(()) })
+                .and_then(
+                    |()| {
+                        if i == right { sumcheck::check_held(&check.received, &self.claims_out) } else { Ok(()) }
+                    },
+                )
         };
         if let Err(why) = wrong {
             return self.fail_with(format!("peer {peer}: {why}"), FailureKind::BadMessage, vec![peer], out);

@@ -166,19 +166,15 @@ pub fn check_own(
     Ok(())
 }
 
-/// Checks claims about segments this member holds (`held`: id -> (hash, payload)) against the
-/// bytes: `Err` names the first claim that does not match.
-pub fn check_held(
-    claims: &[SegmentClaim],
-    held: &BTreeMap<StepId, (Hash, Vec<u8>)>,
-    points: [u64; 2],
-) -> Result<(), String> {
+/// Checks claims about segments this member holds against its own claims about them (computed
+/// from the bytes it holds): `Err` names the first claim that does not match.
+pub fn check_held(claims: &[SegmentClaim], held: &BTreeMap<StepId, SegmentClaim>) -> Result<(), String> {
     for c in claims {
-        let Some((hash, bytes)) = held.get(&c.id) else { continue };
-        if *hash != c.hash {
+        let Some(mine) = held.get(&c.id) else { continue };
+        if mine.hash != c.hash {
             return Err(format!("it claims another hash for segment {:?} than the one that moved", c.id));
         }
-        if eval_le_bytes(bytes, points) != c.eval {
+        if mine.eval != c.eval {
             return Err(format!("its checksum of segment {:?} does not match the segment's values", c.id));
         }
     }
