@@ -71,6 +71,45 @@ fn stop_all(nodes: &mut [Node]) {
     }
 }
 
+/// Starts four honest peers and one in `mode` (named `{mode}-{tag}`) on Anvil accounts
+/// `account_base..account_base + 5`; returns them (the one in `mode` last) and its peer id.
+fn start_with_liar(
+    mode: &str,
+    tag: &str,
+    cfg: &str,
+    anvil: &Anvil,
+    contract: &str,
+    account_base: usize,
+) -> (Vec<Node>, String) {
+    let chain = |i: usize| Some((anvil, contract, account_base + i));
+    let a = start(&format!("{mode}-a"), cfg, chain(0), None, &[]);
+    let boot = a.address();
+    let mut nodes = vec![a];
+    for i in 1..4 {
+        nodes.push(start(&format!("{mode}-{i}"), cfg, chain(i), Some(&boot), &[]));
+    }
+    let liar = start(&format!("{mode}-{tag}"), cfg, chain(4), Some(&boot), &["--fault-mode", mode]);
+    let id = liar.peer_id();
+    nodes.push(liar);
+    (nodes, id)
+}
+
+/// The first four logs (the honest peers) hold the same parameters every round, and the loss
+/// falls from the first 5 rounds to the last 5; returns the rounds.
+fn honest_agree_and_learn(mode: &str, logs: &[BTreeMap<u64, (String, f64, String)>]) -> usize {
+    for r in logs[0].keys() {
+        let hs: Vec<&String> = logs[..4].iter().filter_map(|t| t.get(r).map(|x| &x.0)).collect();
+        assert!(hs.iter().all(|h| *h == hs[0]), "{mode}: honest peers diverged at round {r}");
+    }
+    let rounds = logs[0].len();
+    let loss = |t: &BTreeMap<u64, (String, f64, String)>, range: std::ops::Range<usize>| -> f64 {
+        t.values().skip(range.start).take(range.len()).map(|x| x.1).sum::<f64>() / range.len() as f64
+    };
+    let (early, late) = (loss(&logs[0], 0..5), loss(&logs[0], rounds - 5..rounds));
+    assert!(late < early, "{mode}: the loss did not fall ({early} -> {late})");
+    rounds
+}
+
 /// Four honest peers and one liar in `mode` train on Anvil: the liar is caught in the first
 /// round it lies in, convicted by every honest peer on evidence each checks itself, reported on
 /// chain, never credited; the honest peers agree and learn.
@@ -79,16 +118,7 @@ fn a_liar_is_caught(mode: &str, account_base: usize, anvil: &Anvil, contract: &s
     // 300 rounds set the learning-rate schedule (15 rounds of warm-up); the peers are stopped
     // long before.
     let cfg = config(&dir, &format!("it-byzantine-{mode}"), 300, 5);
-    let chain = |i: usize| Some((anvil, contract, account_base + i));
-    let a = start(&format!("{mode}-a"), &cfg, chain(0), None, &[]);
-    let boot = a.address();
-    let mut nodes = vec![a];
-    for i in 1..4 {
-        nodes.push(start(&format!("{mode}-{i}"), &cfg, chain(i), Some(&boot), &[]));
-    }
-    let liar = start(&format!("{mode}-liar"), &cfg, chain(4), Some(&boot), &["--fault-mode", mode]);
-    let liar_id = liar.peer_id();
-    nodes.push(liar);
+    let (nodes, liar_id) = start_with_liar(mode, "liar", &cfg, anvil, contract, account_base);
     let all: Vec<&Node> = nodes.iter().collect();
     let honest = &nodes[..4];
     // Every honest peer proves the fault itself, then trains on without the liar.
@@ -133,18 +163,8 @@ fn a_liar_is_caught(mode: &str, account_base: usize, anvil: &Anvil, contract: &s
     stop_all(&mut nodes);
     let logs: Vec<BTreeMap<u64, (String, f64, String)>> = nodes.iter().map(trained).collect();
     // The honest peers agree on every round and learn.
-    let mut rounds = 0;
-    for r in logs[0].keys() {
-        let hs: Vec<&String> = logs[..4].iter().filter_map(|t| t.get(r).map(|x| &x.0)).collect();
-        assert!(hs.iter().all(|h| *h == hs[0]), "{mode}: honest peers diverged at round {r}");
-        rounds += 1;
-    }
+    let rounds = honest_agree_and_learn(mode, &logs);
     assert!(rounds >= 40);
-    let loss = |t: &BTreeMap<u64, (String, f64, String)>, range: std::ops::Range<usize>| -> f64 {
-        t.values().skip(range.start).take(range.len()).map(|x| x.1).sum::<f64>() / range.len() as f64
-    };
-    let (early, late) = (loss(&logs[0], 0..5), loss(&logs[0], rounds - 5..rounds));
-    assert!(late < early, "{mode}: the loss did not fall ({early} -> {late})");
     // The chain: the fault is reported once, the liar has no credited round, the honest peers
     // have exactly theirs.
     let run_id = nodes[0].events("training run")[0]["run_id"].as_str().unwrap().to_owned();
@@ -196,16 +216,7 @@ fn bad_frames_are_refused(mode: &str, reason: &str, extra: &str, anvil: &Anvil, 
     let dir = TempDir::new(&format!("bad-frames-{mode}"));
     let cfg = config_with(&dir, &format!("it-bad-frames-{mode}"), 300, 5, extra);
     let account_base = 1;
-    let chain = |i: usize| Some((anvil, contract, account_base + i));
-    let a = start(&format!("{mode}-a"), &cfg, chain(0), None, &[]);
-    let boot = a.address();
-    let mut nodes = vec![a];
-    for i in 1..4 {
-        nodes.push(start(&format!("{mode}-{i}"), &cfg, chain(i), Some(&boot), &[]));
-    }
-    let bad = start(&format!("{mode}-bad"), &cfg, chain(4), Some(&boot), &["--fault-mode", mode]);
-    let bad_id = bad.peer_id();
-    nodes.push(bad);
+    let (nodes, bad_id) = start_with_liar(mode, "bad", &cfg, anvil, contract, account_base);
     let honest = &nodes[..4];
     let trained_on =
         wait_until(Duration::from_secs(240), || honest.iter().all(|n| trained(n).len() >= 40).then_some(()));
@@ -244,16 +255,7 @@ fn bad_frames_are_refused(mode: &str, reason: &str, extra: &str, anvil: &Anvil, 
     let mut nodes = nodes;
     stop_all(&mut nodes);
     let logs: Vec<BTreeMap<u64, (String, f64, String)>> = nodes.iter().map(trained).collect();
-    for r in logs[0].keys() {
-        let hs: Vec<&String> = logs[..4].iter().filter_map(|t| t.get(r).map(|x| &x.0)).collect();
-        assert!(hs.iter().all(|h| *h == hs[0]), "{mode}: honest peers diverged at round {r}");
-    }
-    let rounds = logs[0].len();
-    let loss = |t: &BTreeMap<u64, (String, f64, String)>, range: std::ops::Range<usize>| -> f64 {
-        t.values().skip(range.start).take(range.len()).map(|x| x.1).sum::<f64>() / range.len() as f64
-    };
-    let (early, late) = (loss(&logs[0], 0..5), loss(&logs[0], rounds - 5..rounds));
-    assert!(late < early, "{mode}: the loss did not fall ({early} -> {late})");
+    honest_agree_and_learn(mode, &logs);
     let run_id = nodes[0].events("training run")[0]["run_id"].as_str().unwrap().to_owned();
     for (i, t) in logs.iter().enumerate() {
         let row = ledger_json(
