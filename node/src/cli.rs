@@ -292,7 +292,8 @@ pub struct FaultArgs {
     #[arg(long, hide = true)]
     pub fault_pause_in_round: Option<u64>,
     /// Lie in this way every round: random-gradient, scale-1000, nan, commit-mismatch,
-    /// drop-contribution, spike, corrupt-in-transit or replay.
+    /// drop-contribution, spike, corrupt-in-transit or replay; or run as an honest peer on a
+    /// backend that is not bit-exact: inexact.
     #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     pub fault_mode: Option<crate::driver::FaultMode>,

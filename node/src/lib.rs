@@ -7,7 +7,8 @@
 //! ring frames and timer ticks into actions, and those into gossip and stream
 //! writes. [`ring_io`] moves framed ring payloads over streams, checking every
 //! frame before it reaches the driver; [`state_sync`] hands the whole training
-//! state to peers that join late or come back. [`store`] keeps the peer's identity.
+//! state to peers that join late or come back; [`reveal`] serves committed
+//! gradients to auditors that compare within a tolerance. [`store`] keeps the peer's identity.
 //! [`ledger`] records the peer's work on chain through a durable outbox, in its
 //! own task, fed by the driver over a channel it never waits on.
 //! [`train`] is the compute half: datasets, models and the flat-gradient
@@ -18,6 +19,7 @@ pub mod config_io;
 pub mod driver;
 pub mod ledger;
 pub mod net;
+pub mod reveal;
 pub mod ring_io;
 pub mod sign;
 pub mod state_sync;

@@ -245,6 +245,8 @@ struct Plan {
     min_peers: usize,
     /// One attempt in this many is audited (0: none).
     audit_every: u64,
+    /// Relative distance audits allow (0: bit-exact).
+    audit_tolerance: f64,
     /// The run's fixed-point format (with its coordinate-wise clipping, if any).
     fixed: FixedPoint,
     /// Every gradient's norm is clipped to this before weighting (none: not checked).
@@ -273,6 +275,7 @@ fn demo_plan(args: &StartArgs) -> Plan {
         min_peers: args.run.min_peers,
         // The demonstration vector has no gradient to recompute.
         audit_every: 0,
+        audit_tolerance: 0.0,
         fixed: FixedPoint::default(),
         clip_norm: None,
     }
@@ -319,6 +322,7 @@ fn train_plan(args: &StartArgs, cfg: &RunConfig, ds: data::Dataset) -> anyhow::R
         rounds: cfg.rounds,
         min_peers: cfg.min_peers,
         audit_every: cfg.audit_every,
+        audit_tolerance: cfg.audit_tolerance(),
         fixed: match cfg.clip_value {
             Some(c) => FixedPoint::default().with_clip(c)?,
             None => FixedPoint::default(),
@@ -424,6 +428,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             max_norm_units: plan.clip_norm.map_or(0.0, |c| f64::from(c) * f64::from(1u32 << fixed.scale_bits())),
         },
         fixed,
+        audit_tolerance: plan.audit_tolerance,
         compute: plan.compute,
         rounds: (plan.rounds > 0).then_some(plan.rounds),
         identity: key,

@@ -124,7 +124,7 @@ pub fn contradicts(commit: &GradientCommit, pos: usize, steps: &[crate::message:
 }
 
 /// What an audit concludes about a commit, given the auditor's own encoding of the target's
-/// recomputed gradient.
+/// recomputed gradient (bit-exact audits: the recomputation must be the commit).
 pub fn check(
     commit: &GradientCommit,
     recomputed: &[i32],
@@ -132,23 +132,61 @@ pub fn check(
     n: usize,
     segment_elems: usize,
 ) -> Result<(), String> {
-    if commit.len != recomputed.len() as u64 {
-        return Err(format!("it committed {} values, the model has {}", commit.len, recomputed.len()));
-    }
     if commit.samples != samples {
         return Err(format!("it committed {} samples, its micro-batch has {samples}", commit.samples));
     }
-    let want = chunk_hashes(recomputed, n, segment_elems);
+    matches_commit(commit, recomputed, n, segment_elems)
+}
+
+/// Whether `data` is exactly what `commit` committed to: its length, every chunk hash (in a
+/// ring of `n` with segments of `segment_elems` values) and its norm.
+pub fn matches_commit(commit: &GradientCommit, data: &[i32], n: usize, segment_elems: usize) -> Result<(), String> {
+    if commit.len != data.len() as u64 {
+        return Err(format!("it committed {} values, the model has {}", commit.len, data.len()));
+    }
+    let want = chunk_hashes(data, n, segment_elems);
     match want.iter().zip(&commit.chunk_hashes).position(|(a, b)| a != b) {
         None if want.len() == commit.chunk_hashes.len() => {}
         None => return Err("its commit lists another number of chunks".into()),
         Some(i) => return Err(format!("chunk {i} of its commit is not the hash of its recomputed gradient")),
     }
-    let norm = crate::fixed::norm_units(recomputed);
+    let norm = crate::fixed::norm_units(data);
     if commit.norm.to_bits() != norm.to_bits() {
         return Err(format!("it committed to a norm of {}, its recomputed gradient has {norm}", commit.norm));
     }
     Ok(())
+}
+
+/// Audits within a tolerance, for backends whose gradients are not bit-exact from one device to
+/// another (GPUs): the target's committed values (revealed on request, and checked against its
+/// commit with [`matches_commit`]) must be within `tolerance` of the auditor's recomputation in
+/// relative L2 distance, `|committed - recomputed| <= tolerance * |recomputed| + sqrt(len)`
+/// (in fixed-point units; the second term allows one unit of rounding per value). A lie that
+/// passes moves the member's contribution by at most that much.
+pub fn within_tolerance(committed: &[i32], recomputed: &[i32], tolerance: f64) -> Result<(), String> {
+    if committed.len() != recomputed.len() {
+        return Err(format!("it committed {} values, the model has {}", committed.len(), recomputed.len()));
+    }
+    let distance = committed
+        .iter()
+        .zip(recomputed)
+        .map(|(&a, &b)| {
+            let d = f64::from(a) - f64::from(b);
+            d * d
+        })
+        .sum::<f64>()
+        .sqrt();
+    let norm = crate::fixed::norm_units(recomputed);
+    let limit = tolerance * norm + (recomputed.len() as f64).sqrt();
+    if distance <= limit {
+        Ok(())
+    } else {
+        Err(format!(
+            "its committed gradient is {:.2e} of its recomputed norm away from it, beyond the run's audit tolerance of \
+             {tolerance:.0e}",
+            distance / norm.max(1.0)
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -289,5 +327,29 @@ mod tests {
         shuffled.swap(0, 1);
         assert!(contradicts(&commit, 1, &shuffled).is_err());
         assert!(contradicts(&commit, 1, &[]).is_err());
+    }
+
+    #[test]
+    fn a_tolerance_audit_accepts_device_noise_and_refuses_a_perturbed_gradient() {
+        // A gradient of norm about 2e5 units (0.2 at 2^20 units per 1.0).
+        let recomputed: Vec<i32> = (0..10_000).map(|i| ((i * 7919) % 4001) - 2000).collect();
+        let norm = crate::fixed::norm_units(&recomputed);
+        // Device noise: every value off by one part in 10^4, plus a unit of rounding.
+        let noisy: Vec<i32> =
+            recomputed.iter().enumerate().map(|(i, &v)| v + v / 10_000 + if i % 2 == 0 { 1 } else { -1 }).collect();
+        assert_ne!(noisy, recomputed);
+        assert!(within_tolerance(&noisy, &recomputed, 1e-3).is_ok());
+        assert!(within_tolerance(&recomputed, &recomputed, 0.0).is_ok());
+        // Another gradient of the same size, a 1% perturbation, a gradient scaled by 1.01:
+        // refused.
+        let other: Vec<i32> = recomputed.iter().rev().copied().collect();
+        assert!(within_tolerance(&other, &recomputed, 1e-3).is_err());
+        let mut bumped = recomputed.clone();
+        bumped[17] += (norm * 0.01) as i32;
+        let err = within_tolerance(&bumped, &recomputed, 1e-3).unwrap_err();
+        assert!(err.contains("beyond the run's audit tolerance"), "{err}");
+        let scaled: Vec<i32> = recomputed.iter().map(|&v| v + v / 100).collect();
+        assert!(within_tolerance(&scaled, &recomputed, 1e-3).is_err());
+        assert!(within_tolerance(&recomputed[1..], &recomputed, 1e-3).is_err(), "another length");
     }
 }

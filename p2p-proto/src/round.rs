@@ -660,6 +660,23 @@ impl Round {
         out
     }
 
+    /// This member's audit could not conclude: the member at `target` did not reveal values
+    /// matching its commit (audits within a tolerance need them). Nothing is proven; the
+    /// attempt fails, blaming it as one that stopped responding.
+    pub fn audit_unanswered(&mut self, target: usize, reason: &str) -> Vec<RoundAction> {
+        let mut out = Vec::new();
+        if self.auditing && self.audit_target == Some(target) && self.stage != Stage::Finished {
+            let peer = self.view.members[target].clone();
+            self.fail_with(
+                format!("audit of peer {peer} could not finish: {reason}"),
+                FailureKind::Gone,
+                vec![peer],
+                &mut out,
+            );
+        }
+        out
+    }
+
     fn maybe_certify(&mut self, now: u64, out: &mut Vec<RoundAction>) {
         if self.stage == Stage::Reducing && self.ring.as_ref().is_some_and(RingAllReduce::is_done) && self.auditing {
             // The sum is here; the Done waits for this member's audit (bounded by the step timeout).

@@ -6,7 +6,10 @@
 //! sends frames that fail their checks (altered after signing, replayed from an
 //! earlier round) cannot be proven to lie, so it is not reported; every peer
 //! that receives such a frame keeps it out, and once most do it is out of
-//! rings. And honest peers with audits on never accuse one another.
+//! rings. And honest peers with audits on never accuse one another. Audits within
+//! a tolerance (for backends that are not bit-exact) catch the same lies from
+//! the values the liar reveals, and never accuse a peer whose gradient is only
+//! a little off.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -114,10 +117,17 @@ fn honest_agree_and_learn(mode: &str, logs: &[BTreeMap<u64, (String, f64, String
 /// round it lies in, convicted by every honest peer on evidence each checks itself, reported on
 /// chain, never credited; the honest peers agree and learn.
 fn a_liar_is_caught(mode: &str, account_base: usize, anvil: &Anvil, contract: &str) {
-    let dir = TempDir::new(&format!("byzantine-{mode}"));
+    a_liar_is_caught_with(mode, "audit_every = 1\n", account_base, anvil, contract);
+}
+
+/// [`a_liar_is_caught`] with `extra` in the run's configuration.
+fn a_liar_is_caught_with(mode: &str, extra: &str, account_base: usize, anvil: &Anvil, contract: &str) {
+    let name =
+        format!("byzantine-{mode}-{}", blake3::hash(extra.as_bytes()).to_hex().chars().take(6).collect::<String>());
+    let dir = TempDir::new(&name);
     // 300 rounds set the learning-rate schedule (15 rounds of warm-up); the peers are stopped
     // long before.
-    let cfg = config(&dir, &format!("it-byzantine-{mode}"), 300, 5);
+    let cfg = config_with(&dir, &format!("it-{name}"), 300, 5, extra);
     let (nodes, liar_id) = start_with_liar(mode, "liar", &cfg, anvil, contract, account_base);
     let all: Vec<&Node> = nodes.iter().collect();
     let honest = &nodes[..4];
@@ -155,6 +165,11 @@ fn a_liar_is_caught(mode: &str, account_base: usize, anvil: &Anvil, contract: &s
     };
     let catchers: Vec<&Node> = honest.iter().filter(|n| !n.events(caught).is_empty()).collect();
     assert_eq!(catchers.len(), by, "{mode}: caught by {by} honest peer(s) in that attempt");
+    if extra.contains("audit_tolerance") {
+        // Judged on the values it revealed, against the run's tolerance.
+        let reason = catchers[0].events(caught)[0]["reason"].as_str().unwrap_or_default().to_owned();
+        assert!(reason.contains("beyond the run's audit tolerance"), "{mode}: {reason}");
+    }
     for n in honest {
         // No completed round ever had the liar in it.
         assert!(n.rounds().iter().all(|r| !r.members.contains(&liar_id)), "{}: a round with the liar counted", n.name);
@@ -331,4 +346,55 @@ fn honest_peers_with_audits_on_never_accuse_one_another() {
             assert!(n.events_containing(accusation).is_empty(), "{}: {accusation}", n.name);
         }
     }
+}
+
+#[test]
+fn audits_within_a_tolerance_catch_a_liar_and_accept_an_inexact_honest_peer() {
+    // As on a GPU build: audits compare the values an audited peer reveals with the auditor's
+    // recomputation, within 0.1% (relative L2). A peer committing to another gradient is caught
+    // by its auditor from the values it revealed; every honest peer checks the fault from the
+    // same values, fetched from the auditor, and it is reported on chain.
+    let tolerance = "audit_every = 1\naudit_tolerance = 1e-3\n";
+    let anvil = Anvil::start();
+    let contract = deploy(&anvil);
+    a_liar_is_caught_with("random-gradient", tolerance, 1, &anvil, &contract);
+
+    // A peer whose gradients are one part in 10^4 off everyone's recomputation (as a GPU's,
+    // whose kernels sum in another order) is audited every round and never accused.
+    let dir = TempDir::new("tolerance-inexact");
+    let cfg = config_with(&dir, "it-tolerance-inexact", 300, 5, tolerance);
+    let a = start("inexact-a", &cfg, None, None, &[]);
+    let boot = a.address();
+    let mut nodes = vec![a];
+    for i in 1..4 {
+        nodes.push(start(&format!("inexact-{i}"), &cfg, None, Some(&boot), &[]));
+    }
+    nodes.push(start("inexact-peer", &cfg, None, Some(&boot), &["--fault-mode", "inexact"]));
+    let inexact = nodes[4].peer_id();
+    let trained_on =
+        wait_until(Duration::from_secs(240), || nodes.iter().all(|n| trained(n).len() >= 30).then_some(()));
+    if trained_on.is_none() {
+        nodes.iter().for_each(|n| n.dump());
+        panic!("the five peers did not train 30 rounds");
+    }
+    // Audited, and its audits passed: its auditors' rounds completed with it.
+    let audits_of_it: usize = nodes
+        .iter()
+        .map(|n| n.events("round complete").iter().filter(|e| e["audited"] == inexact.as_str()).count())
+        .sum();
+    assert!(audits_of_it >= 20, "the inexact peer was audited in most rounds ({audits_of_it})");
+    stop_all(&mut nodes);
+    for n in &nodes {
+        for accusation in ["audit failed", "audit could not finish", "fault proven", "fault evidence", "fault report"] {
+            assert!(n.events_containing(accusation).is_empty(), "{}: {accusation}", n.name);
+        }
+        assert!(n.rounds().iter().all(|r| r.attempt == 0), "{}: no attempt failed", n.name);
+        assert!(n.rounds().iter().all(|r| r.members.contains(&inexact)), "{}: every round counted it", n.name);
+    }
+    // All five apply the same sums: identical parameters, and the loss falls.
+    let logs: Vec<BTreeMap<u64, (String, f64, String)>> = nodes.iter().map(trained).collect();
+    for r in logs[4].keys() {
+        assert_eq!(logs[4][r].0, logs[0][r].0, "the inexact peer holds the ring's parameters at round {r}");
+    }
+    honest_agree_and_learn("inexact", &logs);
 }

@@ -12,7 +12,15 @@
 //! leaves out a peer only when most of its members do) and queue the fault for
 //! the chain. Evidence that does not hold up accuses nobody.
 //!
-//! The audited member's recomputed values also check its partial sums: its
+//! Where gradients are not bit-exact (GPU builds, or a run that states an
+//! `audit_tolerance`), the auditor asks the target for its committed values
+//! ([`crate::reveal`]), accepts them only if they make the signed commit, and
+//! compares them with its recomputation within the tolerance; a target that does
+//! not answer fails the attempt without being accused. Peers checking the
+//! evidence of such a fault fetch the values from the reporter (or the accused)
+//! the same way.
+//!
+//! The audited member's committed values also check its partial sums: its
 //! signed sum check ([`p2p_proto::sumcheck`]) must say that what it sent is what
 //! it received plus those values. If not, the check itself, its commit and the
 //! ring are the evidence, checked the same way (recompute, then compare).
@@ -23,6 +31,7 @@ use p2p_proto::audit;
 use p2p_proto::membership::RingView;
 use p2p_proto::message::{FaultEvidence, FaultKind, GradientCommit};
 use p2p_proto::round::AuditJob;
+use std::sync::Arc;
 use tracing::{info, warn};
 
 /// Whether `commit` carries a valid signature of the peer it names.
@@ -50,6 +59,9 @@ pub enum FaultMode {
     CorruptInTransit,
     /// Sends, in every later round, a partial sum it signed in its first.
     Replay,
+    /// Honest, on a backend that is not bit-exact: its gradient is one part in 10^4 off what
+    /// anyone recomputes (passes audits within a tolerance, fails bit-exact ones).
+    Inexact,
 }
 
 /// What a test-only liar remembers between messages.
@@ -75,29 +87,69 @@ impl std::str::FromStr for FaultMode {
             "spike" => Ok(Self::Spike),
             "corrupt-in-transit" => Ok(Self::CorruptInTransit),
             "replay" => Ok(Self::Replay),
+            "inexact" => Ok(Self::Inexact),
             other => Err(format!(
                 "unknown fault mode `{other}`: random-gradient, scale-1000, nan, commit-mismatch, drop-contribution, \
-                 spike, corrupt-in-transit or replay"
+                 spike, corrupt-in-transit, replay or inexact"
             )),
         }
     }
 }
 
+/// What recomputing a member's gradient, or checking evidence, concluded.
+#[derive(Debug)]
+pub(super) enum Verdict {
+    /// The member's commit is its gradient (within the run's tolerance): its committed values,
+    /// when this peer holds them.
+    Holds(Option<Vec<i32>>),
+    /// The member lied, for this reason.
+    Lie(String),
+    /// Nothing can be concluded (the committed values were not revealed, or this peer holds
+    /// other parameters than the commit names).
+    Open(String),
+}
+
 /// What an audit or a check of evidence concluded.
 #[derive(Debug)]
 pub(super) enum Audited {
-    /// This peer's own audit in attempt (round, attempt) of the member at `target`, with the
-    /// target's recomputed values.
-    Own {
-        round: u64,
-        attempt: u32,
-        target: usize,
-        job: Box<AuditJob>,
-        verdict: Result<(), String>,
-        data: Option<Vec<i32>>,
-    },
+    /// This peer's own audit in attempt (round, attempt) of the member at `target`.
+    Own { round: u64, attempt: u32, target: usize, job: Box<AuditJob>, verdict: Verdict },
     /// A check of gossiped evidence.
-    Evidence { evidence: Box<FaultEvidence>, verdict: Result<(), String> },
+    Evidence { evidence: Box<FaultEvidence>, verdict: Verdict },
+}
+
+/// Judges `commit` against the gradient recomputed from public inputs (`weighted`, of
+/// `samples` samples), in a ring of `n` with segments of `seg` values: bit-exactly against the
+/// commit's hashes, or, with values the member revealed, within `tolerance`.
+#[allow(clippy::too_many_arguments)]
+fn judge(
+    fixed: &p2p_proto::FixedPoint,
+    weighted: &[f32],
+    samples: u64,
+    commit: &GradientCommit,
+    n: usize,
+    seg: usize,
+    tolerance: f64,
+    revealed: Option<Result<Arc<Vec<i32>>, String>>,
+) -> Verdict {
+    let recomputed = match fixed.encode(weighted) {
+        Ok(d) => d,
+        Err(e) => return Verdict::Lie(format!("its recomputed gradient cannot be encoded ({e}), yet it committed")),
+    };
+    if commit.samples != samples {
+        return Verdict::Lie(format!("it committed {} samples, its micro-batch has {samples}", commit.samples));
+    }
+    match revealed {
+        None => match audit::check(commit, &recomputed, samples, n, seg) {
+            Ok(()) => Verdict::Holds(Some(recomputed)),
+            Err(e) => Verdict::Lie(e),
+        },
+        Some(Err(e)) => Verdict::Open(format!("its committed values were not revealed ({e})")),
+        Some(Ok(data)) => match audit::within_tolerance(&data, &recomputed, tolerance) {
+            Ok(()) => Verdict::Holds(Some(data.to_vec())),
+            Err(e) => Verdict::Lie(e),
+        },
+    }
 }
 
 impl Driver {
@@ -168,33 +220,49 @@ impl Driver {
     }
 
     /// Recomputes the gradient of the member at `target` of `view` (its micro-batch in a round
-    /// with these `batches`, at this peer's current parameters) and checks it against
-    /// `commit`; the verdict comes back as `then(verdict, recomputed values)`.
+    /// with these `batches`, at this peer's current parameters) and judges `commit` by it; with
+    /// audits within a tolerance, the committed values come from the first of `holders` that
+    /// reveals them. The verdict comes back as `then(verdict)`.
     fn recompute(
         &self,
         view: &RingView,
         target: usize,
         batches: &[u64],
         commit: GradientCommit,
-        then: impl FnOnce(Result<(), String>, Option<Vec<i32>>) -> Audited + Send + 'static,
+        holders: Vec<PeerId>,
+        then: impl FnOnce(Verdict) -> Audited + Send + 'static,
     ) {
         let Compute::Train(spec) = &self.cfg.compute else { return };
         let (offset, batch, weight) = audit::micro_batch(batches, target);
         let gradient = spec.worker.gradient(self.cursor + offset, batch as usize, weight);
         let (fixed, n, seg, tx) = (self.cfg.fixed, view.len(), self.cfg.round.segment_elems, self.internal.clone());
+        let tolerance = self.cfg.audit_tolerance;
+        // Fetched while the gradient is recomputed; kept, so that this peer can show them to
+        // peers checking a fault it reports.
+        let revealed = (tolerance > 0.0).then(|| {
+            let (control, store, commit) = (self.net.control(), self.reveals.clone(), commit.clone());
+            tokio::spawn(async move {
+                let data = Arc::new(crate::reveal::fetch(control, &holders, &commit, n, seg).await?);
+                store.insert(&commit.peer, commit.round, commit.attempt, data.clone());
+                Ok::<_, String>(data)
+            })
+        });
         tokio::spawn(async move {
             let Ok(g) = gradient.await else { return };
-            let (verdict, data) = if g.param_hash != commit.param_hash {
-                (Err("held other parameters than this peer".to_owned()), None)
+            let revealed = match revealed {
+                Some(task) => Some(task.await.unwrap_or_else(|e| Err(e.to_string()))),
+                None => None,
+            };
+            let verdict = if g.param_hash != commit.param_hash {
+                Verdict::Open("this peer holds other parameters than the commit names".to_owned())
             } else {
-                tokio::task::spawn_blocking(move || match fixed.encode(&g.weighted) {
-                    Ok(data) => (audit::check(&commit, &data, g.samples as u64, n, seg), Some(data)),
-                    Err(e) => (Err(format!("its recomputed gradient cannot be encoded ({e}), yet it committed")), None),
+                tokio::task::spawn_blocking(move || {
+                    judge(&fixed, &g.weighted, g.samples as u64, &commit, n, seg, tolerance, revealed)
                 })
                 .await
-                .unwrap_or_else(|e| (Err(e.to_string()), None))
+                .unwrap_or_else(|e| Verdict::Open(e.to_string()))
             };
-            let _ = tx.send(Internal::Audited(then(verdict, data)));
+            let _ = tx.send(Internal::Audited(then(verdict)));
         });
     }
 
@@ -203,29 +271,33 @@ impl Driver {
         let (round, attempt, target) = (job.view.round, job.view.attempt, job.target);
         let commit = job.commit.clone();
         let (view, batches) = (job.view.clone(), job.batches.clone());
-        self.recompute(&view, target, &batches, commit, move |verdict, data| Audited::Own {
+        let holders = commit.peer.parse().into_iter().collect();
+        self.recompute(&view, target, &batches, commit, holders, move |verdict| Audited::Own {
             round,
             attempt,
             target,
             job,
             verdict,
-            data,
         });
     }
 
     pub(super) fn on_audited(&mut self, a: Audited) {
         let now = self.now();
         match a {
-            Audited::Own { round, attempt, target, job, verdict, data } => {
+            Audited::Own { round, attempt, target, job, verdict } => {
                 let current = self.round.as_ref().is_some_and(|r| r.is_for(round, attempt));
-                if !current && verdict.is_ok() {
+                if !current && !matches!(verdict, Verdict::Lie(_)) {
                     return;
                 }
                 // A failed audit proves the fault even when the attempt failed meanwhile for
                 // another reason (a range check caught the same lie first, say).
                 let acts = match verdict {
-                    Ok(()) => self.round.as_mut().map(|r| r.audit_passed(now, data)).unwrap_or_default(),
-                    Err(reason) => {
+                    Verdict::Holds(data) => self.round.as_mut().map(|r| r.audit_passed(now, data)).unwrap_or_default(),
+                    Verdict::Open(reason) => {
+                        warn!(round, attempt, peer = %job.commit.peer, %reason, "audit could not finish; nobody is accused");
+                        self.round.as_mut().map(|r| r.audit_unanswered(target, &reason)).unwrap_or_default()
+                    }
+                    Verdict::Lie(reason) => {
                         let accused = job.commit.peer.clone();
                         warn!(round, attempt, peer = %accused, %reason, "audit failed: the peer's commit is not its gradient");
                         let evidence = FaultEvidence {
@@ -250,8 +322,14 @@ impl Driver {
                 self.on_round_actions(acts);
             }
             Audited::Evidence { evidence, verdict } => match verdict {
-                Err(reason) => self.proven(&evidence, &reason),
-                Ok(()) => warn!(
+                Verdict::Lie(reason) => self.proven(&evidence, &reason),
+                Verdict::Open(reason) => info!(
+                    round = evidence.commit.round,
+                    accused = %evidence.accused,
+                    %reason,
+                    "fault evidence could not be checked here; nobody is excluded"
+                ),
+                Verdict::Holds(_) => warn!(
                     round = evidence.commit.round,
                     accused = %evidence.accused,
                     reporter = %evidence.reporter,
@@ -308,8 +386,8 @@ impl Driver {
         if evidence.kind == FaultKind::NormExceeded {
             // Self-contained: the signed commit states a norm no honest member can reach.
             let verdict = match audit::norm_exceeds(c, &evidence.batches, target, self.cfg.round.max_norm_units) {
-                Some(why) => Err(why),
-                None => Ok(()),
+                Some(why) => Verdict::Lie(why),
+                None => Verdict::Holds(None),
             };
             return self.on_audited(Audited::Evidence { evidence, verdict });
         }
@@ -320,10 +398,10 @@ impl Driver {
                 evidence.steps.iter().all(|s| crate::sign::step_is_signed(&k, c.run, c.round, c.attempt, s))
             });
             let verdict = if !signed {
-                Ok(())
+                Verdict::Holds(None)
             } else {
                 match audit::contradicts(c, target, &evidence.steps) {
-                    Ok(()) => Err("it signed a chunk other than the one it committed to".to_owned()),
+                    Ok(()) => Verdict::Lie("it signed a chunk other than the one it committed to".to_owned()),
                     Err(why) => {
                         warn!(accused = %evidence.accused, why, "fault evidence refused");
                         return;
@@ -345,6 +423,10 @@ impl Driver {
         let batches = evidence.batches.clone();
         let commit = evidence.commit.clone();
         let (n, seg) = (view.len(), self.cfg.round.segment_elems);
+        // With audits within a tolerance: the committed values, from the reporter (who fetched
+        // them) or the accused.
+        let holders: Vec<PeerId> =
+            [&evidence.reporter, &evidence.accused].into_iter().filter_map(|p| p.parse().ok()).collect();
         if evidence.kind == FaultKind::PartialSumMismatch {
             // The accused's own signed claims, for the ring the evidence names.
             let check = evidence.sum_check.as_deref().filter(|s| {
@@ -356,17 +438,26 @@ impl Driver {
                 warn!(accused = %evidence.accused, reporter = %evidence.reporter, "fault evidence refused: its sum check is not the accused's, signed, for that ring");
                 return;
             };
-            self.recompute(&view, target, &batches, commit, move |verdict, data| {
-                // Its commit must be its gradient, and its claims must add up to it.
-                let verdict = verdict.and_then(|()| {
-                    let points = p2p_proto::sumcheck::points(check.run, check.round, check.attempt, &check.sum);
-                    data.map_or(Ok(()), |d| p2p_proto::sumcheck::check_own(&check, n, &d, seg, points))
-                });
+            self.recompute(&view, target, &batches, commit, holders, move |verdict| {
+                // Its commit must be its gradient, and its claims must add up to its values.
+                let verdict = match verdict {
+                    Verdict::Holds(Some(d)) => {
+                        let points = p2p_proto::sumcheck::points(check.run, check.round, check.attempt, &check.sum);
+                        match p2p_proto::sumcheck::check_own(&check, n, &d, seg, points) {
+                            Ok(()) => Verdict::Holds(None),
+                            Err(why) => Verdict::Lie(why),
+                        }
+                    }
+                    other => other,
+                };
                 Audited::Evidence { evidence, verdict }
             });
             return;
         }
-        self.recompute(&view, target, &batches, commit, move |verdict, _| Audited::Evidence { evidence, verdict });
+        self.recompute(&view, target, &batches, commit, holders, move |verdict| Audited::Evidence {
+            evidence,
+            verdict,
+        });
     }
 }
 
@@ -381,6 +472,10 @@ impl FaultMode {
         match mode {
             Some(Self::Scale1000) => weighted.iter_mut().for_each(|v| *v *= 1000.0),
             Some(Self::Nan) => weighted.fill(f32::NAN),
+            Some(Self::Inexact) => weighted
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v *= if i % 2 == 0 { 1.0 + 1e-4 } else { 1.0 - 1e-4 }),
             Some(Self::Spike) => {
                 weighted.fill(0.0);
                 if let Some(first) = weighted.first_mut() {

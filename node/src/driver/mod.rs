@@ -56,6 +56,9 @@ pub struct DriverConfig {
     pub membership: MembershipConfig,
     pub round: RoundConfig,
     pub fixed: FixedPoint,
+    /// Audits compare within this relative distance, on values the target reveals (0: the
+    /// recomputation must make the commit's hashes).
+    pub audit_tolerance: f64,
     /// What each round all-reduces.
     pub compute: Compute,
     /// Stop after this many rounds (round numbers `0..rounds`).
@@ -197,6 +200,8 @@ struct Driver {
     signer: crate::sign::Signer,
     /// What a test-only liar remembers.
     fault_state: audit::FaultState,
+    /// Committed vectors this peer reveals to auditors (audits within a tolerance).
+    reveals: crate::reveal::Store,
     summary: Summary,
     finished: bool,
 }
@@ -214,6 +219,10 @@ pub async fn run(
     let (internal, mut internal_rx) = mpsc::unbounded_channel();
     let (serve_tx, mut serve_rx) = mpsc::channel::<ServeRequest>(64);
     crate::state_sync::serve(net.control(), cfg.run, serve_tx);
+    let reveals = crate::reveal::Store::default();
+    if cfg.audit_tolerance > 0.0 {
+        crate::reveal::serve(net.control(), cfg.run, reveals.clone());
+    }
     let me = net.local_peer_id.to_string();
     let (post_tx, post_rx) = mpsc::unbounded_channel();
     let post_task = tokio::spawn(post::post_rounds(post_rx, cfg.ledger.clone(), internal.clone()));
@@ -238,6 +247,7 @@ pub async fn run(
         faults_checked: std::collections::HashSet::new(),
         signer: crate::sign::Signer::new(cfg.identity.clone()),
         fault_state: audit::FaultState::default(),
+        reveals,
         membership: Membership::resume(cfg.run, me.clone(), cfg.membership.clone(), state),
         cfg,
         net,
@@ -667,6 +677,10 @@ impl Driver {
         // Asked to stop while the gradient was computed: the round still gets it, and the next
         // ring goes on without this peer.
         input.leaving = self.leave == Leave::Requested;
+        if self.cfg.audit_tolerance > 0.0 {
+            // An auditor may ask for these values.
+            self.reveals.insert(&self.me, view.round, view.attempt, std::sync::Arc::new(input.data.clone()));
+        }
         let now = self.now();
         let (round, acts) =
             Round::new(self.cfg.run, &self.me, view, input, self.cfg.round.clone(), now, &self.signer());

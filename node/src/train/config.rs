@@ -23,6 +23,10 @@ pub fn compute_build() -> String {
     format!("burn-0.22.1/{}", features.join("+"))
 }
 
+/// The audit tolerance of a run on a GPU build that does not state one: GPU kernels sum in an
+/// order that varies from device to device, so gradients differ in their last bits.
+pub const GPU_AUDIT_TOLERANCE: f64 = 1e-3;
+
 /// A run's configuration, as written in its TOML file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,6 +74,12 @@ pub struct RunConfig {
     /// it exactly). Absent: the fixed-point range (±8) is the only bound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_value: Option<f32>,
+    /// Audits within a tolerance: the relative L2 distance an audited member's committed
+    /// gradient may have from the auditor's recomputation (the member reveals its values on
+    /// request). 0: bit-exact audits against the commit's hashes, the default on the CPU
+    /// backend; absent on a GPU build: [`GPU_AUDIT_TOLERANCE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_tolerance: Option<f64>,
     /// The compute build every peer must run (see [`compute_build`]); filled in when absent.
     #[serde(default)]
     pub compute: Option<String>,
@@ -157,6 +167,11 @@ impl RunConfig {
         {
             return Err(e.to_string());
         }
+        if let Some(t) = self.audit_tolerance
+            && !(t.is_finite() && (0.0..1.0).contains(&t))
+        {
+            return Err(format!("audit_tolerance {t} is not in [0, 1) (a relative L2 distance; 0: bit-exact)"));
+        }
         if self.quorum_bps == 0 || self.quorum_bps > 10_000 || self.min_votes == 0 {
             return Err("quorum_bps must be in 1..=10000 and min_votes at least 1".into());
         }
@@ -188,6 +203,12 @@ impl RunConfig {
             None => self.compute = Some(build),
         }
         Ok(self)
+    }
+
+    /// The relative distance audits allow (0: bit-exact), as stated or as the build needs.
+    pub fn audit_tolerance(&self) -> f64 {
+        let gpu = self.compute.as_deref().is_some_and(|c| c.contains("vulkan") || c.contains("cuda"));
+        self.audit_tolerance.unwrap_or(if gpu { GPU_AUDIT_TOLERANCE } else { 0.0 })
     }
 
     /// blake3 of the configuration (after [`RunConfig::bind`]): what the chain records.
@@ -262,5 +283,19 @@ mod tests {
         assert!(err.contains("at least 1"), "{err}");
         let err = RunConfig::load(&write("f.toml", &format!("{BASE}\ndataset_hash = \"xyz\""))).unwrap_err();
         assert!(err.to_string().contains("64 hex digits"), "{err}");
+        let err = RunConfig::load(&write("h.toml", &format!("{BASE}\naudit_tolerance = 1.5"))).unwrap_err();
+        assert!(err.to_string().contains("audit_tolerance 1.5"), "{err}");
+    }
+
+    #[test]
+    fn audits_are_bit_exact_on_the_cpu_build_and_within_a_tolerance_on_gpu_builds() {
+        let mut cfg = RunConfig::load(&write("i.toml", BASE)).unwrap();
+        cfg.compute = Some("burn-0.22.1/flex+simd+rayon".into());
+        assert_eq!(cfg.audit_tolerance(), 0.0);
+        cfg.compute = Some("burn-0.22.1/flex+simd+rayon+vulkan".into());
+        assert_eq!(cfg.audit_tolerance(), GPU_AUDIT_TOLERANCE);
+        let stated = RunConfig::load(&write("j.toml", &format!("{BASE}\naudit_tolerance = 1e-4"))).unwrap();
+        assert_eq!(stated.audit_tolerance(), 1e-4);
+        assert_ne!(stated.run_id(), RunConfig::load(&write("k.toml", BASE)).unwrap().run_id());
     }
 }

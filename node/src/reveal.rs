@@ -1,0 +1,155 @@
+//! Committed gradients on request, for audits within a tolerance.
+//!
+//! Where gradients are not bit-exact from one device to another (GPU backends),
+//! an auditor cannot recompute a commit's hashes; it asks the target for the
+//! values it committed to and compares them with its own recomputation within
+//! the run's tolerance ([`p2p_proto::audit::within_tolerance`]). Every peer
+//! serves, under [`REVEAL_PROTOCOL`], its own committed values of its recent
+//! attempts and the values it fetched of others (so that a fault can be checked
+//! by anyone after the accused stops answering). An answer proves itself: the
+//! asker accepts it only if it makes the accused's signed commit, hash for hash.
+//!
+//! Request: the 32-byte run id, the round (u64 LE), the attempt (u32 LE), the
+//! length of the member's peer id (u16 LE, at most [`MAX_PEER_BYTES`]) and the
+//! peer id. Answer: a count of values (u32 LE; 0: not held), then the values as
+//! i32 LE.
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, StreamProtocol};
+use libp2p_stream::Control;
+use p2p_proto::audit;
+use p2p_proto::message::{GradientCommit, PeerKey, RunId};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::debug;
+
+pub const REVEAL_PROTOCOL: &str = "/dtrain/reveal/1";
+/// Peer ids are about 52 characters.
+const MAX_PEER_BYTES: usize = 128;
+/// Committed vectors kept: this peer's own and others' of the last few attempts.
+const KEPT: usize = 16;
+/// Longest a single request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Key = (PeerKey, u64, u32);
+type Kept = VecDeque<(Key, Arc<Vec<i32>>)>;
+
+/// Committed vectors this peer can reveal, by (member, round, attempt); the oldest go first.
+#[derive(Debug, Clone, Default)]
+pub struct Store(Arc<Mutex<Kept>>);
+
+impl Store {
+    pub fn insert(&self, peer: &str, round: u64, attempt: u32, data: Arc<Vec<i32>>) {
+        let mut kept = self.0.lock().expect("reveal store");
+        let key = (peer.to_owned(), round, attempt);
+        kept.retain(|(k, _)| *k != key);
+        if kept.len() >= KEPT {
+            kept.pop_front();
+        }
+        kept.push_back((key, data));
+    }
+
+    fn get(&self, key: &Key) -> Option<Arc<Vec<i32>>> {
+        self.0.lock().expect("reveal store").iter().find(|(k, _)| k == key).map(|(_, d)| d.clone())
+    }
+}
+
+/// Serves the vectors in `store` to peers of `run` that ask.
+pub fn serve(mut control: Control, run: RunId, store: Store) {
+    let Ok(mut incoming) = control.accept(StreamProtocol::new(REVEAL_PROTOCOL)) else {
+        tracing::warn!("the reveal protocol is registered twice; not serving it");
+        return;
+    };
+    tokio::spawn(async move {
+        while let Some((peer, mut stream)) = incoming.next().await {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let answer = async {
+                    let mut head = [0u8; 32 + 8 + 4 + 2];
+                    stream.read_exact(&mut head).await?;
+                    let round = u64::from_le_bytes(head[32..40].try_into().expect("8 bytes"));
+                    let attempt = u32::from_le_bytes(head[40..44].try_into().expect("4 bytes"));
+                    let len = u16::from_le_bytes([head[44], head[45]]) as usize;
+                    if len > MAX_PEER_BYTES {
+                        return Err(std::io::Error::other(format!("a {len}-byte peer id")));
+                    }
+                    let mut name = vec![0u8; len];
+                    stream.read_exact(&mut name).await?;
+                    let held = (head[..32] == run.0)
+                        .then(|| String::from_utf8(name).ok())
+                        .flatten()
+                        .and_then(|member| store.get(&(member, round, attempt)));
+                    let data: &[i32] = held.as_deref().map_or(&[], Vec::as_slice);
+                    stream.write_all(&(data.len() as u32).to_le_bytes()).await?;
+                    stream.write_all(le_bytes(data).as_slice()).await?;
+                    stream.close().await
+                };
+                if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, answer)
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "request took too long")))
+                {
+                    debug!(%peer, reason = %e, "reveal request failed");
+                }
+            });
+        }
+    });
+}
+
+fn le_bytes(data: &[i32]) -> Vec<u8> {
+    data.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+async fn ask(
+    control: &mut Control,
+    from: PeerId,
+    commit: &GradientCommit,
+    n: usize,
+    seg: usize,
+) -> Result<Vec<i32>, String> {
+    let mut stream =
+        control.open_stream(from, StreamProtocol::new(REVEAL_PROTOCOL)).await.map_err(|e| e.to_string())?;
+    let mut req = Vec::with_capacity(46 + commit.peer.len());
+    req.extend_from_slice(&commit.run.0);
+    req.extend_from_slice(&commit.round.to_le_bytes());
+    req.extend_from_slice(&commit.attempt.to_le_bytes());
+    req.extend_from_slice(&(commit.peer.len() as u16).to_le_bytes());
+    req.extend_from_slice(commit.peer.as_bytes());
+    stream.write_all(&req).await.map_err(|e| e.to_string())?;
+    let mut count = [0u8; 4];
+    stream.read_exact(&mut count).await.map_err(|e| e.to_string())?;
+    let count = u32::from_le_bytes(count) as u64;
+    if count == 0 {
+        return Err(format!("peer {from} does not hold them"));
+    }
+    if count != commit.len {
+        return Err(format!("peer {from} answered {count} values, the commit has {}", commit.len));
+    }
+    let mut bytes = vec![0u8; count as usize * 4];
+    stream.read_exact(&mut bytes).await.map_err(|e| e.to_string())?;
+    let data: Vec<i32> = bytes.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    audit::matches_commit(commit, &data, n, seg)
+        .map_err(|e| format!("peer {from} answered values that are not the commit's: {e}"))?;
+    Ok(data)
+}
+
+/// The values `commit` (made in a ring of `n` with segments of `seg` values) committed to,
+/// from the first of `from` that answers with values making the commit.
+pub async fn fetch(
+    mut control: Control,
+    from: &[PeerId],
+    commit: &GradientCommit,
+    n: usize,
+    seg: usize,
+) -> Result<Vec<i32>, String> {
+    let mut last = String::from("nobody to ask");
+    for peer in from {
+        match tokio::time::timeout(REQUEST_TIMEOUT, ask(&mut control, *peer, commit, n, seg)).await {
+            Ok(Ok(data)) => return Ok(data),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = format!("peer {peer} did not answer in time"),
+        }
+        debug!(%peer, reason = %last, "committed values not revealed");
+    }
+    Err(last)
+}
