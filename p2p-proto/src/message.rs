@@ -213,6 +213,11 @@ pub enum FaultKind {
     /// The member signed a commit to a gradient whose norm is above what the run's norm
     /// clipping allows for its weight: no honest member can commit to it.
     NormExceeded = 4,
+    /// Frames the member sent failed their checks at the reporter (bytes altered after signing,
+    /// a replay, values out of range), and the rings went on without it. An attestation of the
+    /// receivers that saw them, not a proof anyone else can check: it never travels as
+    /// evidence, only to the chain.
+    RefusedFrames = 5,
 }
 
 /// Evidence that `accused` lied in `round`, enough for any peer to check it by itself: the

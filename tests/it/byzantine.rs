@@ -4,9 +4,9 @@
 //! out of rings, the fault is reported on chain, its rounds are not credited,
 //! and the honest peers go on training with identical parameters. A peer that
 //! sends frames that fail their checks (altered after signing, replayed from an
-//! earlier round) cannot be proven to lie, so it is not reported; every peer
-//! that receives such a frame keeps it out, and once most do it is out of
-//! rings. And honest peers with audits on never accuse one another. Audits within
+//! earlier round) cannot be proven to lie to a third peer; every peer that
+//! receives such a frame keeps it out, once most do it is out of rings, and the
+//! peers that refused its frames report that on chain (an attestation, once). And honest peers with audits on never accuse one another. Audits within
 //! a tolerance (for backends that are not bit-exact) catch the same lies from
 //! the values the liar reveals, and never accuse a peer whose gradient is only
 //! a little off.
@@ -225,8 +225,8 @@ fn a_peer_committing_to_anything_but_its_gradient_is_caught_excluded_and_reporte
 /// Four honest peers and one peer in `mode` (frames altered after signing, or replayed from an
 /// earlier round): every frame it sends that way is refused by its receiver, naming it; the
 /// receivers keep it out, and once most do the honest peers train on without it. Nothing proves
-/// the fault to a third peer, so nothing is reported on chain; it is credited exactly the
-/// rounds it completed honestly.
+/// the fault to a third peer; the receivers attest it on chain, once (kind 5, at the round of
+/// the first ring without it). It is credited exactly the rounds it completed honestly.
 fn bad_frames_are_refused(mode: &str, reason: &str, extra: &str, anvil: &Anvil, contract: &str) {
     let dir = TempDir::new(&format!("bad-frames-{mode}"));
     let cfg = config_with(&dir, &format!("it-bad-frames-{mode}"), 300, 5, extra);
@@ -272,6 +272,18 @@ fn bad_frames_are_refused(mode: &str, reason: &str, extra: &str, anvil: &Anvil, 
     let logs: Vec<BTreeMap<u64, (String, f64, String)>> = nodes.iter().map(trained).collect();
     honest_agree_and_learn(mode, &logs);
     let run_id = nodes[0].events("training run")[0]["run_id"].as_str().unwrap().to_owned();
+    // Reported by the peers that refused its frames, at the round of the first certified ring
+    // without it (again if it came back and did it again): the chain holds one fault per round
+    // reported.
+    let reported: std::collections::BTreeSet<u64> = nodes[..4]
+        .iter()
+        .flat_map(|n| {
+            n.events("a ring completed a round without a peer whose frames failed their checks here: reported on chain")
+        })
+        .filter(|e| e["peer"] == bad_id.as_str())
+        .map(|e| e["round"].as_u64().unwrap())
+        .collect();
+    assert!(!reported.is_empty(), "{mode}: a peer that refused its frames reported it");
     for (i, t) in logs.iter().enumerate() {
         let row = ledger_json(
             anvil,
@@ -282,7 +294,8 @@ fn bad_frames_are_refused(mode: &str, reason: &str, extra: &str, anvil: &Anvil, 
         let n = check_records(row["epochs"].as_array().unwrap(), &logged, K)
             .unwrap_or_else(|e| panic!("{mode} peer {i}: {e}"));
         assert_eq!(n, t.len() as u64, "{mode} peer {i}: credited exactly the rounds it completed");
-        assert_eq!(row["peers"][0]["faults"], 0, "{mode} peer {i}: nothing unproven is reported");
+        let faults = if i == 4 { reported.len() } else { 0 };
+        assert_eq!(row["peers"][0]["faults"], faults, "{mode} peer {i}: reported if it sent bad frames, else never");
     }
 }
 

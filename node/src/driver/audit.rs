@@ -29,7 +29,7 @@ use super::{Compute, Driver, Internal};
 use libp2p::PeerId;
 use p2p_proto::audit;
 use p2p_proto::membership::RingView;
-use p2p_proto::message::{FaultEvidence, FaultKind, GradientCommit};
+use p2p_proto::message::{FaultEvidence, FaultKind, GradientCommit, PeerKey};
 use p2p_proto::round::AuditJob;
 use std::sync::Arc;
 use tracing::{info, warn};
@@ -383,6 +383,10 @@ impl Driver {
             return;
         }
         let Some(target) = view.position(&evidence.accused) else { return };
+        if evidence.kind == FaultKind::RefusedFrames {
+            warn!(accused = %evidence.accused, reporter = %evidence.reporter, "fault evidence refused: refused frames prove nothing to a third peer");
+            return;
+        }
         if evidence.kind == FaultKind::NormExceeded {
             // Self-contained: the signed commit states a norm no honest member can reach.
             let verdict = match audit::norm_exceeds(c, &evidence.batches, target, self.cfg.round.max_norm_units) {
@@ -458,6 +462,49 @@ impl Driver {
             evidence,
             verdict,
         });
+    }
+}
+
+impl Driver {
+    /// The round failed on frames `blame` sent this peer that failed their checks: remembered,
+    /// to report once the rings go on without the sender.
+    pub(super) fn frames_refused(&mut self, round: u64, blame: &[String], reason: &str) {
+        for p in blame {
+            self.refused.entry(p.clone()).or_insert_with(|| Some((round, reason.to_owned())));
+        }
+    }
+
+    /// A ring completed a round without peers whose frames this peer refused: most of its
+    /// members kept them out. Reported on chain, at that round (every member of the certified
+    /// ring that refused frames of the peer reports the same round, so the chain counts it
+    /// once), as an attestation: the frames prove nothing to anyone else. A peer that comes
+    /// back and sends such frames again is reported again.
+    pub(super) fn report_refused(&mut self, view: &RingView) {
+        let out: Vec<PeerKey> = self
+            .refused
+            .iter()
+            .filter(|(p, r)| r.is_some() && !view.members.contains(p) && !self.convicted.contains(*p))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in out {
+            let Some((first, reason)) = self.refused.remove(&p).flatten() else { continue };
+            info!(
+                round = view.round,
+                peer = %p,
+                first_refused = first,
+                %reason,
+                "a ring completed a round without a peer whose frames failed their checks here: reported on chain"
+            );
+            if let (Some(ledger), Ok(peer)) = (&self.cfg.ledger, p.parse::<PeerId>()) {
+                let mut h = blake3::Hasher::new();
+                h.update(b"dtrain/refused-frames/v1");
+                h.update(&self.cfg.run.0);
+                h.update(p.as_bytes());
+                h.update(&first.to_le_bytes());
+                h.update(reason.as_bytes());
+                ledger.report_fault(peer.to_bytes(), view.round, FaultKind::RefusedFrames as u8, h.finalize().into());
+            }
+        }
     }
 }
 

@@ -194,6 +194,9 @@ struct Driver {
     ticks: u64,
     /// Peers proven to lie (this peer checked the evidence).
     convicted: std::collections::HashSet<PeerKey>,
+    /// Peers whose frames failed their checks here: the round and reason of the first, until
+    /// reported (then none).
+    refused: std::collections::HashMap<PeerKey, Option<(u64, String)>>,
     /// Fault evidence checked or being checked, by (accused, round, attempt).
     faults_checked: std::collections::HashSet<(PeerKey, u64, u32)>,
     /// Signs this peer's commits, ring segments and sum checks.
@@ -245,6 +248,7 @@ pub async fn run(
         ticks: 0,
         convicted: std::collections::HashSet::new(),
         faults_checked: std::collections::HashSet::new(),
+        refused: std::collections::HashMap::new(),
         signer: crate::sign::Signer::new(cfg.identity.clone()),
         fault_state: audit::FaultState::default(),
         reveals,
@@ -793,6 +797,9 @@ impl Driver {
                     self.writer = None;
                     self.summary.rounds_failed += 1;
                     let strikes = if f.kind == FailureKind::BadMessage { STRIKES_TO_OPEN } else { 1 };
+                    if f.kind == FailureKind::BadMessage {
+                        self.frames_refused(round, &f.blame, &f.reason);
+                    }
                     for p in self.membership.round_failed_with(now, &f.blame, strikes) {
                         warn!(peer = %p, round, "peer failed rounds in a row: kept out of rings for a while (circuit breaker)");
                     }
@@ -818,6 +825,7 @@ impl Driver {
         self.next_round = o.view.round + 1;
         let done = AttemptRef { round: o.view.round, attempt: o.view.attempt, ring: o.view.hash(self.cfg.run) };
         self.certified.insert(o.view.round, done);
+        self.report_refused(&o.view);
         if self.certified.len() > CERTIFIED_HISTORY {
             self.certified.pop_first();
         }
