@@ -35,6 +35,8 @@ pub enum Command {
     Contributions(ContributionsArgs),
     /// Print a run's finalized checkpoints from the ledger.
     Checkpoints(CheckpointsArgs),
+    /// Print what a running node reports about itself (its `--http` endpoint's /status).
+    Status(StatusArgs),
     /// Send one ledger record by hand and wait for it to be mined (peers do this themselves,
     /// through their outbox; this is for operators and scripts).
     #[command(subcommand)]
@@ -267,6 +269,16 @@ pub struct TrainArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The node's HTTP endpoint (its --http address).
+    #[arg(long, env = "DTRAIN_HTTP", default_value = "127.0.0.1:9100")]
+    pub http: String,
+    /// Print the JSON as served.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct StartArgs {
     #[command(flatten)]
     pub network: NetworkArgs,
@@ -329,6 +341,10 @@ pub struct NetworkArgs {
     /// Directory for the identity key and local state.
     #[arg(long, env = "DTRAIN_DATA_DIR", default_value = ".dtrain")]
     pub data_dir: PathBuf,
+    /// Serve /metrics (Prometheus), /status (JSON) and a dashboard on this address (off by
+    /// default; keep it on loopback unless a proxy guards it; port 0 picks a free one).
+    #[arg(long, env = "DTRAIN_HTTP")]
+    pub http: Option<std::net::SocketAddr>,
 }
 
 /// What the peer trains (for now: all-reduces) and for how long.

@@ -8,7 +8,8 @@
 //! writes. [`ring_io`] moves framed ring payloads over streams, checking every
 //! frame before it reaches the driver; [`state_sync`] hands the whole training
 //! state to peers that join late or come back; [`reveal`] serves committed
-//! gradients to auditors that compare within a tolerance. [`store`] keeps the peer's identity.
+//! gradients to auditors that compare within a tolerance. [`store`] keeps the peer's identity;
+//! [`metrics`] and [`http`] show what the node does to people watching it.
 //! [`ledger`] records the peer's work on chain through a durable outbox, in its
 //! own task, fed by the driver over a channel it never waits on.
 //! [`train`] is the compute half: datasets, models and the flat-gradient
@@ -17,7 +18,9 @@
 pub mod cli;
 pub mod config_io;
 pub mod driver;
+pub mod http;
 pub mod ledger;
+pub mod metrics;
 pub mod net;
 pub mod reveal;
 pub mod ring_io;

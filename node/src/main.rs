@@ -56,6 +56,17 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }),
         Command::Submit(cmd) => runtime.block_on(submit(cmd)),
+        Command::Status(args) => runtime.block_on(async {
+            let body = node::http::get(&args.http, "/status").await.map_err(|e| anyhow::anyhow!(e))?;
+            if args.json {
+                println!("{}", String::from_utf8_lossy(&body));
+            } else {
+                let s: node::metrics::Status =
+                    serde_json::from_slice(&body).context("the endpoint's /status is not a node's status")?;
+                print!("{}", node::metrics::table(&s));
+            }
+            Ok(())
+        }),
     }
 }
 
@@ -406,6 +417,11 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         Compute::Demo { .. } => None,
     };
     let fixed = plan.fixed;
+    let metrics = node::metrics::Metrics::new(&peer_id.to_string(), &run.to_string());
+    if let Some(addr) = args.network.http {
+        let sources = node::http::Sources { metrics: metrics.clone(), ledger: ledger.clone() };
+        node::http::serve(addr, sources).await.with_context(|| format!("cannot serve --http on {addr}"))?;
+    }
     let t = &args.timing;
     let cfg = DriverConfig {
         run,
@@ -438,6 +454,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         resume,
         pause_in_round: args.faults.pause_in_round(),
         fault: args.faults.mode(),
+        metrics,
     };
     let summary = driver::run(cfg, handle.clone(), events, shutdown_signal()).await;
     // A second Ctrl-C or SIGTERM stops at once; what the outbox holds is sent on the next start.

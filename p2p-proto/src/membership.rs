@@ -515,6 +515,34 @@ impl Membership {
         self.peers.contains_key(peer)
     }
 
+    /// Every peer this one knows, for people watching: its state (training, forming, syncing,
+    /// joining, leaving, gone, or kept out of rings at `round`) and how long ago it was heard
+    /// from, in microseconds.
+    pub fn peer_rows(&self, now: u64, round: u64) -> Vec<(PeerKey, &'static str, u64)> {
+        let mut rows: Vec<(PeerKey, &'static str, u64)> = self
+            .peers
+            .iter()
+            .map(|(p, s)| {
+                let state = if !self.alive(s, now) {
+                    "gone"
+                } else if self.breakers.get(p).is_some_and(|b| b.open_until > round) {
+                    "kept out"
+                } else {
+                    match s.status {
+                        Some(PeerStatus::Running { .. }) => "training",
+                        Some(PeerStatus::Forming { .. }) => "forming",
+                        Some(PeerStatus::Syncing { .. }) => "syncing",
+                        Some(PeerStatus::Leaving) => "leaving",
+                        None => "joining",
+                    }
+                };
+                (p.clone(), state, now.saturating_sub(s.at))
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+
     /// Live peers this one knows, itself excluded.
     pub fn live_peers(&self, now: u64) -> usize {
         self.peers.values().filter(|s| self.alive(s, now)).count()

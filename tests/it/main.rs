@@ -8,5 +8,6 @@ mod churn;
 mod contracts;
 mod identity;
 mod ledger;
+mod observe;
 mod train;
 mod train_ring;

@@ -291,6 +291,10 @@ impl Driver {
                 }
                 // A failed audit proves the fault even when the attempt failed meanwhile for
                 // another reason (a range check caught the same lie first, say).
+                self.cfg.metrics.update(|s| {
+                    s.audits += u64::from(!matches!(verdict, Verdict::Open(_)));
+                    s.audits_failed += u64::from(matches!(verdict, Verdict::Lie(_)));
+                });
                 let acts = match verdict {
                     Verdict::Holds(data) => self.round.as_mut().map(|r| r.audit_passed(now, data)).unwrap_or_default(),
                     Verdict::Open(reason) => {
@@ -354,6 +358,12 @@ impl Driver {
             "fault proven: the peer is kept out of rings"
         );
         self.membership.convict(&evidence.accused, round);
+        self.cfg.metrics.fault(crate::metrics::FaultRow {
+            round,
+            peer: evidence.accused.clone(),
+            kind: format!("{:?}", evidence.kind),
+            reason: reason.to_owned(),
+        });
         if let (Some(ledger), Ok(peer)) = (&self.cfg.ledger, evidence.accused.parse::<PeerId>()) {
             ledger.report_fault(peer.to_bytes(), round, evidence.kind as u8, evidence.digest());
         }
@@ -495,6 +505,12 @@ impl Driver {
                 %reason,
                 "a ring completed a round without a peer whose frames failed their checks here: reported on chain"
             );
+            self.cfg.metrics.fault(crate::metrics::FaultRow {
+                round: view.round,
+                peer: p.clone(),
+                kind: format!("{:?}", FaultKind::RefusedFrames),
+                reason: reason.clone(),
+            });
             if let (Some(ledger), Ok(peer)) = (&self.cfg.ledger, p.parse::<PeerId>()) {
                 let mut h = blake3::Hasher::new();
                 h.update(b"dtrain/refused-frames/v1");

@@ -43,6 +43,8 @@ use tracing::{debug, info, warn};
 const TICK: Duration = Duration::from_millis(20);
 /// Gossip for rounds this peer has not reached yet, kept until it gets there.
 const MAX_PENDING_GOSSIP: usize = 4096;
+/// Every this many ticks, the peers' states are copied into the metrics.
+const METRICS_EVERY_TICKS: u64 = 25;
 /// Every this many ticks, per-peer state of peers membership forgot is dropped.
 const FORGET_EVERY_TICKS: u64 = 250;
 /// Attempts this peer completed, remembered so that a peer coming back can learn whether the
@@ -78,6 +80,8 @@ pub struct DriverConfig {
     pub fault: Option<FaultMode>,
     /// This peer's identity key: it signs its commits.
     pub identity: libp2p::identity::Keypair,
+    /// What this peer reports about itself (`--http`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Where a restarted peer resumes.
@@ -228,7 +232,7 @@ pub async fn run(
     }
     let me = net.local_peer_id.to_string();
     let (post_tx, post_rx) = mpsc::unbounded_channel();
-    let post_task = tokio::spawn(post::post_rounds(post_rx, cfg.ledger.clone(), internal.clone()));
+    let post_task = tokio::spawn(post::post_rounds(post_rx, cfg.ledger.clone(), internal.clone(), cfg.metrics.clone()));
     let resume = cfg.resume;
     let state = resume.map(|r| r.state).unwrap_or_else(|| StateTag { round: 0, param_hash: initial_hash(&cfg) });
     let mut d = Driver {
@@ -531,6 +535,19 @@ impl Driver {
         let acts = self.membership.tick(now);
         self.on_membership_actions(acts);
         self.ticks += 1;
+        if self.ticks.is_multiple_of(METRICS_EVERY_TICKS) {
+            let rows = self.membership.peer_rows(now, self.next_round);
+            self.cfg.metrics.update(|s| {
+                s.peers = rows
+                    .into_iter()
+                    .map(|(peer, state, ago)| crate::metrics::PeerRow {
+                        peer,
+                        state: state.to_owned(),
+                        last_seen_s: ago as f64 / 1e6,
+                    })
+                    .collect();
+            });
+        }
         if self.ticks.is_multiple_of(FORGET_EVERY_TICKS) {
             // What is kept per peer goes when membership forgets the peer.
             let m = &self.membership;
@@ -796,6 +813,10 @@ impl Driver {
                     warn!(round, attempt, reason = %f.reason, "round failed");
                     self.writer = None;
                     self.summary.rounds_failed += 1;
+                    self.cfg.metrics.update(|s| {
+                        s.rounds_failed += 1;
+                        s.frames_refused += u64::from(f.kind == FailureKind::BadMessage);
+                    });
                     let strikes = if f.kind == FailureKind::BadMessage { STRIKES_TO_OPEN } else { 1 };
                     if f.kind == FailureKind::BadMessage {
                         self.frames_refused(round, &f.blame, &f.reason);
@@ -825,6 +846,15 @@ impl Driver {
         self.next_round = o.view.round + 1;
         let done = AttemptRef { round: o.view.round, attempt: o.view.attempt, ring: o.view.hash(self.cfg.run) };
         self.certified.insert(o.view.round, done);
+        self.cfg.metrics.update(|s| {
+            s.rounds_completed += 1;
+            s.round = o.view.round + 1;
+            s.ring = o.view.members.clone();
+            s.round_s = o.round_us as f64 / 1e6;
+            s.bytes_sent += o.bytes_sent;
+            s.bytes_received += o.bytes_received;
+            s.samples_trained += o.samples;
+        });
         self.report_refused(&o.view);
         if self.certified.len() > CERTIFIED_HISTORY {
             self.certified.pop_first();
@@ -841,6 +871,14 @@ impl Driver {
                 if let Some(ledger) = &self.cfg.ledger {
                     ledger.round_completed(tally);
                 }
+                self.cfg.metrics.trained(crate::metrics::RoundPoint {
+                    round: o.view.round,
+                    ring_size: o.view.len(),
+                    loss: None,
+                    accuracy: None,
+                    samples_per_s: o.samples as f64 / (o.round_us as f64 / 1e6).max(1e-9),
+                    round_s: o.round_us as f64 / 1e6,
+                });
                 self.membership.set_state(StateTag { round: self.next_round, param_hash: Hash::default() });
             }
             Compute::Train(spec) => {

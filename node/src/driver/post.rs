@@ -35,6 +35,7 @@ pub(super) async fn post_rounds(
     mut rx: mpsc::UnboundedReceiver<PostRound>,
     ledger: Option<LedgerHandle>,
     driver: mpsc::UnboundedSender<Internal>,
+    metrics: crate::metrics::Metrics,
 ) {
     while let Some(p) = rx.recv().await {
         let Ok(hash) = p.applied.await else {
@@ -63,10 +64,19 @@ pub(super) async fn post_rounds(
             param_hash = %hex(&hash),
             "round trained"
         );
+        metrics.trained(crate::metrics::RoundPoint {
+            round: p.round,
+            ring_size: p.ring_size,
+            loss: p.loss.map(f64::from),
+            accuracy: None,
+            samples_per_s: p.ring_samples as f64 / secs,
+            round_s: secs,
+        });
         if let Some(eval) = p.evaluated
             && let Ok(accuracy) = eval.await
         {
             info!(round = p.round, accuracy, "evaluated");
+            metrics.evaluated(p.round, accuracy);
         }
         if let Some((path, saved)) = p.saved {
             match saved.await {

@@ -90,6 +90,11 @@ impl LedgerHandle {
         }
     }
 
+    /// Records of the outbox by status (a blocking redb read); none if it cannot be read.
+    pub fn depth(&self) -> Option<Depth> {
+        self.outbox.depth().ok()
+    }
+
     /// Notes the attempt this peer is in before it announces its sum (a blocking redb write:
     /// call it off the event loop).
     pub fn note_pending(&self, p: PendingCredit) -> Result<(), OutboxError> {
