@@ -1,8 +1,11 @@
 //! The node's own HTTP endpoint (`--http <addr>`, off by default): `/metrics`
-//! in the Prometheus text format, `/status` as JSON, and `/`, a dashboard page
-//! that draws them. GET only, one request per connection, requests capped at
+//! in the Prometheus text format, `/status` as JSON, `/chain` (the run's
+//! contribution totals and finalized checkpoints, read from the contract
+//! through this node), and `/`, a dashboard page that draws them. GET only, one request per connection, requests capped at
 //! [`MAX_REQUEST`] bytes; anything else gets a 4xx naming what is wrong.
 
+use crate::ledger::client::Client;
+use crate::ledger::show;
 use crate::ledger::task::LedgerHandle;
 use crate::metrics::{self, Metrics};
 use std::net::SocketAddr;
@@ -21,6 +24,8 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 pub struct Sources {
     pub metrics: Metrics,
     pub ledger: Option<LedgerHandle>,
+    /// The contract and the run, for `/chain`.
+    pub chain: Option<(Client, [u8; 32])>,
 }
 
 /// Binds `addr` and serves until the process ends; returns the bound address.
@@ -82,8 +87,32 @@ async fn answer(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()>
             let json = serde_json::to_vec(&s).expect("the status serializes");
             respond(&mut stream, 200, "application/json", &json).await
         }
+        "/chain" => {
+            let (code, json) = chain(sources).await;
+            respond(&mut stream, code, "application/json", json.to_string().as_bytes()).await
+        }
         "/" | "/index.html" => respond(&mut stream, 200, "text/html; charset=utf-8", DASHBOARD.as_bytes()).await,
         _ => respond(&mut stream, 404, "text/plain", b"not found: try /metrics, /status or /\n").await,
+    }
+}
+
+/// The run's contribution totals and finalized checkpoints, as the contract holds them now.
+async fn chain(sources: &Sources) -> (u16, serde_json::Value) {
+    let Some((client, run)) = &sources.chain else {
+        return (404, serde_json::json!({"error": "this node records nothing on chain (started without --contract)"}));
+    };
+    let run = alloy::primitives::B256::from(*run);
+    let read = async {
+        let contributions = show::contributions(client, run, None).await?;
+        let checkpoints = show::checkpoints(client, run).await?;
+        Ok::<_, crate::ledger::client::ClientError>((contributions, checkpoints))
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT, read).await {
+        Ok(Ok((contributions, checkpoints))) => {
+            (200, serde_json::json!({"contributions": contributions, "checkpoints": checkpoints}))
+        }
+        Ok(Err(e)) => (503, serde_json::json!({"error": format!("cannot read the ledger: {e}")})),
+        Err(_) => (503, serde_json::json!({"error": "the chain did not answer in time"})),
     }
 }
 
@@ -106,6 +135,7 @@ async fn respond(stream: &mut TcpStream, code: u16, content_type: &str, body: &[
         200 => "OK",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        503 => "Service Unavailable",
         _ => "Request Header Fields Too Large",
     };
     let head = format!(

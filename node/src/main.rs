@@ -419,7 +419,11 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     let fixed = plan.fixed;
     let metrics = node::metrics::Metrics::new(&peer_id.to_string(), &run.to_string());
     if let Some(addr) = args.network.http {
-        let sources = node::http::Sources { metrics: metrics.clone(), ledger: ledger.clone() };
+        let sources = node::http::Sources {
+            metrics: metrics.clone(),
+            ledger: ledger.clone(),
+            chain: chain.clone().map(|c| (c, run.0)),
+        };
         node::http::serve(addr, sources).await.with_context(|| format!("cannot serve --http on {addr}"))?;
     }
     let t = &args.timing;

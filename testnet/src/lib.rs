@@ -4,12 +4,13 @@
 //! contract deployed. [`train`] is the training testnet: real training on
 //! Fashion-MNIST through the ring, recorded on chain. [`chaos`] trains the same
 //! way while peers are killed and restarted at random, then checks agreement and
-//! the chain.
+//! the chain. [`report`] writes what a run did as JSON and Markdown.
 
 pub mod bench;
 pub mod chain;
 pub mod chaos;
 pub mod cluster;
 pub mod process;
+pub mod report;
 pub mod train;
 pub mod verify;

@@ -41,6 +41,9 @@ enum Cmd {
         /// Skip the local chain: no Anvil, nothing recorded.
         #[arg(long)]
         no_chain: bool,
+        /// Where the run's report (Markdown and JSON) is written.
+        #[arg(long, default_value = "testnet-report")]
+        report_dir: std::path::PathBuf,
     },
     /// A local chain with the ledger and N peers on loopback that all-reduce a deterministic
     /// demonstration vector (exact sums anyone can recompute); prints every round and what
@@ -118,7 +121,7 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     testnet::process::stop_on_signals();
     match Cli::parse().command {
-        Cmd::Train { nodes, rounds, batch, model, lr, epoch_rounds, eval_every, audit_every, no_chain } => {
+        Cmd::Train { nodes, rounds, batch, model, lr, epoch_rounds, eval_every, audit_every, no_chain, report_dir } => {
             train::run(&train::TrainOpts {
                 nodes,
                 rounds,
@@ -129,6 +132,7 @@ fn main() -> anyhow::Result<()> {
                 eval_every,
                 audit_every,
                 chain: !no_chain,
+                report_dir,
             })
         }
         Cmd::Cluster { nodes, rounds, vector_len, run, no_chain, epoch_rounds } => {

@@ -27,7 +27,12 @@ pub struct TrainOpts {
     pub audit_every: u64,
     /// Record on a local Anvil chain.
     pub chain: bool,
+    /// Where the run's report (JSON and Markdown) goes.
+    pub report_dir: std::path::PathBuf,
 }
+
+/// What a node logs once its HTTP endpoint is up.
+pub const HTTP_LISTENING: &str = "http endpoint listening: /metrics, /status, / (dashboard)";
 
 fn trained(n: &Node) -> BTreeMap<u64, Value> {
     n.events("round trained").into_iter().map(|e| (e["round"].as_u64().unwrap_or(u64::MAX), e)).collect()
@@ -52,14 +57,12 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
     };
     let dir = TempDir::new("testnet-train");
     let config = dir.path().join("run.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "name = \"testnet\"\nmodel = \"{}\"\nbatch = {}\nrounds = {}\nepoch_rounds = {}\nmin_peers = {}\n\
-             lr = {}\neval_every = {}\naudit_every = {}\n",
-            o.model, o.batch, o.rounds, o.epoch_rounds, o.nodes, o.lr, o.eval_every, o.audit_every
-        ),
-    )?;
+    let config_text = format!(
+        "name = \"testnet\"\nmodel = \"{}\"\nbatch = {}\nrounds = {}\nepoch_rounds = {}\nmin_peers = {}\n\
+         lr = {}\neval_every = {}\naudit_every = {}\n",
+        o.model, o.batch, o.rounds, o.epoch_rounds, o.nodes, o.lr, o.eval_every, o.audit_every
+    );
+    std::fs::write(&config, &config_text)?;
     println!(
         "starting {} peers on 127.0.0.1: {} on Fashion-MNIST, {} rounds of {} samples per peer, K = {}",
         o.nodes, o.model, o.rounds, o.batch, o.epoch_rounds
@@ -77,6 +80,8 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
         if let Some(b) = boot {
             f.extend(["--bootstrap".to_owned(), b.to_owned()]);
         }
+        // Every peer serves its metrics and dashboard on a free loopback port.
+        f.extend(["--http".to_owned(), "127.0.0.1:0".to_owned()]);
         let refs: Vec<&str> = f.iter().map(String::as_str).collect();
         Node::start(&format!("peer-{i}"), &refs)
     };
@@ -93,7 +98,13 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
         nodes[0].events("training run").first().and_then(|e| e["run_id"].as_str().map(String::from))
     })
     .ok_or_else(|| anyhow::anyhow!("peer-0 did not start training"))?;
-    println!("run {run_id}\n");
+    println!("run {run_id}");
+    if let Some(addr) = crate::process::wait_until(Duration::from_secs(30), || {
+        nodes[0].events(HTTP_LISTENING).first().and_then(|e| e["addr"].as_str().map(String::from))
+    }) {
+        println!("dashboard http://{addr}/  (and /metrics, /status; or: node status --http {addr})");
+    }
+    println!();
     println!(
         "{:>6}  {:>4}  {:>8}  {:<18} {:>6} {:>10} {:>9}",
         "round", "ring", "loss", "parameter hash", "agree", "samples/s", "MiB/peer"
@@ -169,14 +180,69 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
         100.0 * accuracy,
         began.elapsed().as_secs_f64()
     );
-    if let Some((anvil, contract, accounts)) = &ledger {
-        let done: Vec<u64> = nodes.iter().map(|n| trained(n).len() as u64).collect();
-        let addresses: Vec<String> = accounts.iter().map(|a| a.address.clone()).collect();
-        let hashes: BTreeMap<u64, String> = trained(&nodes[0])
-            .into_iter()
-            .map(|(r, e)| (r, e["param_hash"].as_str().unwrap_or_default().to_owned()))
-            .collect();
-        report_chain(anvil, contract, &run_id, &addresses, &done, &vec![o.batch as u64; o.nodes], &hashes)?;
-    }
-    Ok(())
+    let mut report = crate::report::skeleton(&run_id, &config_text);
+    report["rounds"] = o.rounds.into();
+    report["seconds"] = began.elapsed().as_secs_f64().into();
+    fill_report(&mut report, &nodes, &codes, every);
+    let checked = match &ledger {
+        Some((anvil, contract, accounts)) => {
+            let done: Vec<u64> = nodes.iter().map(|n| trained(n).len() as u64).collect();
+            let addresses: Vec<String> = accounts.iter().map(|a| a.address.clone()).collect();
+            let hashes: BTreeMap<u64, String> = trained(&nodes[0])
+                .into_iter()
+                .map(|(r, e)| (r, e["param_hash"].as_str().unwrap_or_default().to_owned()))
+                .collect();
+            report_chain(anvil, contract, &run_id, &addresses, &done, &vec![o.batch as u64; o.nodes], &hashes)
+                .map(|chain| report["chain"] = chain)
+        }
+        None => Ok(()),
+    };
+    let name = run_id.trim_start_matches("0x").chars().take(16).collect::<String>();
+    let (json, md) = crate::report::write(&o.report_dir, &name, &report)?;
+    println!("\nreport: {} and {}", md.display(), json.display());
+    checked
+}
+
+/// The peers, curves, throughput and faults of a finished run, from the peers' logs.
+fn fill_report(report: &mut Value, nodes: &[Node], codes: &[Option<i32>], every: u64) {
+    let per: Vec<BTreeMap<u64, Value>> = nodes.iter().map(trained).collect();
+    report["peers"] = nodes
+        .iter()
+        .zip(&per)
+        .zip(codes)
+        .map(|((n, t), code)| serde_json::json!({"name": n.name, "peer_id": n.peer_id(), "rounds": t.len(), "exit": code}))
+        .collect();
+    report["accuracy"] = nodes[0]
+        .events("evaluated")
+        .iter()
+        .map(|e| serde_json::json!({"round": e["round"], "accuracy": e["accuracy"]}))
+        .collect();
+    report["loss"] = per[0]
+        .keys()
+        .filter(|r| r.is_multiple_of(every) || Some(*r) == per[0].keys().last())
+        .map(|r| {
+            let losses: Vec<f64> = per.iter().filter_map(|t| t.get(r).and_then(|e| e["loss"].as_f64())).collect();
+            serde_json::json!({"round": r, "loss": losses.iter().sum::<f64>() / losses.len().max(1) as f64})
+        })
+        .collect();
+    let rounds: Vec<&Value> = per[0].values().collect();
+    let mean = |f: &dyn Fn(&Value) -> f64| rounds.iter().map(|e| f(e)).sum::<f64>() / rounds.len().max(1) as f64;
+    let mut secs: Vec<f64> = rounds
+        .iter()
+        .map(|e| e["samples"].as_f64().unwrap_or(0.0) / e["samples_per_s"].as_f64().unwrap_or(f64::INFINITY))
+        .collect();
+    secs.sort_by(f64::total_cmp);
+    report["throughput"] = serde_json::json!({
+        "samples_per_s": mean(&|e| e["samples_per_s"].as_f64().unwrap_or(0.0)),
+        "median_round_s": secs.get(secs.len() / 2).copied().unwrap_or(0.0),
+        "mib_per_peer_round": mean(&|e| e["bytes_sent"].as_f64().unwrap_or(0.0)) / f64::from(1 << 20),
+    });
+    report["faults"] = nodes
+        .iter()
+        .flat_map(|n| {
+            n.events("fault proven: the peer is kept out of rings").into_iter().map(move |e| {
+                serde_json::json!({"seen_by": n.name, "round": e["round"], "accused": e["accused"], "kind": e["kind"], "reason": e["reason"]})
+            })
+        })
+        .collect();
 }

@@ -1,12 +1,50 @@
 //! Watching a run: a node started with `--http` serves `/metrics` in the
 //! Prometheus text format, whose counters follow the rounds it trains and the
-//! records it puts on chain, `/status` as JSON, and a dashboard page; `node
-//! status` prints the same; malformed requests get an error and change nothing.
+//! records it puts on chain, `/status` as JSON, `/chain` (the contract's
+//! records, read through the node), and a dashboard page, which a headless
+//! Chromium loads and draws with real data; `node status` prints the same;
+//! malformed requests get an error and change nothing.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Write};
 use std::time::Duration;
-use tests::{Anvil, Node, TempDir, deploy, ensure_fashion_mnist, node_command, wait_until};
+use tests::{Anvil, Node, TempDir, apt_install, deploy, ensure_fashion_mnist, node_command, wait_until};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Debian's Chromium, installed where missing (as root, as on CI).
+fn ensure_chromium() -> &'static str {
+    if !std::path::Path::new(CHROMIUM).exists() {
+        assert!(
+            apt_install(&["chromium"]) && std::path::Path::new(CHROMIUM).exists(),
+            "Chromium is missing and could not be installed: run `apt-get install chromium` as root"
+        );
+    }
+    CHROMIUM
+}
+
+/// Loads `url` in headless Chromium, lets its scripts run for `ms` of virtual time, and returns
+/// the page's DOM then; with `screenshot`, saves the rendered page there instead.
+fn chromium(url: &str, ms: u32, screenshot: Option<&std::path::Path>) -> String {
+    let profile = TempDir::new("chromium-profile");
+    let mut args = vec![
+        "--headless".to_owned(),
+        "--no-sandbox".to_owned(),
+        "--disable-gpu".to_owned(),
+        "--hide-scrollbars".to_owned(),
+        format!("--user-data-dir={}", profile.path().display()),
+        format!("--virtual-time-budget={ms}"),
+        "--window-size=1280,1900".to_owned(),
+    ];
+    match screenshot {
+        Some(path) => args.push(format!("--screenshot={}", path.display())),
+        None => args.push("--dump-dom".to_owned()),
+    }
+    args.push(url.to_owned());
+    let out = std::process::Command::new(ensure_chromium()).args(&args).output().expect("run chromium");
+    assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
 
 /// Sends `request` to `addr`; returns the status code and the body.
 fn http(addr: &str, request: &str) -> (u16, String) {
@@ -209,6 +247,36 @@ fn a_node_serves_metrics_status_and_a_dashboard_that_follow_its_run() {
     let (code, page) = get(&addr, "/");
     assert_eq!(code, 200);
     assert!(page.contains("fetch(\"/status\"") && !page.contains("http://") && !page.contains("https://"));
+
+    // /chain: the contract's records, read through the node.
+    let chain = wait_until(Duration::from_secs(60), || {
+        let (code, body) = get(&addr, "/chain");
+        assert_eq!(code, 200, "{body}");
+        let c: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let peers = c["contributions"]["peers"].as_array().unwrap().clone();
+        (peers.len() == 3 && peers.iter().all(|p| p["rounds"].as_u64().unwrap() >= 4)).then_some(c)
+    })
+    .expect("every peer's first epoch is on chain");
+    assert!(chain["contributions"]["run"]["finalized"].as_u64().unwrap() >= 1, "{chain}");
+
+    // The dashboard in a browser: the charts and the contribution table show real data.
+    let dom = chromium(&format!("http://{addr}/"), 12_000, None);
+    // What the page shows (its script's text left out).
+    let dom = dom.split("<script>").next().unwrap().to_owned();
+    assert!(dom.contains("<div id=\"error\"></div>"), "the page shows an error:\n{dom}");
+    assert_eq!(dom.matches("</polyline>").count(), 3, "loss, accuracy and speed are drawn:\n{dom}");
+    for n in &nodes {
+        let id = n.peer_id();
+        let short = format!("{}…{}", &id[..8], &id[id.len() - 6..]);
+        assert!(dom.contains(&short), "the contribution table lists {}:\n{dom}", n.name);
+    }
+    assert!(!dom.contains("waiting for rounds") && !dom.contains("cannot read"), "{dom}");
+    let shot = std::env::var_os("DTRAIN_DASHBOARD_SCREENSHOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| dir.path().join("dashboard.png"));
+    chromium(&format!("http://{addr}/"), 12_000, Some(&shot));
+    let png = std::fs::read(&shot).expect("the screenshot was saved");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "a real screenshot ({} bytes)", png.len());
 
     // `node status` prints the same, as a table.
     let out = node_command(&["status", "--http", &addr]);

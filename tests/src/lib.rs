@@ -4,5 +4,5 @@
 //! Anvil chain (stopped on drop) with the ledger contract.
 
 pub use testnet::chain::{Anvil, contracts_dir, deploy, ensure_tools, ledger_json, node_command};
-pub use testnet::process::{Node, Round, TempDir, ensure_fashion_mnist, event_time, run_node, wait_until};
+pub use testnet::process::{Node, Round, TempDir, apt_install, ensure_fashion_mnist, event_time, run_node, wait_until};
 pub use testnet::verify::{check_records, commit_root, expected_sum_hash};
