@@ -33,29 +33,41 @@ pub enum FetchError {
 }
 
 /// Serves `config` (the run's bound configuration) to peers asking for `run`.
-pub fn serve(mut control: Control, run: RunId, config: &RunConfig) {
-    let json = serde_json::to_vec(config).expect("the configuration serializes");
-    let Ok(mut incoming) = control.accept(StreamProtocol::new(CONFIG_PROTOCOL)) else {
-        warn!("the configuration protocol is registered twice; not serving it");
+pub fn serve(control: Control, run: RunId, config: &RunConfig) {
+    let json = std::sync::Arc::new(serde_json::to_vec(config).expect("the configuration serializes"));
+    serve_requests(control, CONFIG_PROTOCOL, "configuration", move |mut stream| {
+        let json = json.clone();
+        async move {
+            let mut asked = [0u8; 32];
+            stream.read_exact(&mut asked).await?;
+            let body: &[u8] = if asked == run.0 { &json } else { &[] };
+            stream.write_all(&(body.len() as u32).to_le_bytes()).await?;
+            stream.write_all(body).await?;
+            stream.close().await
+        }
+    });
+}
+
+/// Accepts streams of `protocol` and answers each with `answer`, in its own task, within
+/// [`REQUEST_TIMEOUT`]; failures are logged (at debug) as `what` requests that failed.
+pub(crate) fn serve_requests<F, Fut>(mut control: Control, protocol: &'static str, what: &'static str, answer: F)
+where
+    F: Fn(libp2p::Stream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+{
+    let Ok(mut incoming) = control.accept(StreamProtocol::new(protocol)) else {
+        warn!(protocol, "the protocol is registered twice; not serving it");
         return;
     };
     tokio::spawn(async move {
-        while let Some((peer, mut stream)) = incoming.next().await {
-            let json = json.clone();
+        while let Some((peer, stream)) = incoming.next().await {
+            let answering = answer(stream);
             tokio::spawn(async move {
-                let answer = async {
-                    let mut asked = [0u8; 32];
-                    stream.read_exact(&mut asked).await?;
-                    let body: &[u8] = if asked == run.0 { &json } else { &[] };
-                    stream.write_all(&(body.len() as u32).to_le_bytes()).await?;
-                    stream.write_all(body).await?;
-                    stream.close().await
-                };
-                if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, answer)
+                if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, answering)
                     .await
                     .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "request took too long")))
                 {
-                    debug!(%peer, reason = %e, "configuration request failed");
+                    debug!(%peer, what, reason = %e, "request failed");
                 }
             });
         }

@@ -14,7 +14,7 @@
 //! peer id. Answer: a count of values (u32 LE; 0: not held), then the values as
 //! i32 LE.
 
-use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::{PeerId, StreamProtocol};
 use libp2p_stream::Control;
 use p2p_proto::audit;
@@ -56,42 +56,28 @@ impl Store {
 }
 
 /// Serves the vectors in `store` to peers of `run` that ask.
-pub fn serve(mut control: Control, run: RunId, store: Store) {
-    let Ok(mut incoming) = control.accept(StreamProtocol::new(REVEAL_PROTOCOL)) else {
-        tracing::warn!("the reveal protocol is registered twice; not serving it");
-        return;
-    };
-    tokio::spawn(async move {
-        while let Some((peer, mut stream)) = incoming.next().await {
-            let store = store.clone();
-            tokio::spawn(async move {
-                let answer = async {
-                    let mut head = [0u8; 32 + 8 + 4 + 2];
-                    stream.read_exact(&mut head).await?;
-                    let round = u64::from_le_bytes(head[32..40].try_into().expect("8 bytes"));
-                    let attempt = u32::from_le_bytes(head[40..44].try_into().expect("4 bytes"));
-                    let len = u16::from_le_bytes([head[44], head[45]]) as usize;
-                    if len > MAX_PEER_BYTES {
-                        return Err(std::io::Error::other(format!("a {len}-byte peer id")));
-                    }
-                    let mut name = vec![0u8; len];
-                    stream.read_exact(&mut name).await?;
-                    let held = (head[..32] == run.0)
-                        .then(|| String::from_utf8(name).ok())
-                        .flatten()
-                        .and_then(|member| store.get(&(member, round, attempt)));
-                    let data: &[i32] = held.as_deref().map_or(&[], Vec::as_slice);
-                    stream.write_all(&(data.len() as u32).to_le_bytes()).await?;
-                    stream.write_all(le_bytes(data).as_slice()).await?;
-                    stream.close().await
-                };
-                if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, answer)
-                    .await
-                    .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "request took too long")))
-                {
-                    debug!(%peer, reason = %e, "reveal request failed");
-                }
-            });
+pub fn serve(control: Control, run: RunId, store: Store) {
+    crate::config_io::serve_requests(control, REVEAL_PROTOCOL, "reveal", move |mut stream| {
+        let store = store.clone();
+        async move {
+            let mut head = [0u8; 32 + 8 + 4 + 2];
+            stream.read_exact(&mut head).await?;
+            let round = u64::from_le_bytes(head[32..40].try_into().expect("8 bytes"));
+            let attempt = u32::from_le_bytes(head[40..44].try_into().expect("4 bytes"));
+            let len = u16::from_le_bytes([head[44], head[45]]) as usize;
+            if len > MAX_PEER_BYTES {
+                return Err(std::io::Error::other(format!("a {len}-byte peer id")));
+            }
+            let mut name = vec![0u8; len];
+            stream.read_exact(&mut name).await?;
+            let held = (head[..32] == run.0)
+                .then(|| String::from_utf8(name).ok())
+                .flatten()
+                .and_then(|member| store.get(&(member, round, attempt)));
+            let data: &[i32] = held.as_deref().map_or(&[], Vec::as_slice);
+            stream.write_all(&(data.len() as u32).to_le_bytes()).await?;
+            stream.write_all(le_bytes(data).as_slice()).await?;
+            stream.close().await
         }
     });
 }
