@@ -198,8 +198,8 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
         None => Ok(()),
     };
     let name = run_id.trim_start_matches("0x").chars().take(16).collect::<String>();
-    let (json, md) = crate::report::write(&o.report_dir, &name, &report)?;
-    println!("\nreport: {} and {}", md.display(), json.display());
+    let [json, md, html] = crate::report::write(&o.report_dir, &name, &report)?;
+    println!("\nreport: {}, {} and {}", md.display(), html.display(), json.display());
     checked
 }
 
