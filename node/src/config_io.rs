@@ -48,8 +48,12 @@ pub fn serve(control: Control, run: RunId, config: &RunConfig) {
     });
 }
 
+/// Requests of one protocol answered at once; more wait for a free slot.
+const CONCURRENT_ANSWERS: usize = 8;
+
 /// Accepts streams of `protocol` and answers each with `answer`, in its own task, within
-/// [`REQUEST_TIMEOUT`]; failures are logged (at debug) as `what` requests that failed.
+/// [`REQUEST_TIMEOUT`], at most [`CONCURRENT_ANSWERS`] at a time; failures are logged (at
+/// debug) as `what` requests that failed.
 pub(crate) fn serve_requests<F, Fut>(mut control: Control, protocol: &'static str, what: &'static str, answer: F)
 where
     F: Fn(libp2p::Stream) -> Fut + Send + 'static,
@@ -59,10 +63,13 @@ where
         warn!(protocol, "the protocol is registered twice; not serving it");
         return;
     };
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENT_ANSWERS));
     tokio::spawn(async move {
         while let Some((peer, stream)) = incoming.next().await {
+            let Ok(slot) = slots.clone().acquire_owned().await else { return };
             let answering = answer(stream);
             tokio::spawn(async move {
+                let _slot = slot;
                 if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, answering)
                     .await
                     .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "request took too long")))

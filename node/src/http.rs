@@ -17,6 +17,10 @@ use tracing::{debug, info};
 /// A GET request line and its headers fit in this.
 const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the chain may take to answer `/chain` (within [`REQUEST_TIMEOUT`]).
+const CHAIN_TIMEOUT: Duration = Duration::from_secs(8);
+/// Connections served at once; more wait.
+const MAX_CONNECTIONS: usize = 32;
 const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// What the endpoint reads from.
@@ -33,11 +37,22 @@ pub async fn serve(addr: SocketAddr, sources: Sources) -> std::io::Result<Socket
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     info!(addr = %bound, "http endpoint listening: /metrics, /status, / (dashboard)");
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
-            let Ok((stream, from)) = listener.accept().await else { continue };
+            let Ok(slot) = slots.clone().acquire_owned().await else { return };
+            let (stream, from) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    debug!(reason = %e, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let sources = sources.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &sources)).await {
                     debug!(%from, reason = %e, "http request timed out");
                 }
@@ -107,7 +122,7 @@ async fn chain(sources: &Sources) -> (u16, serde_json::Value) {
         let checkpoints = show::checkpoints(client, run).await?;
         Ok::<_, crate::ledger::client::ClientError>((contributions, checkpoints))
     };
-    match tokio::time::timeout(REQUEST_TIMEOUT, read).await {
+    match tokio::time::timeout(CHAIN_TIMEOUT, read).await {
         Ok(Ok((contributions, checkpoints))) => {
             (200, serde_json::json!({"contributions": contributions, "checkpoints": checkpoints}))
         }

@@ -27,21 +27,31 @@ use tracing::debug;
 pub const REVEAL_PROTOCOL: &str = "/dtrain/reveal/1";
 /// Peer ids are about 52 characters.
 const MAX_PEER_BYTES: usize = 128;
-/// Committed vectors kept: this peer's own and others' of the last few attempts.
-const KEPT: usize = 16;
+/// Committed vectors kept: this peer's own of its last few attempts, and as many of others'
+/// (fetched to check a fault), apart, so that fetches never push out its own.
+const KEPT: usize = 8;
 /// Longest a single request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Key = (PeerKey, u64, u32);
 type Kept = VecDeque<(Key, Arc<Vec<i32>>)>;
 
-/// Committed vectors this peer can reveal, by (member, round, attempt); the oldest go first.
-#[derive(Debug, Clone, Default)]
-pub struct Store(Arc<Mutex<Kept>>);
+/// Committed vectors this peer can reveal, by (member, round, attempt): its own, and others'
+/// it fetched; the oldest of each go first.
+#[derive(Debug, Clone)]
+pub struct Store {
+    me: PeerKey,
+    kept: Arc<Mutex<[Kept; 2]>>,
+}
 
 impl Store {
+    pub fn new(me: &str) -> Self {
+        Self { me: me.to_owned(), kept: Arc::default() }
+    }
+
     pub fn insert(&self, peer: &str, round: u64, attempt: u32, data: Arc<Vec<i32>>) {
-        let mut kept = self.0.lock().expect("reveal store");
+        let mut kept = self.kept.lock().expect("reveal store");
+        let kept = &mut kept[usize::from(peer != self.me)];
         let key = (peer.to_owned(), round, attempt);
         kept.retain(|(k, _)| *k != key);
         if kept.len() >= KEPT {
@@ -51,7 +61,8 @@ impl Store {
     }
 
     fn get(&self, key: &Key) -> Option<Arc<Vec<i32>>> {
-        self.0.lock().expect("reveal store").iter().find(|(k, _)| k == key).map(|(_, d)| d.clone())
+        let kept = self.kept.lock().expect("reveal store");
+        kept.iter().flatten().find(|(k, _)| k == key).map(|(_, d)| d.clone())
     }
 }
 
@@ -76,7 +87,10 @@ pub fn serve(control: Control, run: RunId, store: Store) {
                 .and_then(|member| store.get(&(member, round, attempt)));
             let data: &[i32] = held.as_deref().map_or(&[], Vec::as_slice);
             stream.write_all(&(data.len() as u32).to_le_bytes()).await?;
-            stream.write_all(le_bytes(data).as_slice()).await?;
+            // A piece at a time: no second copy of the whole vector per request.
+            for piece in data.chunks(16 * 1024) {
+                stream.write_all(&le_bytes(piece)).await?;
+            }
             stream.close().await
         }
     });

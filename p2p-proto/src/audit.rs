@@ -164,6 +164,20 @@ pub fn matches_commit(commit: &GradientCommit, data: &[i32], n: usize, segment_e
 /// (in fixed-point units; the second term allows one unit of rounding per value). A lie that
 /// passes moves the member's contribution by at most that much.
 pub fn within_tolerance(committed: &[i32], recomputed: &[i32], tolerance: f64) -> Result<(), String> {
+    let excess = tolerance_excess(committed, recomputed, tolerance)?;
+    if excess <= 1.0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "its committed gradient is {excess:.1} times the run's audit tolerance of {tolerance:.0e} away from its \
+             recomputed one: beyond the run's audit tolerance"
+        ))
+    }
+}
+
+/// How many times the allowed distance ([`within_tolerance`]) `committed` is from
+/// `recomputed`: at most 1 passes.
+pub fn tolerance_excess(committed: &[i32], recomputed: &[i32], tolerance: f64) -> Result<f64, String> {
     if committed.len() != recomputed.len() {
         return Err(format!("it committed {} values, the model has {}", committed.len(), recomputed.len()));
     }
@@ -178,15 +192,7 @@ pub fn within_tolerance(committed: &[i32], recomputed: &[i32], tolerance: f64) -
         .sqrt();
     let norm = crate::fixed::norm_units(recomputed);
     let limit = tolerance * norm + (recomputed.len() as f64).sqrt();
-    if distance <= limit {
-        Ok(())
-    } else {
-        Err(format!(
-            "its committed gradient is {:.2e} of its recomputed norm away from it, beyond the run's audit tolerance of \
-             {tolerance:.0e}",
-            distance / norm.max(1.0)
-        ))
-    }
+    Ok(distance / limit)
 }
 
 #[cfg(test)]

@@ -166,9 +166,13 @@ pub enum FailureKind {
     Fault,
     /// A member left, stopped responding, or timed out.
     Gone,
-    /// The blamed member sent this member a message that failed its checks (bytes altered
-    /// after signing, a replay, values out of range, a false claim about a segment): seen
-    /// here, not provable to others.
+    /// The blamed member sent this member a ring frame that failed its checks (bytes altered
+    /// after signing, a bad signature, a replay, values out of range or other than committed):
+    /// its own doing on an authenticated stream, seen here, not provable to others.
+    BadFrame,
+    /// The blamed member's gossip failed its checks here (two sum checks for one attempt, a
+    /// false claim about a segment this member holds), or it did not reveal the values it
+    /// committed to: seen here, not provable to others.
     BadMessage,
     /// Anything else (views differ, a rejected step, another member failed).
     Other,
@@ -583,7 +587,7 @@ impl Round {
                             "ring frame from {left} rejected: its own chunk alone has a larger norm than the {claimed:.0} \
                              units it committed to"
                         );
-                        self.fail_with(reason, FailureKind::BadMessage, vec![left], &mut out);
+                        self.fail_with(reason, FailureKind::BadFrame, vec![left], &mut out);
                         return out;
                     }
                 }
@@ -615,7 +619,7 @@ impl Round {
                             })));
                         }
                         let reason = format!("ring frame from {} rejected: {e}", self.left());
-                        self.fail_with(reason, FailureKind::BadMessage, blame, &mut out)
+                        self.fail_with(reason, FailureKind::BadFrame, blame, &mut out)
                     }
                 }
             }
@@ -660,19 +664,19 @@ impl Round {
         out
     }
 
-    /// This member's audit could not conclude: the member at `target` did not reveal values
-    /// matching its commit (audits within a tolerance need them). Nothing is proven; the
-    /// attempt fails, blaming it as one that stopped responding.
-    pub fn audit_unanswered(&mut self, target: usize, reason: &str) -> Vec<RoundAction> {
+    /// This member's audit could not prove a lie, yet the attempt cannot count: the member at
+    /// `target` did not reveal values matching its commit, or revealed values that are
+    /// suspiciously far from its recomputation though within what could still be device
+    /// noise (audits within a tolerance). Nothing is proven; the attempt fails naming it, as
+    /// a message that failed its checks here.
+    /// With `kind` [`FailureKind::Other`], the doubt is this member's own (it could not
+    /// recompute), and nobody is blamed.
+    pub fn audit_unanswered(&mut self, target: usize, reason: &str, kind: FailureKind) -> Vec<RoundAction> {
         let mut out = Vec::new();
         if self.auditing && self.audit_target == Some(target) && self.stage != Stage::Finished {
             let peer = self.view.members[target].clone();
-            self.fail_with(
-                format!("audit of peer {peer} could not finish: {reason}"),
-                FailureKind::Gone,
-                vec![peer],
-                &mut out,
-            );
+            let blame = if kind == FailureKind::Other { Vec::new() } else { vec![peer.clone()] };
+            self.fail_with(format!("audit of peer {peer} could not finish: {reason}"), kind, blame, &mut out);
         }
         out
     }
@@ -942,7 +946,7 @@ impl Round {
             let left = self.left().clone();
             self.fail_with(
                 format!("ring frame from {left} rejected: {reason}"),
-                FailureKind::BadMessage,
+                FailureKind::BadFrame,
                 vec![left],
                 &mut out,
             );
@@ -1499,7 +1503,7 @@ mod tests {
         assert!(a.on_commit(understated, 0).iter().all(|x| !matches!(x, RoundAction::Failed(_))));
         let out: Vec<RoundAction> = sends.into_iter().flat_map(|s| a.on_step(s.verify().unwrap(), 0)).collect();
         assert!(
-            out.iter().any(|x| matches!(x, RoundAction::Failed(f) if f.kind == FailureKind::BadMessage && f.reason.contains("larger norm"))),
+            out.iter().any(|x| matches!(x, RoundAction::Failed(f) if f.kind == FailureKind::BadFrame && f.reason.contains("larger norm"))),
             "{out:?}"
         );
     }

@@ -284,6 +284,12 @@ fn bad_frames_are_refused(mode: &str, reason: &str, extra: &str, anvil: &Anvil, 
         .map(|e| e["round"].as_u64().unwrap())
         .collect();
     assert!(!reported.is_empty(), "{mode}: a peer that refused its frames reported it");
+    for r in &reported {
+        // Reported at a round a certified ring completed without it.
+        let without =
+            nodes[..4].iter().any(|n| n.rounds().iter().any(|x| x.round == *r && !x.members.contains(&bad_id)));
+        assert!(without, "{mode}: reported at round {r}, which no ring completed without it");
+    }
     for (i, t) in logs.iter().enumerate() {
         let row = ledger_json(
             anvil,
@@ -372,6 +378,10 @@ fn audits_within_a_tolerance_catch_a_liar_and_accept_an_inexact_honest_peer() {
     let contract = deploy(&anvil);
     a_liar_is_caught_with("random-gradient", tolerance, 1, &anvil, &contract);
 
+    // A liar that never reveals its values is not proven to lie: each auditor that asks in vain
+    // counts a bad message, and once most do it is out of rings; nothing goes on chain.
+    a_withholder_is_kept_out(tolerance, &anvil, &contract);
+
     // A peer whose gradients are one part in 10^4 off everyone's recomputation (as a GPU's,
     // whose kernels sum in another order) is audited every round and never accused.
     let dir = TempDir::new("tolerance-inexact");
@@ -410,4 +420,44 @@ fn audits_within_a_tolerance_catch_a_liar_and_accept_an_inexact_honest_peer() {
         assert_eq!(logs[4][r].0, logs[0][r].0, "the inexact peer holds the ring's parameters at round {r}");
     }
     honest_agree_and_learn("inexact", &logs);
+}
+
+fn a_withholder_is_kept_out(extra: &str, anvil: &Anvil, contract: &str) {
+    let mode = "withhold";
+    let dir = TempDir::new("tolerance-withhold");
+    let cfg = config_with(&dir, "it-tolerance-withhold", 300, 5, extra);
+    let (nodes, id) = start_with_liar(mode, "liar", &cfg, anvil, contract, 1);
+    let honest = &nodes[..4];
+    let trained_on =
+        wait_until(Duration::from_secs(240), || honest.iter().all(|n| trained(n).len() >= 30).then_some(()));
+    if trained_on.is_none() {
+        nodes.iter().for_each(|n| n.dump());
+        panic!("{mode}: the honest peers did not train on");
+    }
+    let unanswered = honest
+        .iter()
+        .flat_map(|n| n.events("round failed"))
+        .filter(|e| {
+            let r = e["reason"].as_str().unwrap_or_default();
+            r.contains(&format!("audit of peer {id} could not finish")) && r.contains("not revealed")
+        })
+        .count();
+    assert!(unanswered >= 1, "{mode}: an auditor asked in vain");
+    for n in honest {
+        assert!(n.rounds().iter().all(|r| !r.members.contains(&id)), "{}: a round counted with it", n.name);
+    }
+    let mut nodes = nodes;
+    stop_all(&mut nodes);
+    let logs: Vec<BTreeMap<u64, (String, f64, String)>> = nodes.iter().map(trained).collect();
+    honest_agree_and_learn(mode, &logs);
+    let run_id = nodes[0].events("training run")[0]["run_id"].as_str().unwrap().to_owned();
+    for i in 0..5 {
+        let row = ledger_json(
+            anvil,
+            contract,
+            &["contributions", "--run", &run_id, "--peer", &anvil.accounts[1 + i].address],
+        );
+        assert_eq!(row["peers"][0]["faults"], 0, "{mode} peer {i}: nothing unproven is reported");
+    }
+    assert!(logs[4].is_empty(), "{mode}: it never completed a round");
 }

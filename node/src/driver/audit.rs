@@ -62,6 +62,9 @@ pub enum FaultMode {
     /// Honest, on a backend that is not bit-exact: its gradient is one part in 10^4 off what
     /// anyone recomputes (passes audits within a tolerance, fails bit-exact ones).
     Inexact,
+    /// Commits to the gradient of other samples, like random-gradient, and never reveals its
+    /// committed values to an auditor.
+    Withhold,
 }
 
 /// What a test-only liar remembers between messages.
@@ -88,9 +91,10 @@ impl std::str::FromStr for FaultMode {
             "corrupt-in-transit" => Ok(Self::CorruptInTransit),
             "replay" => Ok(Self::Replay),
             "inexact" => Ok(Self::Inexact),
+            "withhold" => Ok(Self::Withhold),
             other => Err(format!(
                 "unknown fault mode `{other}`: random-gradient, scale-1000, nan, commit-mismatch, drop-contribution, \
-                 spike, corrupt-in-transit, replay or inexact"
+                 spike, corrupt-in-transit, replay, inexact or withhold"
             )),
         }
     }
@@ -104,10 +108,18 @@ pub(super) enum Verdict {
     Holds(Option<Vec<i32>>),
     /// The member lied, for this reason.
     Lie(String),
-    /// Nothing can be concluded (the committed values were not revealed, or this peer holds
-    /// other parameters than the commit names).
+    /// Nothing is proven, but the member is why: it did not reveal values making its commit,
+    /// or revealed values farther from the recomputation than the tolerance, though not
+    /// [`PROOF_FACTOR`] times farther (device noise cannot be ruled out).
+    Doubt(String),
+    /// This peer cannot conclude (it holds other parameters than the commit names).
     Open(String),
 }
+
+/// Audits within a tolerance: a committed gradient this many times the allowed distance from
+/// the recomputation is a proven lie; between 1 and this, the attempt fails and the member
+/// counts a bad message here, but nobody accuses it (it might be a noisier device).
+pub const PROOF_FACTOR: f64 = 10.0;
 
 /// What an audit or a check of evidence concluded.
 #[derive(Debug)]
@@ -144,9 +156,17 @@ fn judge(
             Ok(()) => Verdict::Holds(Some(recomputed)),
             Err(e) => Verdict::Lie(e),
         },
-        Some(Err(e)) => Verdict::Open(format!("its committed values were not revealed ({e})")),
-        Some(Ok(data)) => match audit::within_tolerance(&data, &recomputed, tolerance) {
-            Ok(()) => Verdict::Holds(Some(data.to_vec())),
+        Some(Err(e)) => Verdict::Doubt(format!("its committed values were not revealed ({e})")),
+        Some(Ok(data)) => match audit::tolerance_excess(&data, &recomputed, tolerance) {
+            Ok(x) if x <= 1.0 => Verdict::Holds(Some(data.to_vec())),
+            Ok(x) if x <= PROOF_FACTOR => Verdict::Doubt(format!(
+                "its committed gradient is {x:.1} times the run's audit tolerance away from its recomputed one \
+                 (not accused below {PROOF_FACTOR} times)"
+            )),
+            Ok(_) => match audit::within_tolerance(&data, &recomputed, tolerance) {
+                Err(e) => Verdict::Lie(e),
+                Ok(()) => Verdict::Holds(Some(data.to_vec())),
+            },
             Err(e) => Verdict::Lie(e),
         },
     }
@@ -292,14 +312,20 @@ impl Driver {
                 // A failed audit proves the fault even when the attempt failed meanwhile for
                 // another reason (a range check caught the same lie first, say).
                 self.cfg.metrics.update(|s| {
-                    s.audits += u64::from(!matches!(verdict, Verdict::Open(_)));
+                    s.audits += u64::from(!matches!(verdict, Verdict::Open(_) | Verdict::Doubt(_)));
                     s.audits_failed += u64::from(matches!(verdict, Verdict::Lie(_)));
                 });
                 let acts = match verdict {
                     Verdict::Holds(data) => self.round.as_mut().map(|r| r.audit_passed(now, data)).unwrap_or_default(),
                     Verdict::Open(reason) => {
                         warn!(round, attempt, peer = %job.commit.peer, %reason, "audit could not finish; nobody is accused");
-                        self.round.as_mut().map(|r| r.audit_unanswered(target, &reason)).unwrap_or_default()
+                        let kind = p2p_proto::round::FailureKind::Other;
+                        self.round.as_mut().map(|r| r.audit_unanswered(target, &reason, kind)).unwrap_or_default()
+                    }
+                    Verdict::Doubt(reason) => {
+                        warn!(round, attempt, peer = %job.commit.peer, %reason, "audit could not finish; the peer is not accused");
+                        let kind = p2p_proto::round::FailureKind::BadMessage;
+                        self.round.as_mut().map(|r| r.audit_unanswered(target, &reason, kind)).unwrap_or_default()
                     }
                     Verdict::Lie(reason) => {
                         let accused = job.commit.peer.clone();
@@ -327,12 +353,17 @@ impl Driver {
             }
             Audited::Evidence { evidence, verdict } => match verdict {
                 Verdict::Lie(reason) => self.proven(&evidence, &reason),
-                Verdict::Open(reason) => info!(
-                    round = evidence.commit.round,
-                    accused = %evidence.accused,
-                    %reason,
-                    "fault evidence could not be checked here; nobody is excluded"
-                ),
+                Verdict::Open(reason) | Verdict::Doubt(reason) => {
+                    info!(
+                        round = evidence.commit.round,
+                        accused = %evidence.accused,
+                        %reason,
+                        "fault evidence could not be checked here; nobody is excluded"
+                    );
+                    // It may be checked again if it comes again.
+                    let c = &evidence.commit;
+                    self.faults_checked.remove(&(evidence.accused.clone(), c.round, c.attempt));
+                }
                 Verdict::Holds(_) => warn!(
                     round = evidence.commit.round,
                     accused = %evidence.accused,
@@ -385,6 +416,10 @@ impl Driver {
             Some("the ring and its samples do not match in length")
         } else if audit::ring_hash(self.cfg.run, &view, &evidence.batches) != c.ring {
             Some("the commit was made for another ring")
+        } else if let Compute::Train(spec) = &self.cfg.compute
+            && c.len != spec.worker.params as u64
+        {
+            Some("the commit is for another number of values than the model has")
         } else {
             None
         };
@@ -484,12 +519,13 @@ impl Driver {
         }
     }
 
-    /// A ring completed a round without peers whose frames this peer refused: most of its
-    /// members kept them out. Reported on chain, at that round (every member of the certified
+    /// A ring completed a round: peers in it whose frames this peer refused behaved since
+    /// (forgiven); peers not in it were kept out by most of its members. Reported on chain, at that round (every member of the certified
     /// ring that refused frames of the peer reports the same round, so the chain counts it
     /// once), as an attestation: the frames prove nothing to anyone else. A peer that comes
     /// back and sends such frames again is reported again.
     pub(super) fn report_refused(&mut self, view: &RingView) {
+        self.refused.retain(|p, _| !view.members.contains(p));
         let out: Vec<PeerKey> = self
             .refused
             .iter()
@@ -527,7 +563,7 @@ impl Driver {
 impl FaultMode {
     /// Where a peer in this mode reads its micro-batch, instead of at `start`.
     pub(super) fn start(mode: Option<Self>, start: u64) -> u64 {
-        if mode == Some(Self::RandomGradient) { start + 7_919 } else { start }
+        if matches!(mode, Some(Self::RandomGradient | Self::Withhold)) { start + 7_919 } else { start }
     }
 
     /// What a peer in this mode does to its weighted gradient before it encodes it.

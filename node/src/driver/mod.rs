@@ -226,8 +226,8 @@ pub async fn run(
     let (internal, mut internal_rx) = mpsc::unbounded_channel();
     let (serve_tx, mut serve_rx) = mpsc::channel::<ServeRequest>(64);
     crate::state_sync::serve(net.control(), cfg.run, serve_tx);
-    let reveals = crate::reveal::Store::default();
-    if cfg.audit_tolerance > 0.0 {
+    let reveals = crate::reveal::Store::new(&net.local_peer_id.to_string());
+    if cfg.audit_tolerance > 0.0 && cfg.fault != Some(FaultMode::Withhold) {
         crate::reveal::serve(net.control(), cfg.run, reveals.clone());
     }
     let me = net.local_peer_id.to_string();
@@ -815,10 +815,14 @@ impl Driver {
                     self.summary.rounds_failed += 1;
                     self.cfg.metrics.update(|s| {
                         s.rounds_failed += 1;
-                        s.frames_refused += u64::from(f.kind == FailureKind::BadMessage);
+                        s.frames_refused += u64::from(f.kind == FailureKind::BadFrame);
                     });
-                    let strikes = if f.kind == FailureKind::BadMessage { STRIKES_TO_OPEN } else { 1 };
-                    if f.kind == FailureKind::BadMessage {
+                    let strikes = if matches!(f.kind, FailureKind::BadFrame | FailureKind::BadMessage) {
+                        STRIKES_TO_OPEN
+                    } else {
+                        1
+                    };
+                    if f.kind == FailureKind::BadFrame {
                         self.frames_refused(round, &f.blame, &f.reason);
                     }
                     for p in self.membership.round_failed_with(now, &f.blame, strikes) {
