@@ -135,12 +135,7 @@ async fn chain(sources: &Sources) -> (u16, serde_json::Value) {
 async fn status(sources: &Sources) -> metrics::Status {
     let mut s = sources.metrics.snapshot();
     if let Some(ledger) = sources.ledger.clone() {
-        s.outbox = tokio::task::spawn_blocking(move || ledger.depth()).await.ok().flatten().map(|d| metrics::Outbox {
-            pending: d.pending,
-            sent: d.sent,
-            done: d.done,
-            rejected: d.rejected,
-        });
+        s.outbox = tokio::task::spawn_blocking(move || ledger.depth()).await.ok().flatten();
     }
     s
 }

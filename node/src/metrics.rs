@@ -46,13 +46,7 @@ pub struct PeerRow {
 }
 
 /// Records of the ledger outbox, by status.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Outbox {
-    pub pending: usize,
-    pub sent: usize,
-    pub done: usize,
-    pub rejected: usize,
-}
+pub use crate::ledger::outbox::Depth as Outbox;
 
 /// Everything `/status` shows.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

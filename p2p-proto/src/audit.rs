@@ -165,14 +165,15 @@ pub fn matches_commit(commit: &GradientCommit, data: &[i32], n: usize, segment_e
 /// passes moves the member's contribution by at most that much.
 pub fn within_tolerance(committed: &[i32], recomputed: &[i32], tolerance: f64) -> Result<(), String> {
     let excess = tolerance_excess(committed, recomputed, tolerance)?;
-    if excess <= 1.0 {
-        Ok(())
-    } else {
-        Err(format!(
-            "its committed gradient is {excess:.1} times the run's audit tolerance of {tolerance:.0e} away from its \
-             recomputed one: beyond the run's audit tolerance"
-        ))
-    }
+    if excess <= 1.0 { Ok(()) } else { Err(beyond_tolerance(excess, tolerance)) }
+}
+
+/// Why a committed gradient `excess` times the allowed distance away fails an audit.
+pub fn beyond_tolerance(excess: f64, tolerance: f64) -> String {
+    format!(
+        "its committed gradient is {excess:.1} times the run's audit tolerance of {tolerance:.0e} away from its \
+         recomputed one: beyond the run's audit tolerance"
+    )
 }
 
 /// How many times the allowed distance ([`within_tolerance`]) `committed` is from

@@ -163,10 +163,7 @@ fn judge(
                 "its committed gradient is {x:.1} times the run's audit tolerance away from its recomputed one \
                  (not accused below {PROOF_FACTOR} times)"
             )),
-            Ok(_) => match audit::within_tolerance(&data, &recomputed, tolerance) {
-                Err(e) => Verdict::Lie(e),
-                Ok(()) => Verdict::Holds(Some(data.to_vec())),
-            },
+            Ok(x) => Verdict::Lie(audit::beyond_tolerance(x, tolerance)),
             Err(e) => Verdict::Lie(e),
         },
     }

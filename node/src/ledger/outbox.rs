@@ -212,7 +212,7 @@ impl<E: Into<redb::Error>> From<E> for OutboxError {
 }
 
 /// Counts by status, for logs and status pages.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Depth {
     pub pending: usize,
     pub sent: usize,
