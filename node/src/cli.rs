@@ -23,6 +23,8 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Join (or start) a run: discover peers, agree on rings, all-reduce each round.
@@ -330,6 +332,13 @@ impl FaultArgs {
     }
 }
 
+/// How ring payloads travel between neighbours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RingTransport {
+    Direct,
+    Libp2p,
+}
+
 /// Where the peer listens, whom it bootstraps from, where it keeps its state.
 #[derive(Debug, Args)]
 pub struct NetworkArgs {
@@ -339,6 +348,12 @@ pub struct NetworkArgs {
     /// Full address of a peer already in the run, with /p2p/<peer id> (repeatable).
     #[arg(long, env = "DTRAIN_BOOTSTRAP", value_delimiter = ',')]
     pub bootstrap: Vec<Multiaddr>,
+    /// How ring payloads travel: `direct` moves them over plain TCP connections beside the
+    /// libp2p connection (frames stay signed and hash-checked; the connection's encryption
+    /// is skipped), falling back to the libp2p stream where a neighbour's port cannot be
+    /// reached; `libp2p` keeps them on encrypted libp2p streams.
+    #[arg(long, env = "DTRAIN_RING_TRANSPORT", value_enum, default_value = "direct")]
+    pub ring_transport: RingTransport,
     /// Directory for the identity key and local state.
     #[arg(long, env = "DTRAIN_DATA_DIR", default_value = ".dtrain")]
     pub data_dir: PathBuf,

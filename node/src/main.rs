@@ -22,6 +22,13 @@ use std::time::Duration;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
+/// Ring segments and whole gradients (megabytes each) are allocated and freed all round long.
+/// glibc's allocator maps and unmaps such buffers (or trims its heaps) each time, and the
+/// page faults of touching them again cost as much as the work done on them; mimalloc keeps
+/// freed memory for reuse.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,libp2p=warn"));
@@ -300,6 +307,12 @@ fn train_plan(args: &StartArgs, cfg: &RunConfig, ds: data::Dataset) -> anyhow::R
     if batch == 0 || batch > u32::MAX as usize {
         anyhow::bail!("--batch {batch} is out of range: use 1 or more samples per round");
     }
+    // With local SGD a member trains on `local_steps` batches per round: that is the work its
+    // commit, the ring's weights, the sample stream and the chain count.
+    let round_samples = batch * cfg.local_steps as usize;
+    if round_samples > u32::MAX as usize {
+        anyhow::bail!("--batch {batch} times local_steps {} is out of range", cfg.local_steps);
+    }
     info!(
         run_id = %format!("0x{}", hex::encode(run.0)),
         name = %cfg.name,
@@ -308,13 +321,14 @@ fn train_plan(args: &StartArgs, cfg: &RunConfig, ds: data::Dataset) -> anyhow::R
         params = worker.params,
         param_hash = %p2p_proto::hash::hex(&worker.initial_hash),
         batch,
+        local_steps = cfg.local_steps,
         rounds = cfg.rounds,
         "training run"
     );
     let spec = TrainSpec {
         worker,
-        batch,
-        default_batch: cfg.batch,
+        batch: round_samples,
+        default_batch: cfg.batch * cfg.local_steps as usize,
         eval_every: cfg.eval_every,
         epoch_rounds: cfg.epoch_rounds,
         // Per run: a data directory may have served several runs.
@@ -323,7 +337,7 @@ fn train_plan(args: &StartArgs, cfg: &RunConfig, ds: data::Dataset) -> anyhow::R
     std::fs::create_dir_all(&spec.checkpoint_dir)?;
     Ok(Plan {
         compute: Compute::Train(spec),
-        batch,
+        batch: round_samples,
         on_chain: RunOnChain {
             config_hash: cfg.hash(),
             epoch_rounds: cfg.epoch_rounds,
@@ -386,6 +400,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             listen: args.network.listen.clone(),
             bootstrap: args.network.bootstrap.clone(),
             topic: run.topic(),
+            direct_ring: args.network.ring_transport == node::cli::RingTransport::Direct,
         },
     )?;
     let net_task = tokio::spawn(event_loop.run());

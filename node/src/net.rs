@@ -8,7 +8,9 @@
 //! - Gossipsub carries small signed messages on the run's topic; the sender's
 //!   signature is checked by gossipsub (strict validation).
 //! - libp2p-stream opens direct streams for ring payloads; its [`Control`] is
-//!   handed out so the ring I/O never goes through this loop.
+//!   handed out so the ring I/O never goes through this loop. The handle also
+//!   knows each connected peer's IP address, where [`crate::ring_io`] may move
+//!   the payload bytes onto a plain TCP connection.
 
 use futures::StreamExt;
 use libp2p::{
@@ -20,7 +22,9 @@ use libp2p::{
 };
 use libp2p_stream::Control;
 use p2p_proto::message::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -72,6 +76,10 @@ pub struct NetHandle {
     commands: mpsc::UnboundedSender<Command>,
     control: Control,
     pub local_peer_id: PeerId,
+    /// Where ring payloads are received directly over TCP (`None`: only over libp2p streams).
+    pub direct_ip: Option<IpAddr>,
+    /// The IP address each connected peer is reached at, from its libp2p connection.
+    remote_ips: Arc<Mutex<HashMap<PeerId, IpAddr>>>,
 }
 
 impl std::fmt::Debug for Command {
@@ -99,6 +107,20 @@ impl NetHandle {
     pub fn control(&self) -> Control {
         self.control.clone()
     }
+
+    /// The IP address of a connected peer, as its libp2p connection reaches it.
+    pub fn remote_ip(&self, peer: &PeerId) -> Option<IpAddr> {
+        self.remote_ips.lock().expect("never poisoned").get(peer).copied()
+    }
+}
+
+/// The IP address of the first `/ip4` or `/ip6` component of `addr`.
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        libp2p::multiaddr::Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
 }
 
 /// Settings of the network.
@@ -107,6 +129,9 @@ pub struct NetConfig {
     pub listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
     pub topic: String,
+    /// Receive ring payloads over direct TCP connections (on the first listen address's IP)
+    /// instead of through the libp2p connection; see [`crate::ring_io`].
+    pub direct_ring: bool,
 }
 
 /// The task that owns the swarm.
@@ -116,6 +141,7 @@ pub struct EventLoop {
     events: mpsc::UnboundedSender<NetEvent>,
     topic: gossipsub::IdentTopic,
     discovered: HashSet<PeerId>,
+    remote_ips: Arc<Mutex<HashMap<PeerId, IpAddr>>>,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -181,12 +207,15 @@ pub fn new(
     }
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let remote_ips = Arc::new(Mutex::new(HashMap::new()));
     let handle = NetHandle {
         commands: cmd_tx,
         control: swarm.behaviour().stream.new_control(),
         local_peer_id: *swarm.local_peer_id(),
+        direct_ip: cfg.direct_ring.then(|| cfg.listen.iter().find_map(ip_of)).flatten(),
+        remote_ips: remote_ips.clone(),
     };
-    let ev = EventLoop { swarm, commands: cmd_rx, events: ev_tx, topic, discovered: HashSet::new() };
+    let ev = EventLoop { swarm, commands: cmd_rx, events: ev_tx, topic, discovered: HashSet::new(), remote_ips };
     Ok((handle, ev_rx, ev))
 }
 
@@ -250,9 +279,13 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                 debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                if let Some(ip) = ip_of(endpoint.get_remote_address()) {
+                    self.remote_ips.lock().expect("never poisoned").insert(peer_id, ip);
+                }
             }
             SwarmEvent::ConnectionClosed { peer_id, cause, num_established: 0, .. } => {
                 debug!(peer = %peer_id, cause = ?cause, "disconnected");
+                self.remote_ips.lock().expect("never poisoned").remove(&peer_id);
                 let _ = self.events.send(NetEvent::Disconnected(peer_id));
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {

@@ -1,7 +1,18 @@
-//! Ring payloads over direct libp2p streams.
+//! Ring payloads over direct libp2p streams, or over plain TCP beside them.
 //!
 //! Each round, a member opens one stream to its right neighbour and writes the
-//! frames of every step on it, in order. Incoming streams are read by one task
+//! frames of every step on it, in order. The receiving side first answers with an
+//! offer: none, or a port and a one-time token. With an offer the writer opens a
+//! plain TCP connection to that port at the neighbour's IP address, sends the
+//! token, and writes the frames there instead: the bytes then skip the
+//! connection's encryption and multiplexing, which cost more CPU than the whole
+//! loopback TCP copy. Integrity does not depend on the channel: every frame is
+//! signed by its sender and its payload checked against its blake3 hash, and the
+//! token, sent only over the authenticated stream, ties the TCP connection to
+//! the peer. The payloads are not secret (auditors recompute them from public
+//! inputs). A writer that cannot reach the port keeps to the stream.
+//!
+//! Incoming streams are read by one task
 //! each, which checks every frame before it reaches the driver: the length
 //! against [`p2p_proto::MAX_FRAME_BYTES`] before allocating, the version, the
 //! encoding, the sender's signature, the payload against its blake3 hash, and that every
@@ -10,16 +21,23 @@
 //! driver (which fails the attempt, naming the sender); it never reaches the ring state
 //! machine.
 
-use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, StreamProtocol};
 use libp2p_stream::Control;
-use p2p_proto::codec::{HEADER_BYTES, decode_body, decode_header, encode_frame};
-use p2p_proto::message::{RING_PROTOCOL, RingFrame, RingStep, StepError, VerifiedStep};
+use p2p_proto::codec::{HEADER_BYTES, decode_body, decode_header, encode_frame_into};
+use p2p_proto::message::{
+    RING_OFFER_DIRECT as OFFER_DIRECT, RING_OFFER_STREAM as OFFER_STREAM, RING_PROTOCOL,
+    RING_TOKEN_BYTES as TOKEN_BYTES, RingFrame, RingStep, StepError, VerifiedStep,
+};
 use p2p_proto::{FrameError, PeerKey};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, mpsc};
-use tracing::{debug, warn};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
+use tracing::{debug, info, warn};
 
 /// A verified ring step (or why a frame was rejected) and the peer whose stream carried it.
 #[derive(Debug)]
@@ -67,7 +85,8 @@ pub async fn read_frame<T: serde::de::DeserializeOwned, R: futures::AsyncRead + 
         got += n;
     }
     let len = decode_header(&header)?;
-    buf.clear();
+    // Only growth is zeroed: the bytes are overwritten by the read.
+    buf.truncate(len);
     buf.resize(len, 0);
     r.read_exact(buf).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => ReadError::Frame(FrameError::Truncated { needed: len, available: 0 }),
@@ -76,28 +95,154 @@ pub async fn read_frame<T: serde::de::DeserializeOwned, R: futures::AsyncRead + 
     Ok(Some(decode_body(buf)?))
 }
 
-/// Accepts ring streams for the life of the node, one reader task per stream.
-pub fn spawn_acceptor(mut control: Control, inbound: mpsc::Sender<Inbound>) {
+/// How long a TCP connection to the data port has to send its token.
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections to the data port that may be sending their token at once.
+const MAX_HANDSHAKES: usize = 64;
+
+type Pending = Arc<Mutex<HashMap<[u8; TOKEN_BYTES], oneshot::Sender<TcpStream>>>>;
+
+/// The TCP port where ring payloads arrive directly, and the tokens offered on ring streams.
+#[derive(Debug, Clone)]
+pub struct DataPlane {
+    port: u16,
+    pending: Pending,
+}
+
+/// A token offered on one ring stream; withdrawn when dropped.
+struct Slot {
+    token: [u8; TOKEN_BYTES],
+    pending: Pending,
+    rx: oneshot::Receiver<TcpStream>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.pending.lock().expect("never poisoned").remove(&self.token);
+    }
+}
+
+impl DataPlane {
+    /// Listens on an ephemeral port of `ip` for the life of the node.
+    pub async fn bind(ip: IpAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind((ip, 0)).await?;
+        let port = listener.local_addr()?.port();
+        info!(%ip, port, "ring payloads arrive over direct TCP");
+        let pending = Pending::default();
+        tokio::spawn(accept_direct(listener, pending.clone()));
+        Ok(Self { port, pending })
+    }
+
+    fn offer(&self) -> ([u8; 3 + TOKEN_BYTES], Slot) {
+        let mut token = [0u8; TOKEN_BYTES];
+        getrandom::fill(&mut token).expect("the OS has a source of randomness");
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().expect("never poisoned").insert(token, tx);
+        let mut offer = [0u8; 3 + TOKEN_BYTES];
+        offer[0] = OFFER_DIRECT;
+        offer[1..3].copy_from_slice(&self.port.to_le_bytes());
+        offer[3..].copy_from_slice(&token);
+        (offer, Slot { token, pending: self.pending.clone(), rx })
+    }
+}
+
+/// Hands each TCP connection that sends an offered token to the stream that offered it.
+async fn accept_direct(listener: TcpListener, pending: Pending) {
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let (mut conn, from) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cannot accept a direct ring connection; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            debug!(%from, "too many direct ring connections sending their token; dropped one");
+            continue;
+        };
+        let pending = pending.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt as _;
+            let mut token = [0u8; TOKEN_BYTES];
+            let read = tokio::time::timeout(TOKEN_TIMEOUT, conn.read_exact(&mut token)).await;
+            drop(permit);
+            if !matches!(read, Ok(Ok(_))) {
+                debug!(%from, "direct ring connection sent no token; closed");
+                return;
+            }
+            let slot = pending.lock().expect("never poisoned").remove(&token);
+            match slot {
+                Some(tx) => {
+                    let _ = conn.set_nodelay(true);
+                    let _ = tx.send(conn);
+                }
+                None => warn!(%from, "direct ring connection with a token nobody offered; closed"),
+            }
+        });
+    }
+}
+
+/// Accepts ring streams for the life of the node, one reader task per stream. With a
+/// `plane`, each stream is offered a direct TCP connection.
+pub fn spawn_acceptor(mut control: Control, inbound: mpsc::Sender<Inbound>, plane: Option<DataPlane>) {
     let mut incoming = control.accept(protocol()).expect("the ring protocol is registered once");
     tokio::spawn(async move {
         while let Some((peer, stream)) = incoming.next().await {
-            tokio::spawn(read_stream(peer, stream, inbound.clone()));
+            tokio::spawn(read_stream(peer, stream, inbound.clone(), plane.clone()));
         }
     });
 }
 
-async fn read_stream(peer: PeerId, mut stream: libp2p::Stream, inbound: mpsc::Sender<Inbound>) {
+type Source = Box<dyn AsyncRead + Unpin + Send>;
+
+/// Sends the offer on a new ring stream and returns where the frames will come from (and the
+/// first frame, when the writer kept to the stream); `None` when the stream ended first.
+async fn open_source(
+    mut stream: libp2p::Stream,
+    plane: Option<&DataPlane>,
+    buf: &mut Vec<u8>,
+    close: &Notify,
+) -> Option<(Source, Option<Result<Option<RingFrame>, ReadError>>)> {
+    let Some(plane) = plane else {
+        stream.write_all(&[OFFER_STREAM]).await.ok()?;
+        stream.flush().await.ok()?;
+        return Some((Box::new(stream), None));
+    };
+    let (offer, mut slot) = plane.offer();
+    stream.write_all(&offer).await.ok()?;
+    stream.flush().await.ok()?;
+    // The writer either connects with the token or, if it cannot, writes here.
+    let first = tokio::select! {
+        tcp = &mut slot.rx => match tcp {
+            Ok(tcp) => return Some((Box::new(tcp.compat()), None)),
+            Err(_) => None,
+        },
+        f = read_frame::<RingFrame, _>(&mut stream, buf) => Some(f),
+        () = close.notified() => return None,
+    };
+    Some((Box::new(stream), first))
+}
+
+async fn read_stream(peer: PeerId, stream: libp2p::Stream, inbound: mpsc::Sender<Inbound>, plane: Option<DataPlane>) {
     let mut buf = Vec::new();
     let close = Arc::new(Notify::new());
     let Some(key) = crate::sign::public_key(&peer) else {
         warn!(%peer, "rejected ring stream: the peer's id holds no key to check its signatures");
         return;
     };
+    let Some((mut source, mut first)) = open_source(stream, plane.as_ref(), &mut buf, &close).await else {
+        return;
+    };
     let mut attempt: Option<(p2p_proto::RunId, u64, u32)> = None;
     loop {
-        let frame = tokio::select! {
-            f = read_frame::<RingFrame, _>(&mut stream, &mut buf) => f,
-            () = close.notified() => return,
+        let frame = match first.take() {
+            Some(f) => f,
+            None => tokio::select! {
+                f = read_frame::<RingFrame, _>(&mut source, &mut buf) => f,
+                () = close.notified() => return,
+            },
         };
         let stream_at = attempt.map(|(_, r, a)| (r, a));
         // A rejected frame is its sender's doing (the stream is authenticated end to end),
@@ -141,9 +286,49 @@ async fn read_stream(peer: PeerId, mut stream: libp2p::Stream, inbound: mpsc::Se
     }
 }
 
-/// Opens a stream to `peer` and writes every step sent on the returned channel,
-/// in order, until the sender is dropped.
-pub fn spawn_writer(mut control: Control, peer: PeerKey, open_timeout: Duration) -> mpsc::UnboundedSender<RingStep> {
+/// Reads the receiver's offer on a new ring stream and, for a direct one, connects to it.
+async fn go_direct(
+    stream: &mut libp2p::Stream,
+    ip: Option<IpAddr>,
+    peer: &PeerKey,
+) -> Result<Option<Compat<TcpStream>>, std::io::Error> {
+    let mut kind = [0u8; 1];
+    stream.read_exact(&mut kind).await?;
+    match kind[0] {
+        OFFER_STREAM => return Ok(None),
+        OFFER_DIRECT => {}
+        other => return Err(std::io::Error::other(format!("unknown ring offer {other}"))),
+    }
+    let mut rest = [0u8; 2 + TOKEN_BYTES];
+    stream.read_exact(&mut rest).await?;
+    let port = u16::from_le_bytes([rest[0], rest[1]]);
+    let Some(ip) = ip else {
+        debug!(%peer, "no IP address known for the right neighbour; ring payloads go over the stream");
+        return Ok(None);
+    };
+    match TcpStream::connect((ip, port)).await {
+        Ok(mut tcp) => {
+            use tokio::io::AsyncWriteExt as _;
+            tcp.set_nodelay(true)?;
+            tcp.write_all(&rest[2..]).await?;
+            Ok(Some(tcp.compat()))
+        }
+        Err(e) => {
+            debug!(%peer, %ip, port, error = %e, "cannot reach the neighbour's data port; ring payloads go over the stream");
+            Ok(None)
+        }
+    }
+}
+
+/// Opens a stream to `peer` (reached at `ip`, when known) and writes every step sent on the
+/// returned channel, in order, until the sender is dropped: over direct TCP when the
+/// neighbour offers it and its port can be reached, otherwise on the stream.
+pub fn spawn_writer(
+    mut control: Control,
+    peer: PeerKey,
+    ip: Option<IpAddr>,
+    open_timeout: Duration,
+) -> mpsc::UnboundedSender<RingStep> {
     let (tx, mut rx) = mpsc::unbounded_channel::<RingStep>();
     tokio::spawn(async move {
         let Ok(peer_id) = peer.parse::<PeerId>() else {
@@ -161,14 +346,31 @@ pub fn spawn_writer(mut control: Control, peer: PeerKey, open_timeout: Duration)
                 return;
             }
         };
+        let direct = match tokio::time::timeout(open_timeout, go_direct(&mut stream, ip, &peer)).await {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                warn!(%peer, error = %e, "the right neighbour sent no usable offer on the ring stream");
+                return;
+            }
+            Err(_) => {
+                warn!(%peer, "timed out waiting for the right neighbour's offer on the ring stream");
+                return;
+            }
+        };
+        let mut sink: Box<dyn AsyncWrite + Unpin + Send> = match direct {
+            Some(tcp) => Box::new(tcp),
+            None => Box::new(stream),
+        };
+        // One buffer for every frame: a fresh megabyte per frame costs page faults.
+        let mut frame = Vec::new();
         while let Some(step) = rx.recv().await {
-            let frame = encode_frame(&RingFrame::Step(step));
-            if let Err(e) = stream.write_all(&frame).await {
+            encode_frame_into(&RingFrame::Step(step), &mut frame);
+            if let Err(e) = sink.write_all(&frame).await {
                 warn!(%peer, error = %e, "ring stream write failed");
                 return;
             }
         }
-        let _ = stream.close().await;
+        let _ = sink.close().await;
         debug!(%peer, "ring stream closed");
     });
     tx

@@ -16,24 +16,49 @@ const CHUNK_DOMAIN: &[u8] = b"dtrain/chunk-hash/v1";
 /// Little-endian bytes of `values` (the wire and hash layout).
 pub fn le_bytes(values: &[i32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() * 4);
+    extend_le_bytes(values, &mut out);
+    out
+}
+
+/// Appends the little-endian bytes of `values` to `out`: one copy of their memory on
+/// little-endian machines.
+pub fn extend_le_bytes(values: &[i32], out: &mut Vec<u8>) {
+    #[cfg(target_endian = "little")]
+    out.extend_from_slice(bytemuck::cast_slice(values));
+    #[cfg(not(target_endian = "little"))]
     for v in values {
         out.extend_from_slice(&v.to_le_bytes());
     }
-    out
+}
+
+/// Overwrites `values` with the little-endian integers in `bytes` (four bytes each).
+pub fn read_le_bytes(bytes: &[u8], values: &mut [i32]) {
+    debug_assert_eq!(bytes.len(), values.len() * 4);
+    #[cfg(target_endian = "little")]
+    bytemuck::cast_slice_mut::<i32, u8>(values).copy_from_slice(bytes);
+    #[cfg(not(target_endian = "little"))]
+    for (d, b) in values.iter_mut().zip(bytes.chunks_exact(4)) {
+        *d = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
 }
 
 /// blake3 over the little-endian bytes of `values`.
 pub fn hash_i32s(values: &[i32]) -> Hash {
-    let mut h = blake3::Hasher::new();
-    // Hash in blocks to avoid one large temporary.
-    let mut buf = [0u8; 16 * 1024];
-    for block in values.chunks(buf.len() / 4) {
-        for (dst, v) in buf.chunks_exact_mut(4).zip(block) {
-            dst.copy_from_slice(&v.to_le_bytes());
+    #[cfg(target_endian = "little")]
+    return *blake3::hash(bytemuck::cast_slice(values)).as_bytes();
+    #[cfg(not(target_endian = "little"))]
+    {
+        let mut h = blake3::Hasher::new();
+        // Hash in blocks to avoid one large temporary.
+        let mut buf = [0u8; 16 * 1024];
+        for block in values.chunks(buf.len() / 4) {
+            for (dst, v) in buf.chunks_exact_mut(4).zip(block) {
+                dst.copy_from_slice(&v.to_le_bytes());
+            }
+            h.update(&buf[..block.len() * 4]);
         }
-        h.update(&buf[..block.len() * 4]);
+        *h.finalize().as_bytes()
     }
-    *h.finalize().as_bytes()
 }
 
 /// Hash of a chunk from the hashes of its segments, in order.

@@ -7,8 +7,17 @@ use crate::ring::Phase;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// Stream protocol for ring payloads between neighbours.
-pub const RING_PROTOCOL: &str = "/dtrain/ring/1";
+/// Stream protocol for ring payloads between neighbours. The receiving side speaks first:
+/// [`RING_OFFER_STREAM`], or [`RING_OFFER_DIRECT`] followed by a TCP port (u16, little
+/// endian) and a one-time token of [`RING_TOKEN_BYTES`]; the sender then writes the frames
+/// on the stream, or on a TCP connection to that port which starts with the token.
+pub const RING_PROTOCOL: &str = "/dtrain/ring/2";
+/// Offer on a ring stream: write the frames here.
+pub const RING_OFFER_STREAM: u8 = 0;
+/// Offer on a ring stream: write them on a TCP connection to the port that follows.
+pub const RING_OFFER_DIRECT: u8 = 1;
+/// Length of the token that ties a direct TCP connection to its ring stream.
+pub const RING_TOKEN_BYTES: usize = 32;
 /// Kademlia protocol of the trainer's DHT (kept apart from other libp2p DHTs).
 pub const KAD_PROTOCOL: &str = "/dtrain/kad/1";
 /// Identify protocol version string.

@@ -16,7 +16,7 @@
 
 use crate::chunk::{segment_count, segment_range};
 use crate::fixed::add_assign_le_bytes;
-use crate::hash::{Hash, chunk_hash, le_bytes};
+use crate::hash::{Hash, chunk_hash, extend_le_bytes, le_bytes, read_le_bytes};
 use crate::message::{PartialSum, RingStep, RunId, StepId, VerifiedStep};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -229,12 +229,14 @@ impl RingAllReduce {
             // Reduce-scatter step s carries the sum of s + 1 members' values; all-gather the whole sum.
             let contributions = if id.phase == Phase::ReduceScatter { s + 1 } else { n };
             let limit = i64::from(self.p.max_units) * contributions as i64;
-            let beyond = msg
-                .payload
-                .chunks_exact(4)
-                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .find(|v| i64::from(*v).abs() > limit);
-            if let Some(value) = beyond {
+            // One branch-free pass for the largest magnitude; the offending value only on failure.
+            let values = || msg.payload.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            let mut largest = 0u32;
+            for v in values() {
+                largest = largest.max(v.unsigned_abs());
+            }
+            if i64::from(largest) > limit {
+                let value = values().find(|v| i64::from(*v).abs() > limit).expect("the largest is beyond");
                 return Err(RingError::OutOfRange { id, value, contributions, limit });
             }
         }
@@ -256,9 +258,7 @@ impl RingAllReduce {
                 add_assign_le_bytes(&mut self.data[range.clone()], &msg.payload);
                 let mut payload = msg.payload;
                 payload.clear();
-                for v in &self.data[range] {
-                    payload.extend_from_slice(&v.to_le_bytes());
-                }
+                extend_le_bytes(&self.data[range], &mut payload);
                 let out = if s + 2 < n {
                     self.step_msg(Phase::ReduceScatter, s + 1, segment, None, payload)
                 } else {
@@ -268,9 +268,7 @@ impl RingAllReduce {
                 Ok(Some(out))
             }
             Phase::AllGather => {
-                for (d, b) in self.data[range].iter_mut().zip(msg.payload.chunks_exact(4)) {
-                    *d = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
+                read_le_bytes(&msg.payload, &mut self.data[range]);
                 if s + 2 < n {
                     Ok(Some(self.step_msg(Phase::AllGather, s + 1, segment, Some(msg.hash), msg.payload)))
                 } else {

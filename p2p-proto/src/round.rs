@@ -574,11 +574,7 @@ impl Round {
                 if s.id.phase == Phase::ReduceScatter && s.id.step == 0 {
                     self.left_step0.push(s.header());
                     // Part of the left neighbour's vector cannot have a larger norm than it all.
-                    self.left_step0_sq += s
-                        .payload
-                        .chunks_exact(4)
-                        .map(|b| f64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])).powi(2))
-                        .sum::<f64>();
+                    self.left_step0_sq += crate::fixed::sum_squares_le_bytes(&s.payload);
                     let n = self.view.len();
                     let claimed = self.commits[(self.pos + n - 1) % n].as_ref().map_or(0.0, |c| c.norm);
                     if self.left_step0_sq.sqrt() > claimed * (1.0 + 1e-9) + 1.0 {

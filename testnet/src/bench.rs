@@ -7,6 +7,9 @@
 //!   a plain one-way copy between two processes.
 //! - All-reduce: N `node` processes, bus bandwidth as nccl-tests define it,
 //!   `busbw = algbw × 2(N−1)/N`, counted in bytes of the f32 vector.
+//! - The reference a user would otherwise pick: torch.distributed's all-reduce on
+//!   the gloo backend, N processes, the same sizes (`--gloo`, through
+//!   `testnet/gloo/allreduce.py`).
 //! - The single-core cost of the per-value work: fixed-point encoding, blake3,
 //!   integer addition.
 
@@ -106,6 +109,10 @@ pub struct BenchOpts {
     pub peers: usize,
     pub sizes: Vec<usize>,
     pub rounds: u64,
+    /// A Python interpreter with torch, to run the gloo reference.
+    pub gloo: Option<std::path::PathBuf>,
+    /// `--ring-transport` of the node processes.
+    pub ring_transport: String,
 }
 
 fn gbps(bytes: f64, secs: f64) -> f64 {
@@ -139,21 +146,35 @@ pub fn run(o: &BenchOpts) -> anyhow::Result<()> {
     println!("| TCP ring of {n} processes, aggregate | {:.2} |", per_peer * n as f64);
     println!("| TCP ring of {n} processes, per peer (the ceiling) | {per_peer:.2} |\n");
 
-    println!(
-        "| values (f32) | peers | reduce ms (median) | round ms (median) | algbw GB/s | busbw GB/s | busbw / per-peer ceiling | busbw / plain copy |"
-    );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut ours = Vec::new();
     for &len in &o.sizes {
-        let (reduce, round) = allreduce(n, len, o.rounds)?;
-        let alg = gbps(4.0 * len as f64, reduce);
-        let bus = alg * 2.0 * (n as f64 - 1.0) / n as f64;
+        ours.push(allreduce(n, len, o.rounds, &o.ring_transport)?);
+    }
+    let gloo = match &o.gloo {
+        Some(python) => Some(gloo(python, n, &o.sizes, o.rounds)?),
+        None => None,
+    };
+    let busbw = |secs: f64, len: usize| gbps(4.0 * len as f64, secs) * 2.0 * (n as f64 - 1.0) / n as f64;
+    println!(
+        "| values (f32) | peers | reduce ms (median) | round ms (median) | algbw GB/s | busbw GB/s | busbw / per-peer ceiling | hashing / round |{}",
+        if gloo.is_some() { " gloo ms (median) | gloo busbw / ceiling | gloo ms / ours |" } else { "" }
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|{}", if gloo.is_some() { "---:|---:|---:|" } else { "" });
+    for (i, (&len, &(reduce, round))) in o.sizes.iter().zip(&ours).enumerate() {
+        let bus = busbw(reduce, len);
+        let hashing = hashing_secs(len, n);
+        let theirs = gloo.as_ref().map_or(String::new(), |g| {
+            let t = g[i];
+            format!(" {:.1} | {:.0}% | {:.2} |", t * 1e3, 100.0 * busbw(t, len) / per_peer, t / reduce)
+        });
         println!(
-            "| {} | {n} | {:.1} | {:.1} | {alg:.3} | {bus:.3} | {:.0}% | {:.0}% |",
+            "| {} | {n} | {:.1} | {:.1} | {:.3} | {bus:.3} | {:.0}% | {:.1}% |{theirs}",
             human(len),
             reduce * 1e3,
             round * 1e3,
+            gbps(4.0 * len as f64, reduce),
             100.0 * bus / per_peer,
-            100.0 * bus / one_way
+            100.0 * hashing / round,
         );
     }
     println!();
@@ -165,11 +186,49 @@ fn human(len: usize) -> String {
     if len.is_multiple_of(1 << 20) { format!("{}M", len >> 20) } else { len.to_string() }
 }
 
+/// Seconds one core spends on the blake3 work of one peer's round, measured now: its commit
+/// (the whole vector), checking every segment it receives (2(n-1)/n of it) and hashing the
+/// partial sums it sends in reduce-scatter ((n-1)/n of it).
+fn hashing_secs(len: usize, n: usize) -> f64 {
+    let bytes = vec![0x5au8; 4 * len];
+    let t = Instant::now();
+    std::hint::black_box(blake3::hash(&bytes));
+    let whole = t.elapsed().as_secs_f64();
+    whole * (1.0 + 3.0 * (n as f64 - 1.0) / n as f64)
+}
+
+/// Median seconds of torch.distributed's all-reduce (gloo) per size, slowest rank per round.
+fn gloo(python: &std::path::Path, n: usize, sizes: &[usize], rounds: u64) -> anyhow::Result<Vec<f64>> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/gloo/allreduce.py");
+    let list = sizes.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    let out = Command::new(python)
+        .args([script, "--peers", &n.to_string(), "--sizes", &list, "--rounds", &rounds.to_string()])
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run {}: make one with testnet/gloo/setup", python.display()))?;
+    if !out.status.success() {
+        bail!("the gloo all-reduce failed ({}); its messages are above", out.status);
+    }
+    let mut secs = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("gloo output line {line:?}"))?;
+        let median = v["median_s"].as_f64().context("gloo output without median_s")?;
+        eprintln!("gloo (torch {}), {} values: median {:.1} ms", v["torch"], v["size"], median * 1e3);
+        secs.push(median);
+    }
+    if secs.len() != sizes.len() {
+        bail!("the gloo all-reduce reported {} sizes of {}", secs.len(), sizes.len());
+    }
+    Ok(secs)
+}
+
 /// Median over rounds of the slowest peer's reduce and round time, in seconds.
-fn allreduce(n: usize, len: usize, rounds: u64) -> anyhow::Result<(f64, f64)> {
+fn allreduce(n: usize, len: usize, rounds: u64, transport: &str) -> anyhow::Result<(f64, f64)> {
     let (min, r, l) = (n.to_string(), rounds.to_string(), len.to_string());
     let run = format!("bench-{len}");
     let flags = [
+        "--ring-transport",
+        transport,
         "--run",
         run.as_str(),
         "--min-peers",

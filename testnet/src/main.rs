@@ -44,6 +44,16 @@ enum Cmd {
         /// Where the run's report (Markdown and JSON) is written.
         #[arg(long, default_value = "testnet-report")]
         report_dir: std::path::PathBuf,
+        /// Local SGD: optimizer steps per peer per round, then an all-reduce of the parameter
+        /// deltas (1: one gradient per round).
+        #[arg(long, default_value_t = 1)]
+        local_steps: u64,
+        /// Outer learning rate of local SGD (default 1.0: FedAvg).
+        #[arg(long)]
+        outer_lr: Option<f64>,
+        /// Outer momentum of local SGD (default 0).
+        #[arg(long)]
+        outer_momentum: Option<f32>,
     },
     /// A local chain with the ledger and N peers on loopback that all-reduce a deterministic
     /// demonstration vector (exact sums anyone can recompute); prints every round and what
@@ -107,6 +117,13 @@ enum Cmd {
         sizes: Vec<usize>,
         #[arg(long, default_value_t = 5)]
         rounds: u64,
+        /// Also run torch.distributed's all-reduce (gloo backend) on the same sizes and peer
+        /// count with this Python interpreter (`testnet/gloo/setup` makes one with torch).
+        #[arg(long)]
+        gloo: Option<std::path::PathBuf>,
+        /// How node processes move ring payloads (`direct` or `libp2p`).
+        #[arg(long, default_value = "direct")]
+        ring_transport: String,
     },
     /// One peer of the TCP ceiling measurement (started by `bench`).
     #[command(hide = true)]
@@ -121,20 +138,35 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     testnet::process::stop_on_signals();
     match Cli::parse().command {
-        Cmd::Train { nodes, rounds, batch, model, lr, epoch_rounds, eval_every, audit_every, no_chain, report_dir } => {
-            train::run(&train::TrainOpts {
-                nodes,
-                rounds,
-                batch,
-                model,
-                lr,
-                epoch_rounds,
-                eval_every,
-                audit_every,
-                chain: !no_chain,
-                report_dir,
-            })
-        }
+        Cmd::Train {
+            nodes,
+            rounds,
+            batch,
+            model,
+            lr,
+            epoch_rounds,
+            eval_every,
+            audit_every,
+            no_chain,
+            report_dir,
+            local_steps,
+            outer_lr,
+            outer_momentum,
+        } => train::run(&train::TrainOpts {
+            nodes,
+            rounds,
+            batch,
+            model,
+            lr,
+            epoch_rounds,
+            eval_every,
+            audit_every,
+            chain: !no_chain,
+            report_dir,
+            local_steps,
+            outer_lr,
+            outer_momentum,
+        }),
         Cmd::Cluster { nodes, rounds, vector_len, run, no_chain, epoch_rounds } => {
             cluster::run(&cluster::ClusterOpts { nodes, rounds, vector_len, run, chain: !no_chain, epoch_rounds })
         }
@@ -161,7 +193,9 @@ fn main() -> anyhow::Result<()> {
             epoch_rounds,
             logs,
         }),
-        Cmd::Bench { peers, sizes, rounds } => bench::run(&bench::BenchOpts { peers, sizes, rounds }),
+        Cmd::Bench { peers, sizes, rounds, gloo, ring_transport } => {
+            bench::run(&bench::BenchOpts { peers, sizes, rounds, gloo, ring_transport })
+        }
         Cmd::TcpPeer { send, recv } => bench::tcp_peer(send, recv),
     }
 }

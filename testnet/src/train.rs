@@ -29,6 +29,11 @@ pub struct TrainOpts {
     pub chain: bool,
     /// Where the run's report (JSON and Markdown) goes.
     pub report_dir: std::path::PathBuf,
+    /// Local SGD: optimizer steps per peer per round (1: one gradient per round).
+    pub local_steps: u64,
+    /// Outer learning rate and momentum of local SGD (the run's defaults when absent).
+    pub outer_lr: Option<f64>,
+    pub outer_momentum: Option<f32>,
 }
 
 /// What a node logs once its HTTP endpoint is up.
@@ -62,6 +67,16 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
          lr = {}\neval_every = {}\naudit_every = {}\n",
         o.model, o.batch, o.rounds, o.epoch_rounds, o.nodes, o.lr, o.eval_every, o.audit_every
     );
+    let mut config_text = config_text;
+    if o.local_steps > 1 {
+        config_text += &format!("local_steps = {}\n", o.local_steps);
+        if let Some(lr) = o.outer_lr {
+            config_text += &format!("outer_lr = {lr}\n");
+        }
+        if let Some(m) = o.outer_momentum {
+            config_text += &format!("outer_momentum = {m}\n");
+        }
+    }
     std::fs::write(&config, &config_text)?;
     println!(
         "starting {} peers on 127.0.0.1: {} on Fashion-MNIST, {} rounds of {} samples per peer, K = {}",
@@ -171,7 +186,7 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
         bail!("the peers' parameters diverged");
     }
     let accuracy = nodes[0].events("evaluated").last().and_then(|e| e["accuracy"].as_f64()).unwrap_or(0.0);
-    let samples = o.rounds * (o.batch * o.nodes) as u64;
+    let samples = o.rounds * (o.batch * o.nodes) as u64 * o.local_steps;
     println!(
         "\nall {} peers held the same parameters after every one of {} rounds; final test accuracy {:.2}% \
          ({samples} samples in {:.1} s)",
@@ -192,8 +207,16 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
                 .into_iter()
                 .map(|(r, e)| (r, e["param_hash"].as_str().unwrap_or_default().to_owned()))
                 .collect();
-            report_chain(anvil, contract, &run_id, &addresses, &done, &vec![o.batch as u64; o.nodes], &hashes)
-                .map(|chain| report["chain"] = chain)
+            report_chain(
+                anvil,
+                contract,
+                &run_id,
+                &addresses,
+                &done,
+                &vec![o.batch as u64 * o.local_steps; o.nodes],
+                &hashes,
+            )
+            .map(|chain| report["chain"] = chain)
         }
         None => Ok(()),
     };

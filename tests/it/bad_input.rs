@@ -1,6 +1,7 @@
 //! A hostile peer connects to a running node and sends it an unsigned ring
 //! payload, a payload whose hash is wrong, an oversize frame, garbage bytes, a well-formed payload while
-//! not being the node's ring neighbour, garbage gossip, and on the state
+//! not being the node's ring neighbour (each on a ring stream and again on the direct TCP
+//! connection the node offers), a direct connection with a forged token, garbage gossip, and on the state
 //! protocol garbage and a request for another run. The node rejects each (with
 //! a logged reason, a refusal or a closed stream), keeps running, and its rounds
 //! stay correct.
@@ -9,7 +10,10 @@ use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, gossipsub, noise, swarm::NetworkBehaviour, tcp, yamux};
 use p2p_proto::codec::decode_exact;
 use p2p_proto::codec::encode_frame;
-use p2p_proto::message::{RING_PROTOCOL, RingFrame, RingStep, RunId, STATE_PROTOCOL, StateReply, StateRequest, StepId};
+use p2p_proto::message::{
+    RING_OFFER_DIRECT, RING_PROTOCOL, RING_TOKEN_BYTES, RingFrame, RingStep, RunId, STATE_PROTOCOL, StateReply,
+    StateRequest, StepId,
+};
 use p2p_proto::ring::Phase;
 use std::time::Duration;
 use tests::{Node, expected_sum_hash, wait_until};
@@ -88,14 +92,55 @@ async fn attack(target: Multiaddr, run: RunId) {
             }
         }
     });
+    // Each attack on the stream itself, then on the direct TCP connection the node offers.
     for (what, bytes) in attacks(run, &key) {
-        let mut s = control.open_stream(peer, StreamProtocol::new(RING_PROTOCOL)).await.expect(what);
-        s.write_all(&bytes).await.expect(what);
-        s.flush().await.expect(what);
-        // The node closes the stream after rejecting the frame.
+        for direct in [false, true] {
+            let mut s = control.open_stream(peer, StreamProtocol::new(RING_PROTOCOL)).await.expect(what);
+            let mut offer = [0u8; 3 + RING_TOKEN_BYTES];
+            s.read_exact(&mut offer).await.expect(what);
+            assert_eq!(offer[0], RING_OFFER_DIRECT, "{what}: the node offers a direct connection on loopback");
+            let mut buf = [0u8; 1];
+            if direct {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let port = u16::from_le_bytes([offer[1], offer[2]]);
+                let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect(what);
+                tcp.write_all(&offer[3..]).await.expect(what);
+                tcp.write_all(&bytes).await.expect(what);
+                let closed = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await;
+                assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{what} (direct): the node closed the connection");
+            } else {
+                s.write_all(&bytes).await.expect(what);
+                s.flush().await.expect(what);
+                // The node closes the stream after rejecting the frame.
+                let closed = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+                assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{what}: the node closed the stream");
+            }
+        }
+    }
+    // A direct connection with a token the node never offered is closed at once, whatever follows.
+    {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut s = control.open_stream(peer, StreamProtocol::new(RING_PROTOCOL)).await.expect("ring stream");
+        let mut offer = [0u8; 3 + RING_TOKEN_BYTES];
+        s.read_exact(&mut offer).await.expect("offer");
+        let port = u16::from_le_bytes([offer[1], offer[2]]);
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("data port");
+        let mut forged = [0u8; RING_TOKEN_BYTES];
+        forged.copy_from_slice(&offer[3..]);
+        forged[0] ^= 1;
+        tcp.write_all(&forged).await.expect("forged token");
+        let _ = tcp
+            .write_all(&encode_frame(&RingFrame::Step(RingStep::new(
+                run,
+                0,
+                0,
+                StepId { phase: Phase::ReduceScatter, step: 0, chunk: 0, segment: 0 },
+                vec![1u8; 64],
+            ))))
+            .await;
         let mut buf = [0u8; 1];
-        let closed = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
-        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{what}: the node closed the stream");
+        let closed = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await;
+        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "a forged token: the node closed the connection");
     }
     // The state protocol: garbage closes the stream; a request for another run is refused.
     let mut s = control.open_stream(peer, StreamProtocol::new(STATE_PROTOCOL)).await.expect("state stream");
@@ -129,6 +174,10 @@ fn a_hostile_peer_cannot_crash_a_node_or_corrupt_a_round() {
     for name in ["b", "c"] {
         let mut f = flags.to_vec();
         f.extend(["--bootstrap", boot.as_str()]);
+        if name == "c" {
+            // Its left neighbour writes to it on the libp2p stream; the others receive direct.
+            f.extend(["--ring-transport", "libp2p"]);
+        }
         nodes.push(Node::start(name, &f));
     }
     let started = wait_until(Duration::from_secs(60), || nodes.iter().all(|n| !n.rounds().is_empty()).then_some(()));
@@ -152,6 +201,7 @@ fn a_hostile_peer_cannot_crash_a_node_or_corrupt_a_round() {
         assert!(reasons.iter().any(|r| r.contains(want)), "no rejection for '{want}' in {reasons:?}");
     }
     assert!(!victim.events_containing("rejected gossip message").is_empty(), "garbage gossip was rejected");
+    assert!(!victim.events_containing("token nobody offered").is_empty(), "the forged token was refused");
 
     // Rounds go on, and stay exact and identical at every peer.
     let more = wait_until(Duration::from_secs(30), || (nodes[1].rounds().len() >= before + 3).then_some(()));

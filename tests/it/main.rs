@@ -9,5 +9,6 @@ mod contracts;
 mod identity;
 mod ledger;
 mod observe;
+mod strategies;
 mod train;
 mod train_ring;

@@ -222,7 +222,17 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Summary {
     let (inbound_tx, mut inbound) = mpsc::channel::<Inbound>(256);
-    ring_io::spawn_acceptor(net.control(), inbound_tx);
+    let plane = match net.direct_ip {
+        Some(ip) => match ring_io::DataPlane::bind(ip).await {
+            Ok(p) => Some(p),
+            Err(e) => {
+                warn!(%ip, error = %e, "cannot listen for direct ring payloads; they go over libp2p streams");
+                None
+            }
+        },
+        None => None,
+    };
+    ring_io::spawn_acceptor(net.control(), inbound_tx, plane);
     let (internal, mut internal_rx) = mpsc::unbounded_channel();
     let (serve_tx, mut serve_rx) = mpsc::channel::<ServeRequest>(64);
     crate::state_sync::serve(net.control(), cfg.run, serve_tx);
@@ -705,8 +715,11 @@ impl Driver {
         let now = self.now();
         let (round, acts) =
             Round::new(self.cfg.run, &self.me, view, input, self.cfg.round.clone(), now, &self.signer());
-        self.writer = (round.view().len() > 1)
-            .then(|| ring_io::spawn_writer(self.net.control(), round.right().clone(), self.cfg.open_timeout));
+        self.writer = (round.view().len() > 1).then(|| {
+            let right = round.right().clone();
+            let ip = right.parse().ok().and_then(|p| self.net.remote_ip(&p));
+            ring_io::spawn_writer(self.net.control(), right, ip, self.cfg.open_timeout)
+        });
         let (r, a) = (round.view().round, round.view().attempt);
         if let Some(ledger) = self.cfg.ledger.clone() {
             // Noted while the all-reduce runs; this peer's Done waits for it (see `credit_note`).

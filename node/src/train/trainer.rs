@@ -31,6 +31,9 @@ pub struct Trainer<M: Net> {
     schedule: Schedule,
     clip_norm: f32,
     shape: [usize; 3],
+    /// Local SGD: the inner optimizer (fresh every round) and the outer step's settings; the
+    /// trainer's own `optimizer` is then the outer one.
+    local: Option<(OptimizerConfig, super::config::LocalSgd)>,
 }
 
 /// Builds the input tensor `[B, C, H, W]` (values scaled to 0..1) and the label
@@ -67,7 +70,15 @@ impl<M: Net> Trainer<M> {
         let params = params::deterministic_init(&layout, seed);
         let model = params::load(model, &params, &layout, &device);
         let optimizer = Optimizer::new(optimizer, layout.total);
-        Self { model, device, layout, params, optimizer, schedule, clip_norm, shape }
+        Self { model, device, layout, params, optimizer, schedule, clip_norm, shape, local: None }
+    }
+
+    /// Makes this a local-SGD trainer: [`Self::local_delta`] takes `local.steps` steps with a
+    /// fresh `inner` optimizer at the scheduled rate, and [`Self::apply`] applies the averaged
+    /// delta with the trainer's optimizer (the outer one) at `local.outer_lr`.
+    pub fn with_local(mut self, inner: OptimizerConfig, local: super::config::LocalSgd) -> Self {
+        self.local = Some((inner, local));
+        self
     }
 
     pub fn layout(&self) -> &Layout {
@@ -89,25 +100,54 @@ impl<M: Net> Trainer<M> {
 
     /// Loss and mean gradient of the samples `idx` of `split`.
     pub fn gradient(&self, split: &Split, idx: &[u32]) -> StepGrad {
+        self.gradient_of(&self.model, split, idx)
+    }
+
+    fn gradient_of(&self, model: &M, split: &Split, idx: &[u32]) -> StepGrad {
         let (x, y) = batch(split, self.shape, idx, &self.device);
-        let logits = self.model.forward(x);
+        let logits = model.forward(x);
         let loss = CrossEntropyLossConfig::new().init(&self.device).forward(logits, y);
         let grads = loss.backward();
         let loss_value = loss.into_data().iter::<f32>().next().unwrap_or(f32::NAN);
-        StepGrad {
-            loss: loss_value,
-            grad: params::flatten_grads(&self.model, &grads, &self.layout),
-            samples: idx.len(),
+        StepGrad { loss: loss_value, grad: params::flatten_grads(model, &grads, &self.layout), samples: idx.len() }
+    }
+
+    /// Local SGD: from the current parameters, one inner step per batch of `batches` (each
+    /// gradient clipped to the run's norm, a fresh inner optimizer at the scheduled rate), and
+    /// the parameters' change, current minus final, in [`Layout`] order: the pseudo-gradient
+    /// the ring averages. The loss is the mean over the steps; the parameters do not change.
+    /// Deterministic: the same parameters and batches give the same bits, so it is audited by
+    /// recomputation like a gradient.
+    pub fn local_delta(&self, split: &Split, batches: &[Vec<u32>]) -> StepGrad {
+        let (inner, _) = self.local.clone().expect("a local-SGD trainer");
+        let lr = self.schedule.lr(self.optimizer.step);
+        let mut opt = Optimizer::new(inner, self.layout.total);
+        let mut local = self.params.clone();
+        let mut model = self.model.clone();
+        let (mut loss, mut samples, mut steps) = (0f32, 0, 0);
+        for idx in batches.iter().filter(|b| !b.is_empty()) {
+            let mut g = self.gradient_of(&model, split, idx);
+            p2p_proto::fixed::clip_global_norm(&mut g.grad, self.clip_norm);
+            opt.apply(&mut local, &g.grad, lr);
+            model = params::load(model, &local, &self.layout, &self.device);
+            loss += g.loss;
+            samples += g.samples;
+            steps += 1;
         }
+        let grad = self.params.iter().zip(&local).map(|(p, l)| p - l).collect();
+        StepGrad { loss: loss / steps.max(1) as f32, grad, samples }
     }
 
     /// Clips `grad` to the global norm and applies it with the optimizer at the
-    /// scheduled learning rate. Every peer applying the same gradient to the
+    /// scheduled learning rate (local SGD: the averaged delta, at the outer rate). Every peer applying the same gradient to the
     /// same state ends with the same bits.
     pub fn apply(&mut self, grad: &[f32]) {
         let mut g = grad.to_vec();
         p2p_proto::fixed::clip_global_norm(&mut g, self.clip_norm);
-        let lr = self.schedule.lr(self.optimizer.step);
+        let lr = match &self.local {
+            Some((_, local)) => local.outer_lr,
+            None => self.schedule.lr(self.optimizer.step),
+        };
         self.optimizer.apply(&mut self.params, &g, lr);
         let model = self.model.clone();
         self.model = params::load(model, &self.params, &self.layout, &self.device);

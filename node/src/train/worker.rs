@@ -154,7 +154,17 @@ impl Worker {
     }
 }
 
+/// The optimizer whose state the peers share (checkpoints, state sync): the run's, or with
+/// local SGD the outer one (SGD with the outer momentum).
 fn optimizer_config(cfg: &RunConfig) -> OptimizerConfig {
+    match cfg.local_sgd() {
+        Some(l) => OptimizerConfig::Sgd { momentum: l.outer_momentum, weight_decay: 0.0 },
+        None => inner_config(cfg),
+    }
+}
+
+/// The run's optimizer (with local SGD: the one each member steps with inside a round).
+fn inner_config(cfg: &RunConfig) -> OptimizerConfig {
     if cfg.optimizer == "sgd" { OptimizerConfig::sgd() } else { OptimizerConfig::adam() }
 }
 
@@ -170,6 +180,9 @@ fn serve<M: Net>(
     let total = cfg.rounds;
     let schedule = Schedule::WarmupCosine { lr: cfg.lr, min_lr: cfg.lr * 0.01, warmup: (total / 20).max(1), total };
     let mut t = Trainer::new(model, device, ds.shape, cfg.seed, optimizer, schedule, cfg.clip_norm);
+    if let Some(local) = cfg.local_sgd() {
+        t = t.with_local(inner_config(cfg), local);
+    }
     let mut sampler = Sampler::new(ds.hash, cfg.seed, ds.train.len());
     let _ = ready.send((t.layout().total, t.param_hash()));
     let mut hash = t.param_hash();
@@ -177,8 +190,21 @@ fn serve<M: Net>(
         match job {
             Job::Gradient { start, batch, weight, reply } => {
                 let began = Instant::now();
-                let idx = sampler.stream(start, batch);
-                let mut g = t.gradient(&ds.train, &idx);
+                let mut g = match cfg.local_sgd() {
+                    // `batch` is this member's samples for the whole round: one slice of the
+                    // stream per local step, split the same way at every peer.
+                    Some(l) => {
+                        let steps = l.steps as usize;
+                        let batches: Vec<Vec<u32>> = (0..steps)
+                            .map(|h| {
+                                let r = p2p_proto::chunk::chunk_range(batch, steps, h);
+                                sampler.stream(start + r.start as u64, r.len())
+                            })
+                            .collect();
+                        t.local_delta(&ds.train, &batches)
+                    }
+                    None => t.gradient(&ds.train, &sampler.stream(start, batch)),
+                };
                 // Each member's gradient is clipped before it is weighted: a commit to a larger
                 // norm proves a lie ([`p2p_proto::audit::norm_exceeds`]).
                 p2p_proto::fixed::clip_global_norm(&mut g.grad, cfg.clip_norm);
