@@ -96,9 +96,15 @@ pub async fn read_frame<T: serde::de::DeserializeOwned, R: futures::AsyncRead + 
 }
 
 /// How long a TCP connection to the data port has to send its token.
-const TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(2);
+/// Sent back on a direct connection whose token was offered: only then does the writer use it
+/// (a connection dropped at a busy or attacked port leaves the writer on the stream).
+const ACK: u8 = 0xac;
 /// Connections to the data port that may be sending their token at once.
 const MAX_HANDSHAKES: usize = 64;
+/// A ring stream that carries no frame for this long is closed: far beyond any round's
+/// timeouts, so only a stream nobody writes to any more is.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 type Pending = Arc<Mutex<HashMap<[u8; TOKEN_BYTES], oneshot::Sender<TcpStream>>>>;
 
@@ -107,6 +113,9 @@ type Pending = Arc<Mutex<HashMap<[u8; TOKEN_BYTES], oneshot::Sender<TcpStream>>>
 pub struct DataPlane {
     port: u16,
     pending: Pending,
+    /// Peers whose frames failed a check that bytes altered in transit could fail: they are
+    /// offered the (authenticated) stream from then on, where such a failure is theirs.
+    downgraded: Arc<Mutex<std::collections::HashSet<PeerId>>>,
 }
 
 /// A token offered on one ring stream; withdrawn when dropped.
@@ -130,7 +139,17 @@ impl DataPlane {
         info!(%ip, port, "ring payloads arrive over direct TCP");
         let pending = Pending::default();
         tokio::spawn(accept_direct(listener, pending.clone()));
-        Ok(Self { port, pending })
+        Ok(Self { port, pending, downgraded: Arc::default() })
+    }
+
+    fn downgrade(&self, peer: PeerId) {
+        if self.downgraded.lock().expect("never poisoned").insert(peer) {
+            warn!(%peer, "a frame from this peer failed its checks on the direct connection; its frames go over the stream from now on");
+        }
+    }
+
+    fn is_downgraded(&self, peer: &PeerId) -> bool {
+        self.downgraded.lock().expect("never poisoned").contains(peer)
     }
 
     fn offer(&self) -> ([u8; 3 + TOKEN_BYTES], Slot) {
@@ -175,8 +194,11 @@ async fn accept_direct(listener: TcpListener, pending: Pending) {
             let slot = pending.lock().expect("never poisoned").remove(&token);
             match slot {
                 Some(tx) => {
+                    use tokio::io::AsyncWriteExt as _;
                     let _ = conn.set_nodelay(true);
-                    let _ = tx.send(conn);
+                    if conn.write_all(&[ACK]).await.is_ok() {
+                        let _ = tx.send(conn);
+                    }
                 }
                 None => warn!(%from, "direct ring connection with a token nobody offered; closed"),
             }
@@ -200,15 +222,16 @@ type Source = Box<dyn AsyncRead + Unpin + Send>;
 /// Sends the offer on a new ring stream and returns where the frames will come from (and the
 /// first frame, when the writer kept to the stream); `None` when the stream ended first.
 async fn open_source(
+    peer: PeerId,
     mut stream: libp2p::Stream,
     plane: Option<&DataPlane>,
     buf: &mut Vec<u8>,
     close: &Notify,
-) -> Option<(Source, Option<Result<Option<RingFrame>, ReadError>>)> {
-    let Some(plane) = plane else {
+) -> Option<(Source, bool, Option<Result<Option<RingFrame>, ReadError>>)> {
+    let Some(plane) = plane.filter(|p| !p.is_downgraded(&peer)) else {
         stream.write_all(&[OFFER_STREAM]).await.ok()?;
         stream.flush().await.ok()?;
-        return Some((Box::new(stream), None));
+        return Some((Box::new(stream), false, None));
     };
     let (offer, mut slot) = plane.offer();
     stream.write_all(&offer).await.ok()?;
@@ -216,13 +239,14 @@ async fn open_source(
     // The writer either connects with the token or, if it cannot, writes here.
     let first = tokio::select! {
         tcp = &mut slot.rx => match tcp {
-            Ok(tcp) => return Some((Box::new(tcp.compat()), None)),
+            Ok(tcp) => return Some((Box::new(tcp.compat()), true, None)),
             Err(_) => None,
         },
         f = read_frame::<RingFrame, _>(&mut stream, buf) => Some(f),
         () = close.notified() => return None,
+        () = tokio::time::sleep(IDLE_TIMEOUT) => return None,
     };
-    Some((Box::new(stream), first))
+    Some((Box::new(stream), false, first))
 }
 
 async fn read_stream(peer: PeerId, stream: libp2p::Stream, inbound: mpsc::Sender<Inbound>, plane: Option<DataPlane>) {
@@ -232,21 +256,31 @@ async fn read_stream(peer: PeerId, stream: libp2p::Stream, inbound: mpsc::Sender
         warn!(%peer, "rejected ring stream: the peer's id holds no key to check its signatures");
         return;
     };
-    let Some((mut source, mut first)) = open_source(stream, plane.as_ref(), &mut buf, &close).await else {
+    let Some((mut source, direct, mut first)) = open_source(peer, stream, plane.as_ref(), &mut buf, &close).await
+    else {
         return;
     };
     let mut attempt: Option<(p2p_proto::RunId, u64, u32)> = None;
+    // On a direct connection, segments already delivered: a repeat could be a replay by
+    // someone on the path rather than the sender.
+    let mut seen = std::collections::HashSet::new();
     loop {
         let frame = match first.take() {
             Some(f) => f,
             None => tokio::select! {
-                f = read_frame::<RingFrame, _>(&mut source, &mut buf) => f,
+                f = tokio::time::timeout(IDLE_TIMEOUT, read_frame::<RingFrame, _>(&mut source, &mut buf)) => match f {
+                    Ok(f) => f,
+                    Err(_) => {
+                        debug!(%peer, "ring stream idle too long; closed");
+                        return;
+                    }
+                },
                 () = close.notified() => return,
             },
         };
         let stream_at = attempt.map(|(_, r, a)| (r, a));
-        // A rejected frame is its sender's doing (the stream is authenticated end to end),
-        // except when the transport cut it short.
+        // A rejected frame is its sender's doing on the stream (authenticated end to end),
+        // except when the transport cut it short; on a direct connection see below.
         let (step, at) = match frame {
             Ok(Some(RingFrame::Step(step)))
                 if !crate::sign::step_is_signed(&key, step.run, step.round, step.attempt, &step.header()) =>
@@ -260,6 +294,9 @@ async fn read_stream(peer: PeerId, stream: libp2p::Stream, inbound: mpsc::Sender
                     step.round, step.attempt
                 );
                 (Err(why), stream_at)
+            }
+            Ok(Some(RingFrame::Step(step))) if direct && !seen.insert(step.id) => {
+                (Err(format!("segment {:?} arrived twice", step.id)), stream_at)
             }
             Ok(Some(RingFrame::Step(step))) => {
                 let at = (step.run, step.round, step.attempt);
@@ -278,19 +315,31 @@ async fn read_stream(peer: PeerId, stream: libp2p::Stream, inbound: mpsc::Sender
         };
         let rejected = step.is_err();
         if let Err(reason) = &step {
-            warn!(%peer, %reason, "rejected ring frame; closing the stream");
+            warn!(%peer, %reason, direct, "rejected ring frame; closing the stream");
         }
+        // The direct connection is not authenticated: what failed these checks may have been
+        // altered, replayed or repeated on the way. Nobody is blamed; the peer's frames take
+        // the authenticated stream from now on, where a failure is its own.
+        let at = match (&plane, direct && rejected) {
+            (Some(plane), true) => {
+                plane.downgrade(peer);
+                None
+            }
+            _ => at,
+        };
         if inbound.send(Inbound { from: peer, step, attempt: at, close: close.clone() }).await.is_err() || rejected {
             return;
         }
     }
 }
 
-/// Reads the receiver's offer on a new ring stream and, for a direct one, connects to it.
+/// Reads the receiver's offer on a new ring stream and, for a direct one, connects to it
+/// (within `connect_timeout`, else it keeps to the stream).
 async fn go_direct(
     stream: &mut libp2p::Stream,
     ip: Option<IpAddr>,
     peer: &PeerKey,
+    connect_timeout: Duration,
 ) -> Result<Option<Compat<TcpStream>>, std::io::Error> {
     let mut kind = [0u8; 1];
     stream.read_exact(&mut kind).await?;
@@ -306,15 +355,31 @@ async fn go_direct(
         debug!(%peer, "no IP address known for the right neighbour; ring payloads go over the stream");
         return Ok(None);
     };
-    match TcpStream::connect((ip, port)).await {
-        Ok(mut tcp) => {
-            use tokio::io::AsyncWriteExt as _;
+    // A firewall that drops the connection attempt must not cost the round: give up early and
+    // keep to the stream.
+    match tokio::time::timeout(connect_timeout, TcpStream::connect((ip, port))).await {
+        Ok(Ok(mut tcp)) => {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
             tcp.set_nodelay(true)?;
-            tcp.write_all(&rest[2..]).await?;
-            Ok(Some(tcp.compat()))
+            let mut ack = [0u8; 1];
+            let acked = tokio::time::timeout(connect_timeout, async {
+                tcp.write_all(&rest[2..]).await?;
+                tcp.read_exact(&mut ack).await
+            })
+            .await;
+            if matches!(acked, Ok(Ok(_))) && ack[0] == ACK {
+                Ok(Some(tcp.compat()))
+            } else {
+                debug!(%peer, %ip, port, "the neighbour's data port did not take the token; ring payloads go over the stream");
+                Ok(None)
+            }
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             debug!(%peer, %ip, port, error = %e, "cannot reach the neighbour's data port; ring payloads go over the stream");
+            Ok(None)
+        }
+        Err(_) => {
+            debug!(%peer, %ip, port, "timed out reaching the neighbour's data port; ring payloads go over the stream");
             Ok(None)
         }
     }
@@ -346,7 +411,8 @@ pub fn spawn_writer(
                 return;
             }
         };
-        let direct = match tokio::time::timeout(open_timeout, go_direct(&mut stream, ip, &peer)).await {
+        let offer = go_direct(&mut stream, ip, &peer, open_timeout / 2);
+        let direct = match tokio::time::timeout(open_timeout, offer).await {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
                 warn!(%peer, error = %e, "the right neighbour sent no usable offer on the ring stream");

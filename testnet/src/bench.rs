@@ -26,7 +26,10 @@ const WRITE: usize = 1 << 20;
 /// prints its port, reads the port to send to from stdin (0: send nothing),
 /// then sends `send` bytes while receiving `recv` bytes, and prints the seconds
 /// it took.
-pub fn tcp_peer(send: u64, recv: u64) -> anyhow::Result<()> {
+/// With `span` above [`WRITE`], writes and reads walk through buffers of that many bytes
+/// instead of reusing one megabyte that stays in cache.
+pub fn tcp_peer(send: u64, recv: u64, span: usize) -> anyhow::Result<()> {
+    let span = span.max(WRITE);
     let listener = TcpListener::bind("127.0.0.1:0")?;
     println!("{}", listener.local_addr()?.port());
     std::io::stdout().flush()?;
@@ -39,21 +42,23 @@ pub fn tcp_peer(send: u64, recv: u64) -> anyhow::Result<()> {
     let sender = std::thread::spawn(move || -> std::io::Result<()> {
         if let Some(mut s) = out {
             s.set_nodelay(true)?;
-            let buf = vec![0x5au8; WRITE];
-            let mut left = send;
+            let buf = vec![0x5au8; span];
+            let (mut left, mut at) = (send, 0);
             while left > 0 {
                 let n = left.min(WRITE as u64) as usize;
-                s.write_all(&buf[..n])?;
+                s.write_all(&buf[at..at + n])?;
+                at = (at + WRITE) % (span - WRITE + 1);
                 left -= n as u64;
             }
         }
         Ok(())
     });
     if let Some(mut s) = inc {
-        let mut buf = vec![0u8; WRITE];
-        let mut left = recv;
+        let mut buf = vec![0u8; span];
+        let (mut left, mut at) = (recv, 0);
         while left > 0 {
-            let n = s.read(&mut buf)?;
+            let n = s.read(&mut buf[at..at + WRITE])?;
+            at = (at + WRITE) % (span - WRITE + 1);
             if n == 0 {
                 bail!("sender closed early");
             }
@@ -67,7 +72,12 @@ pub fn tcp_peer(send: u64, recv: u64) -> anyhow::Result<()> {
 
 /// Runs `n` tcp-peer processes; `ring` connects i -> i+1 for all, otherwise
 /// only 0 -> 1. Returns the slowest peer's seconds.
-fn tcp_run(n: usize, bytes: u64, ring: bool) -> anyhow::Result<f64> {
+pub(crate) fn tcp_run(n: usize, bytes: u64, ring: bool) -> anyhow::Result<f64> {
+    tcp_run_span(n, bytes, ring, WRITE)
+}
+
+/// [`tcp_run`] with each peer's writes and reads walking through `span` bytes of buffers.
+pub(crate) fn tcp_run_span(n: usize, bytes: u64, ring: bool, span: usize) -> anyhow::Result<f64> {
     let exe = std::env::current_exe()?;
     let mut kids = Vec::new();
     for i in 0..n {
@@ -79,7 +89,7 @@ fn tcp_run(n: usize, bytes: u64, ring: bool) -> anyhow::Result<f64> {
             (0, bytes)
         };
         let mut c = Command::new(&exe)
-            .args(["tcp-peer", "--send", &send.to_string(), "--recv", &recv.to_string()])
+            .args(["tcp-peer", "--send", &send.to_string(), "--recv", &recv.to_string(), "--span", &span.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()?;
@@ -223,7 +233,7 @@ fn gloo(python: &std::path::Path, n: usize, sizes: &[usize], rounds: u64) -> any
 }
 
 /// Median over rounds of the slowest peer's reduce and round time, in seconds.
-fn allreduce(n: usize, len: usize, rounds: u64, transport: &str) -> anyhow::Result<(f64, f64)> {
+pub(crate) fn allreduce(n: usize, len: usize, rounds: u64, transport: &str) -> anyhow::Result<(f64, f64)> {
     let (min, r, l) = (n.to_string(), rounds.to_string(), len.to_string());
     let run = format!("bench-{len}");
     let flags = [

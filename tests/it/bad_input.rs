@@ -11,8 +11,8 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol, gossipsub, noise, swarm::Network
 use p2p_proto::codec::decode_exact;
 use p2p_proto::codec::encode_frame;
 use p2p_proto::message::{
-    RING_OFFER_DIRECT, RING_PROTOCOL, RING_TOKEN_BYTES, RingFrame, RingStep, RunId, STATE_PROTOCOL, StateReply,
-    StateRequest, StepId,
+    RING_OFFER_DIRECT, RING_OFFER_STREAM, RING_PROTOCOL, RING_TOKEN_BYTES, RingFrame, RingStep, RunId, STATE_PROTOCOL,
+    StateReply, StateRequest, StepId,
 };
 use p2p_proto::ring::Phase;
 use std::time::Duration;
@@ -54,7 +54,17 @@ fn attacks(run: RunId, key: &libp2p::identity::Keypair) -> Vec<(&'static str, Ve
     ]
 }
 
-async fn attack(target: Multiaddr, run: RunId) {
+/// Which attacks one rogue (a fresh identity each time) makes.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Every attack on a ring stream, a forged token, the state protocol and gossip.
+    Stream,
+    /// Attack `i` on the direct TCP connection the node offers; a frame that fails its checks
+    /// there blames nobody, so the node keeps this rogue to the stream afterwards.
+    Direct(usize),
+}
+
+async fn attack(target: Multiaddr, run: RunId, mode: Mode) {
     let key = libp2p::identity::Keypair::generate_ed25519();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key.clone())
         .with_tokio()
@@ -92,30 +102,46 @@ async fn attack(target: Multiaddr, run: RunId) {
             }
         }
     });
-    // Each attack on the stream itself, then on the direct TCP connection the node offers.
-    for (what, bytes) in attacks(run, &key) {
-        for direct in [false, true] {
-            let mut s = control.open_stream(peer, StreamProtocol::new(RING_PROTOCOL)).await.expect(what);
-            let mut offer = [0u8; 3 + RING_TOKEN_BYTES];
-            s.read_exact(&mut offer).await.expect(what);
-            assert_eq!(offer[0], RING_OFFER_DIRECT, "{what}: the node offers a direct connection on loopback");
-            let mut buf = [0u8; 1];
-            if direct {
-                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-                let port = u16::from_le_bytes([offer[1], offer[2]]);
-                let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect(what);
-                tcp.write_all(&offer[3..]).await.expect(what);
-                tcp.write_all(&bytes).await.expect(what);
-                let closed = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await;
-                assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{what} (direct): the node closed the connection");
-            } else {
-                s.write_all(&bytes).await.expect(what);
-                s.flush().await.expect(what);
-                // The node closes the stream after rejecting the frame.
-                let closed = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
-                assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{what}: the node closed the stream");
-            }
+    let open = |mut control: libp2p_stream::Control| async move {
+        let mut s = control.open_stream(peer, StreamProtocol::new(RING_PROTOCOL)).await.expect("ring stream");
+        let mut offer = [0u8; 3 + RING_TOKEN_BYTES];
+        s.read_exact(&mut offer[..1]).await.expect("offer");
+        if offer[0] == RING_OFFER_DIRECT {
+            s.read_exact(&mut offer[1..]).await.expect("offer");
         }
+        (s, offer)
+    };
+    if let Mode::Direct(i) = mode {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (what, bytes) = attacks(run, &key).swap_remove(i);
+        let (_s, offer) = open(control.clone()).await;
+        assert_eq!(offer[0], RING_OFFER_DIRECT, "{what}: the node offers a direct connection on loopback");
+        let port = u16::from_le_bytes([offer[1], offer[2]]);
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect(what);
+        tcp.write_all(&offer[3..]).await.expect(what);
+        let mut ack = [0u8; 1];
+        tcp.read_exact(&mut ack).await.expect("the node takes an offered token");
+        tcp.write_all(&bytes).await.expect(what);
+        let mut buf = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await;
+        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{what} (direct): the node closed the connection");
+        if what != "not a neighbour" {
+            // Failed its checks on the unauthenticated connection: this rogue is kept to the stream.
+            let (_s, offer) = open(control.clone()).await;
+            assert_eq!(offer[0], RING_OFFER_STREAM, "{what} (direct): the node no longer offers a direct connection");
+        }
+        driver.abort();
+        return;
+    }
+    for (what, bytes) in attacks(run, &key) {
+        let (mut s, offer) = open(control.clone()).await;
+        assert_eq!(offer[0], RING_OFFER_DIRECT, "{what}: the node offers a direct connection on loopback");
+        s.write_all(&bytes).await.expect(what);
+        s.flush().await.expect(what);
+        // The node closes the stream after rejecting the frame.
+        let mut buf = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{what}: the node closed the stream");
     }
     // A direct connection with a token the node never offered is closed at once, whatever follows.
     {
@@ -187,7 +213,10 @@ fn a_hostile_peer_cannot_crash_a_node_or_corrupt_a_round() {
     }
     let target: Multiaddr = nodes[1].address().parse().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(attack(target, RunId::from_name(run)));
+    rt.block_on(attack(target.clone(), RunId::from_name(run), Mode::Stream));
+    for i in 0..5 {
+        rt.block_on(attack(target.clone(), RunId::from_name(run), Mode::Direct(i)));
+    }
     let before = nodes[1].rounds().len();
 
     let victim = &mut nodes[1];
@@ -198,7 +227,9 @@ fn a_hostile_peer_cannot_crash_a_node_or_corrupt_a_round() {
     for want in
         ["signature does not verify", "hash mismatch", "oversize", "malformed", "not this peer's left neighbour"]
     {
-        assert!(reasons.iter().any(|r| r.contains(want)), "no rejection for '{want}' in {reasons:?}");
+        // Once on a stream, once on a direct connection.
+        let n = reasons.iter().filter(|r| r.contains(want)).count();
+        assert!(n >= 2, "{n} rejections for '{want}' in {reasons:?}");
     }
     assert!(!victim.events_containing("rejected gossip message").is_empty(), "garbage gossip was rejected");
     assert!(!victim.events_containing("token nobody offered").is_empty(), "the forged token was refused");

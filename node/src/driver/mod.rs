@@ -717,7 +717,8 @@ impl Driver {
             Round::new(self.cfg.run, &self.me, view, input, self.cfg.round.clone(), now, &self.signer());
         self.writer = (round.view().len() > 1).then(|| {
             let right = round.right().clone();
-            let ip = right.parse().ok().and_then(|p| self.net.remote_ip(&p));
+            // A peer that keeps its payloads on libp2p streams sends them there too.
+            let ip = self.net.direct_ip.and_then(|_| right.parse().ok().and_then(|p| self.net.remote_ip(&p)));
             ring_io::spawn_writer(self.net.control(), right, ip, self.cfg.open_timeout)
         });
         let (r, a) = (round.view().round, round.view().attempt);

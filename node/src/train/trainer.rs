@@ -232,6 +232,34 @@ mod tests {
     }
 
     #[test]
+    fn a_local_delta_is_h_inner_steps_from_the_current_parameters() {
+        let d = Device::flex().autodiff();
+        let shape = [1, 28, 28];
+        let split = stripes(64, shape);
+        let local = crate::train::config::LocalSgd { steps: 4, outer_lr: 1.0, outer_momentum: 0.0 };
+        let trainer = |inner: OptimizerConfig| {
+            let model = MlpConfig::new(28 * 28, 10).init(&d);
+            Trainer::new(model, d.clone(), shape, 3, inner, Schedule::Constant { lr: 1e-2 }, 5.0)
+        };
+        let t = trainer(OptimizerConfig::sgd()).with_local(OptimizerConfig::adam(), local);
+        let batches: Vec<Vec<u32>> = (0..4).map(|h| (h * 16..h * 16 + 16).collect()).collect();
+        let delta = t.local_delta(&split, &batches);
+        // By hand: a fresh Adam stepping through the same four batches from the same start.
+        let mut by_hand = trainer(OptimizerConfig::adam());
+        let start = by_hand.params().to_vec();
+        for b in &batches {
+            let g = by_hand.gradient(&split, b);
+            by_hand.apply(&g.grad);
+        }
+        let expected: Vec<f32> = start.iter().zip(by_hand.params()).map(|(a, b)| a - b).collect();
+        assert_eq!(delta.grad, expected, "the delta is start minus the parameters after the H steps, bit for bit");
+        assert_eq!(delta.samples, 64);
+        // One step on the four batches together is another delta; the trainer itself did not move.
+        assert_ne!(t.local_delta(&split, &[(0..64).collect()]).grad, delta.grad);
+        assert_eq!(t.params(), &start[..]);
+    }
+
+    #[test]
     fn every_model_trains_on_its_input_shape() {
         let d = Device::flex().autodiff();
         fits(MlpConfig::new(28 * 28, 10).init(&d), [1, 28, 28]);
