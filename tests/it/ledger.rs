@@ -69,6 +69,9 @@ fn assert_ledger_matches(anvil: &Anvil, contract: &str, run: &str, nodes: &[(&No
         assert_eq!(done.len() as u64, rounds, "{} completed every round", node.name);
         for r in &done {
             let prev = hashes.insert(r.round, r.result_hash.clone());
+            if prev.as_ref().is_some_and(|p| *p != r.result_hash) {
+                nodes.iter().for_each(|(n, _)| n.dump());
+            }
             assert!(prev.is_none_or(|p| p == r.result_hash), "peers disagree at round {}", r.round);
         }
         let address = &anvil.accounts[*account].address;

@@ -50,6 +50,11 @@ const FORGET_EVERY_TICKS: u64 = 250;
 /// Attempts this peer completed, remembered so that a peer coming back can learn whether the
 /// ring certified the attempt it was in when it went away.
 const CERTIFIED_HISTORY: usize = 4096;
+/// Own `Done` messages kept to answer members that missed them.
+const OWN_DONES: usize = 16;
+/// After its last round, how long a peer still answers members waiting for its `Done`
+/// (members repeat theirs every second while they wait).
+const LINGER: Duration = Duration::from_millis(1500);
 
 /// Everything the driver needs to know about the run.
 #[derive(Debug, Clone)]
@@ -189,6 +194,9 @@ struct Driver {
     leave: Leave,
     /// The attempt this peer completed of each recent round (at most [`CERTIFIED_HISTORY`]).
     certified: std::collections::BTreeMap<u64, AttemptRef>,
+    /// This peer's own `Done` of its last rounds, and when it last gossiped each again for a
+    /// member that still waited for it ([`Driver::answer_done`]).
+    own_dones: std::collections::BTreeMap<u64, (p2p_proto::message::RoundDone, u64)>,
     /// The attempt whose pending credit is being written, and this peer's `Done` for it if
     /// the round got there first: it goes out once the credit is durable, so the ring can never
     /// use this peer's work without this peer being able to claim it.
@@ -257,6 +265,7 @@ pub async fn run(
         waiting_serves: Vec::new(),
         leave: Leave::Staying,
         certified: std::collections::BTreeMap::new(),
+        own_dones: std::collections::BTreeMap::new(),
         credit_note: None,
         frozen: false,
         ticks: 0,
@@ -294,6 +303,28 @@ pub async fn run(
             }
         }
     }
+    // Members of the last ring that missed this peer's Done ask again by repeating theirs.
+    let linger = tokio::time::sleep(LINGER);
+    tokio::pin!(linger);
+    loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(NetEvent::Gossip { source, data }) => {
+                    if let Ok(Gossip::Done(done)) = decode_exact::<Gossip>(&data)
+                        && done.peer == source.to_string()
+                        && done.run == d.cfg.run
+                    {
+                        let now = d.now();
+                        d.answer_done(&done, now);
+                    }
+                }
+                Some(_) => {}
+                None => break,
+            },
+            () = &mut linger => break,
+            () = &mut shutdown, if !stopping => break,
+        }
+    }
     let summary = d.summary.clone();
     // Let the last round's apply, evaluation, checkpoint and ledger tally finish.
     drop(d);
@@ -314,8 +345,36 @@ impl Driver {
         self.epoch.elapsed().as_micros() as u64
     }
 
-    fn publish(&self, g: &Gossip) {
+    fn publish(&mut self, g: &Gossip) {
+        if let Gossip::Done(d) = g
+            && d.peer == self.me
+        {
+            self.own_dones.insert(d.round, (d.clone(), 0));
+            while self.own_dones.len() > OWN_DONES {
+                self.own_dones.pop_first();
+            }
+        }
         self.net.publish(encode_frame(g));
+    }
+
+    /// A member that gossips its `Done` of an attempt this peer certified has not seen this
+    /// peer's `Done` (gossip can lose a message, and a certified member stops repeating its
+    /// own): gossip it again, at most once a second per round, so that the member certifies
+    /// too instead of redoing the round without this peer.
+    fn answer_done(&mut self, done: &p2p_proto::message::RoundDone, now: u64) {
+        if done.peer == self.me || self.certified.get(&done.round).is_none_or(|c| c.attempt != done.attempt) {
+            return;
+        }
+        let Some((own, last)) = self.own_dones.get_mut(&done.round).filter(|(d, _)| d.attempt == done.attempt) else {
+            return;
+        };
+        if *last != 0 && now < *last + 1_000_000 {
+            return;
+        }
+        *last = now.max(1);
+        let own = Gossip::Done(own.clone());
+        debug!(round = done.round, peer = %done.peer, "a member still waits for this peer's Done; gossiping it again");
+        self.net.publish(encode_frame(&own));
     }
 
     fn on_internal(&mut self, msg: Internal) {
@@ -434,6 +493,7 @@ impl Driver {
                 }
             }
             Gossip::Done(ref done) => {
+                self.answer_done(done, now);
                 if let Some(r) = self.round.as_mut().filter(|r| r.is_for(done.round, done.attempt)) {
                     let acts = r.on_done(done.clone(), now);
                     self.on_round_actions(acts);
