@@ -354,6 +354,10 @@ pub struct NetworkArgs {
     /// reached; `libp2p` keeps them on encrypted libp2p streams.
     #[arg(long, env = "DTRAIN_RING_TRANSPORT", value_enum, default_value = "direct")]
     pub ring_transport: RingTransport,
+    /// TCP port for direct ring payloads (0: an ephemeral one); set it to open it in a
+    /// firewall. A neighbour that cannot reach it writes on the libp2p stream instead.
+    #[arg(long, env = "DTRAIN_RING_PORT", default_value_t = 0)]
+    pub ring_port: u16,
     /// Directory for the identity key and local state.
     #[arg(long, env = "DTRAIN_DATA_DIR", default_value = ".dtrain")]
     pub data_dir: PathBuf,

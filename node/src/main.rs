@@ -401,6 +401,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             bootstrap: args.network.bootstrap.clone(),
             topic: run.topic(),
             direct_ring: args.network.ring_transport == node::cli::RingTransport::Direct,
+            ring_port: args.network.ring_port,
         },
     )?;
     let net_task = tokio::spawn(event_loop.run());

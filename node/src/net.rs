@@ -78,6 +78,8 @@ pub struct NetHandle {
     pub local_peer_id: PeerId,
     /// Where ring payloads are received directly over TCP (`None`: only over libp2p streams).
     pub direct_ip: Option<IpAddr>,
+    /// The TCP port for them (0: an ephemeral one).
+    pub direct_port: u16,
     /// The IP address each connected peer is reached at, from its libp2p connection.
     remote_ips: Arc<Mutex<HashMap<PeerId, IpAddr>>>,
 }
@@ -132,6 +134,8 @@ pub struct NetConfig {
     /// Receive ring payloads over direct TCP connections (on the first listen address's IP)
     /// instead of through the libp2p connection; see [`crate::ring_io`].
     pub direct_ring: bool,
+    /// Their TCP port (0: an ephemeral one).
+    pub ring_port: u16,
 }
 
 /// The task that owns the swarm.
@@ -213,6 +217,7 @@ pub fn new(
         control: swarm.behaviour().stream.new_control(),
         local_peer_id: *swarm.local_peer_id(),
         direct_ip: cfg.direct_ring.then(|| cfg.listen.iter().find_map(ip_of)).flatten(),
+        direct_port: cfg.ring_port,
         remote_ips: remote_ips.clone(),
     };
     let ev = EventLoop { swarm, commands: cmd_rx, events: ev_tx, topic, discovered: HashSet::new(), remote_ips };

@@ -132,9 +132,9 @@ impl Drop for Slot {
 }
 
 impl DataPlane {
-    /// Listens on an ephemeral port of `ip` for the life of the node.
-    pub async fn bind(ip: IpAddr) -> std::io::Result<Self> {
-        let listener = TcpListener::bind((ip, 0)).await?;
+    /// Listens on `port` of `ip` (0: an ephemeral one) for the life of the node.
+    pub async fn bind(ip: IpAddr, port: u16) -> std::io::Result<Self> {
+        let listener = TcpListener::bind((ip, port)).await?;
         let port = listener.local_addr()?.port();
         info!(%ip, port, "ring payloads arrive over direct TCP");
         let pending = Pending::default();
@@ -333,14 +333,15 @@ async fn read_stream(peer: PeerId, stream: libp2p::Stream, inbound: mpsc::Sender
     }
 }
 
-/// Reads the receiver's offer on a new ring stream and, for a direct one, connects to it
-/// (within `connect_timeout`, else it keeps to the stream).
-async fn go_direct(
-    stream: &mut libp2p::Stream,
-    ip: Option<IpAddr>,
-    peer: &PeerKey,
-    connect_timeout: Duration,
-) -> Result<Option<Compat<TcpStream>>, std::io::Error> {
+/// Neighbours whose data port could not be used, and until when this peer does not try again:
+/// a firewall that drops connection attempts would otherwise cost every round the wait.
+pub type Unreachable = Arc<Mutex<HashMap<PeerKey, std::time::Instant>>>;
+
+/// How long a data port that could not be used is left alone.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(600);
+
+/// Reads the receiver's offer on a new ring stream: its data port and token, if it offers one.
+async fn read_offer(stream: &mut libp2p::Stream) -> Result<Option<(u16, [u8; TOKEN_BYTES])>, std::io::Error> {
     let mut kind = [0u8; 1];
     stream.read_exact(&mut kind).await?;
     match kind[0] {
@@ -350,38 +351,44 @@ async fn go_direct(
     }
     let mut rest = [0u8; 2 + TOKEN_BYTES];
     stream.read_exact(&mut rest).await?;
-    let port = u16::from_le_bytes([rest[0], rest[1]]);
-    let Some(ip) = ip else {
-        debug!(%peer, "no IP address known for the right neighbour; ring payloads go over the stream");
-        return Ok(None);
-    };
-    // A firewall that drops the connection attempt must not cost the round: give up early and
-    // keep to the stream.
-    match tokio::time::timeout(connect_timeout, TcpStream::connect((ip, port))).await {
-        Ok(Ok(mut tcp)) => {
-            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-            tcp.set_nodelay(true)?;
-            let mut ack = [0u8; 1];
-            let acked = tokio::time::timeout(connect_timeout, async {
-                tcp.write_all(&rest[2..]).await?;
-                tcp.read_exact(&mut ack).await
-            })
-            .await;
-            if matches!(acked, Ok(Ok(_))) && ack[0] == ACK {
-                Ok(Some(tcp.compat()))
-            } else {
-                debug!(%peer, %ip, port, "the neighbour's data port did not take the token; ring payloads go over the stream");
-                Ok(None)
-            }
-        }
+    let mut token = [0u8; TOKEN_BYTES];
+    token.copy_from_slice(&rest[2..]);
+    Ok(Some((u16::from_le_bytes([rest[0], rest[1]]), token)))
+}
+
+/// Connects to the neighbour's data port and hands over the token; `None` (keep to the
+/// stream) when it cannot be reached or does not acknowledge within `timeout` each.
+async fn connect_direct(
+    ip: IpAddr,
+    port: u16,
+    token: &[u8; TOKEN_BYTES],
+    peer: &PeerKey,
+    timeout: Duration,
+) -> Option<Compat<TcpStream>> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = match tokio::time::timeout(timeout, TcpStream::connect((ip, port))).await {
+        Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {
             debug!(%peer, %ip, port, error = %e, "cannot reach the neighbour's data port; ring payloads go over the stream");
-            Ok(None)
+            return None;
         }
         Err(_) => {
             debug!(%peer, %ip, port, "timed out reaching the neighbour's data port; ring payloads go over the stream");
-            Ok(None)
+            return None;
         }
+    };
+    let _ = tcp.set_nodelay(true);
+    let mut ack = [0u8; 1];
+    let acked = tokio::time::timeout(timeout, async {
+        tcp.write_all(token).await?;
+        tcp.read_exact(&mut ack).await
+    })
+    .await;
+    if matches!(acked, Ok(Ok(_))) && ack[0] == ACK {
+        Some(tcp.compat())
+    } else {
+        debug!(%peer, %ip, port, "the neighbour's data port did not take the token; ring payloads go over the stream");
+        None
     }
 }
 
@@ -393,6 +400,7 @@ pub fn spawn_writer(
     peer: PeerKey,
     ip: Option<IpAddr>,
     open_timeout: Duration,
+    unreachable: Unreachable,
 ) -> mpsc::UnboundedSender<RingStep> {
     let (tx, mut rx) = mpsc::unbounded_channel::<RingStep>();
     tokio::spawn(async move {
@@ -411,9 +419,8 @@ pub fn spawn_writer(
                 return;
             }
         };
-        let offer = go_direct(&mut stream, ip, &peer, open_timeout / 2);
-        let direct = match tokio::time::timeout(open_timeout, offer).await {
-            Ok(Ok(d)) => d,
+        let offer = match tokio::time::timeout(open_timeout, read_offer(&mut stream)).await {
+            Ok(Ok(o)) => o,
             Ok(Err(e)) => {
                 warn!(%peer, error = %e, "the right neighbour sent no usable offer on the ring stream");
                 return;
@@ -422,6 +429,19 @@ pub fn spawn_writer(
                 warn!(%peer, "timed out waiting for the right neighbour's offer on the ring stream");
                 return;
             }
+        };
+        let skip =
+            unreachable.lock().expect("never poisoned").get(&peer).is_some_and(|t| *t > std::time::Instant::now());
+        let direct = match (offer, ip) {
+            (Some((port, token)), Some(ip)) if !skip => {
+                let tcp = connect_direct(ip, port, &token, &peer, open_timeout / 4).await;
+                if tcp.is_none() {
+                    let until = std::time::Instant::now() + UNREACHABLE_FOR;
+                    unreachable.lock().expect("never poisoned").insert(peer.clone(), until);
+                }
+                tcp
+            }
+            _ => None,
         };
         let mut sink: Box<dyn AsyncWrite + Unpin + Send> = match direct {
             Some(tcp) => Box::new(tcp),

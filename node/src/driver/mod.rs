@@ -197,6 +197,8 @@ struct Driver {
     /// This peer's own `Done` of its last rounds, and when it last gossiped each again for a
     /// member that still waited for it ([`Driver::answer_done`]).
     own_dones: std::collections::BTreeMap<u64, (p2p_proto::message::RoundDone, u64)>,
+    /// Right neighbours whose data port could not be used lately.
+    unreachable: ring_io::Unreachable,
     /// The attempt whose pending credit is being written, and this peer's `Done` for it if
     /// the round got there first: it goes out once the credit is durable, so the ring can never
     /// use this peer's work without this peer being able to claim it.
@@ -231,7 +233,7 @@ pub async fn run(
 ) -> Summary {
     let (inbound_tx, mut inbound) = mpsc::channel::<Inbound>(256);
     let plane = match net.direct_ip {
-        Some(ip) => match ring_io::DataPlane::bind(ip).await {
+        Some(ip) => match ring_io::DataPlane::bind(ip, net.direct_port).await {
             Ok(p) => Some(p),
             Err(e) => {
                 warn!(%ip, error = %e, "cannot listen for direct ring payloads; they go over libp2p streams");
@@ -266,6 +268,7 @@ pub async fn run(
         leave: Leave::Staying,
         certified: std::collections::BTreeMap::new(),
         own_dones: std::collections::BTreeMap::new(),
+        unreachable: ring_io::Unreachable::default(),
         credit_note: None,
         frozen: false,
         ticks: 0,
@@ -779,7 +782,7 @@ impl Driver {
             let right = round.right().clone();
             // A peer that keeps its payloads on libp2p streams sends them there too.
             let ip = self.net.direct_ip.and_then(|_| right.parse().ok().and_then(|p| self.net.remote_ip(&p)));
-            ring_io::spawn_writer(self.net.control(), right, ip, self.cfg.open_timeout)
+            ring_io::spawn_writer(self.net.control(), right, ip, self.cfg.open_timeout, self.unreachable.clone())
         });
         let (r, a) = (round.view().round, round.view().attempt);
         if let Some(ledger) = self.cfg.ledger.clone() {
