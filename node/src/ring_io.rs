@@ -239,7 +239,25 @@ async fn open_source(
     // The writer either connects with the token or, if it cannot, writes here.
     let first = tokio::select! {
         tcp = &mut slot.rx => match tcp {
-            Ok(tcp) => return Some((Box::new(tcp.compat()), true, None)),
+            Ok(tcp) => {
+                // A writer that gave up waiting for the acknowledgement writes on the stream
+                // and drops the connection: follow whichever carries the first frame.
+                let mut tcp = tcp.compat();
+                let mut other = Vec::new();
+                tokio::select! {
+                    f = read_frame::<RingFrame, _>(&mut tcp, &mut other) => match f {
+                        // Closed without a byte of a frame: the frames come on the stream.
+                        Ok(None) => None,
+                        f => {
+                            std::mem::swap(buf, &mut other);
+                            return Some((Box::new(tcp), true, Some(f)));
+                        }
+                    },
+                    f = read_frame::<RingFrame, _>(&mut stream, buf) => Some(f),
+                    () = close.notified() => return None,
+                    () = tokio::time::sleep(IDLE_TIMEOUT) => return None,
+                }
+            }
             Err(_) => None,
         },
         f = read_frame::<RingFrame, _>(&mut stream, buf) => Some(f),
