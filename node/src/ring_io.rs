@@ -410,6 +410,26 @@ async fn connect_direct(
     }
 }
 
+/// `fut`'s value, or `None` (logged, naming `what` was being done) on its error or timeout.
+async fn within<T, E: std::fmt::Display>(
+    timeout: Duration,
+    fut: impl Future<Output = Result<T, E>>,
+    peer: &PeerKey,
+    what: &str,
+) -> Option<T> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(v)) => Some(v),
+        Ok(Err(e)) => {
+            warn!(%peer, error = %e, "right neighbour: failed {what}");
+            None
+        }
+        Err(_) => {
+            warn!(%peer, "right neighbour: timed out {what}");
+            None
+        }
+    }
+}
+
 /// Opens a stream to `peer` (reached at `ip`, when known) and writes every step sent on the
 /// returned channel, in order, until the sender is dropped: over direct TCP when the
 /// neighbour offers it and its port can be reached, otherwise on the stream.
@@ -426,28 +446,10 @@ pub fn spawn_writer(
             warn!(%peer, "ring neighbour has an invalid peer id");
             return;
         };
-        let mut stream = match tokio::time::timeout(open_timeout, control.open_stream(peer_id, protocol())).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                warn!(%peer, error = %e, "cannot open a ring stream to the right neighbour");
-                return;
-            }
-            Err(_) => {
-                warn!(%peer, "timed out opening a ring stream to the right neighbour");
-                return;
-            }
-        };
-        let offer = match tokio::time::timeout(open_timeout, read_offer(&mut stream)).await {
-            Ok(Ok(o)) => o,
-            Ok(Err(e)) => {
-                warn!(%peer, error = %e, "the right neighbour sent no usable offer on the ring stream");
-                return;
-            }
-            Err(_) => {
-                warn!(%peer, "timed out waiting for the right neighbour's offer on the ring stream");
-                return;
-            }
-        };
+        let opened = within(open_timeout, control.open_stream(peer_id, protocol()), &peer, "opening a ring stream");
+        let Some(mut stream) = opened.await else { return };
+        let offered = within(open_timeout, read_offer(&mut stream), &peer, "reading the offer on the ring stream");
+        let Some(offer) = offered.await else { return };
         let skip =
             unreachable.lock().expect("never poisoned").get(&peer).is_some_and(|t| *t > std::time::Instant::now());
         let direct = match (offer, ip) {

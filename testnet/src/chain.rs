@@ -136,6 +136,13 @@ impl Anvil {
         self.write_key(&format!("key-{i}"), &self.accounts[i])
     }
 
+    /// The flags that make a node record on this chain with `contract`, signing as dev account
+    /// `i`.
+    pub fn peer_flags(&self, contract: &str, i: usize) -> Vec<String> {
+        let key = self.key_file(i).to_string_lossy().into_owned();
+        ["--rpc-url", &self.url, "--contract", contract, "--eth-key-file", &key].map(String::from).to_vec()
+    }
+
     /// Creates `n` fresh peer accounts (new random keys) and funds each with 100 ETH from dev
     /// account 0, so any number of peers can record on chain.
     pub fn fund_peers(&self, n: usize) -> Vec<Account> {

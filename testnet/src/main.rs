@@ -127,37 +127,7 @@ enum Cmd {
     },
     /// Rounds of 16 to 1,000 peers on simulated WAN links (ring, hierarchical, local SGD),
     /// with failures; calibrated on this machine and checked against the real all-reduce.
-    Simulate {
-        #[arg(long, value_delimiter = ',', default_values_t = [16usize, 64, 256, 1000])]
-        peers: Vec<usize>,
-        /// f32 values all-reduced per round.
-        #[arg(long, default_value_t = 16 << 20)]
-        values: usize,
-        #[arg(long, default_value_t = 50.0)]
-        rtt_ms: f64,
-        /// Bandwidth of each peer's link.
-        #[arg(long, default_value_t = 100.0)]
-        mbit: f64,
-        /// Probability that a peer crashes during an attempt.
-        #[arg(long, default_value_t = 0.01)]
-        fail: f64,
-        /// Compute per optimizer step.
-        #[arg(long, default_value_t = 100.0)]
-        compute_ms: f64,
-        #[arg(long, default_value_t = 8)]
-        local_steps: u64,
-        /// Rounds simulated with failures, per strategy and size.
-        #[arg(long, default_value_t = 20)]
-        rounds: u64,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Also run the real 4-peer all-reduce and compare it with the prediction.
-        #[arg(long)]
-        measure: bool,
-        /// Write the plot (SVG) here.
-        #[arg(long)]
-        plot: Option<std::path::PathBuf>,
-    },
+    Simulate(sim::SimOpts),
     /// One peer of the TCP ceiling measurement (started by `bench`).
     #[command(hide = true)]
     TcpPeer {
@@ -228,21 +198,7 @@ fn main() -> anyhow::Result<()> {
             epoch_rounds,
             logs,
         }),
-        Cmd::Simulate { peers, values, rtt_ms, mbit, fail, compute_ms, local_steps, rounds, seed, measure, plot } => {
-            sim::run(&sim::SimOpts {
-                peers,
-                values,
-                rtt_ms,
-                mbit,
-                fail,
-                compute_ms,
-                local_steps,
-                rounds,
-                seed,
-                measure,
-                plot,
-            })
-        }
+        Cmd::Simulate(opts) => sim::run(&opts),
         Cmd::Bench { peers, sizes, rounds, gloo, ring_transport } => {
             bench::run(&bench::BenchOpts { peers, sizes, rounds, gloo, ring_transport })
         }

@@ -88,18 +88,8 @@ pub fn ring(n: usize, values: usize, p: Profile) -> RingRun {
     let chunk = values.div_ceil(n).max(1);
     let segments = segment_count(chunk, SEGMENT_ELEMS);
     let seg_bytes = 4.0 * chunk as f64 / segments as f64;
-    let run = RunId::from_name("simulation");
-    let data = vec![1i32; n * segments];
-    let chunks = chunk_ranges(data.len(), n);
-    let hashes = segment_hashes(&data, &chunks, 1);
-    let mut machines: Vec<RingAllReduce> = (0..n)
-        .map(|pos| {
-            let left = (pos + n - 1) % n;
-            let params = RingParams { run, round: 0, attempt: 0, n, pos, segment_elems: 1, max_units: 0 };
-            RingAllReduce::new(params, data.clone(), hashes[pos].clone(), chunk_hash(&hashes[left]))
-                .expect("a valid position")
-        })
-        .collect();
+    let inputs = vec![vec![1i32; n * segments]; n];
+    let mut machines = machines(RunId::from_name("simulation"), &inputs, 1, 0);
     let mut sim =
         Des { queue: BinaryHeap::new(), seq: 0, msgs: Vec::new(), uplink_free: vec![0.0; n], n, seg_bytes, p };
     for (pos, m) in machines.iter_mut().enumerate() {
@@ -164,6 +154,23 @@ impl Des {
         let msg = self.msgs.len() - 1;
         self.push(done + self.p.link.latency, Event::Arrive { to: (from + 1) % self.n, msg });
     }
+}
+
+/// The ring's machines, one per member of `inputs` (its values), each with its own segment
+/// hashes and its left neighbour's commit, as a round sets them up.
+fn machines(run: RunId, inputs: &[Vec<i32>], segment_elems: usize, max_units: i32) -> Vec<RingAllReduce> {
+    let n = inputs.len();
+    let chunks = chunk_ranges(inputs[0].len(), n);
+    let hashes: Vec<Vec<Vec<p2p_proto::Hash>>> =
+        inputs.iter().map(|d| segment_hashes(d, &chunks, segment_elems)).collect();
+    (0..n)
+        .map(|pos| {
+            let left = (pos + n - 1) % n;
+            let params = RingParams { run, round: 0, attempt: 0, n, pos, segment_elems, max_units };
+            RingAllReduce::new(params, inputs[pos].clone(), hashes[pos][pos].clone(), chunk_hash(&hashes[left][left]))
+                .expect("a valid position")
+        })
+        .collect()
 }
 
 /// Event times in whole nanoseconds, so events order totally.
@@ -411,20 +418,8 @@ pub fn simulate(strategy: Strategy, s: &Scenario) -> Outcome {
 /// Returns seconds per received byte in reduce-scatter and in all-gather.
 pub fn measure_costs(values: usize) -> (f64, f64) {
     let n = 4;
-    let run = RunId::from_name("calibration");
     let inputs: Vec<Vec<i32>> = (0..n).map(|i| vec![i as i32 + 1; values]).collect();
-    let chunks = chunk_ranges(values, n);
-    let hashes: Vec<Vec<Vec<p2p_proto::Hash>>> =
-        inputs.iter().map(|d| segment_hashes(d, &chunks, SEGMENT_ELEMS)).collect();
-    let mut machines: Vec<RingAllReduce> = (0..n)
-        .map(|pos| {
-            let left = (pos + n - 1) % n;
-            let params =
-                RingParams { run, round: 0, attempt: 0, n, pos, segment_elems: SEGMENT_ELEMS, max_units: 1 << 24 };
-            RingAllReduce::new(params, inputs[pos].clone(), hashes[pos][pos].clone(), chunk_hash(&hashes[left][left]))
-                .expect("valid")
-        })
-        .collect();
+    let mut machines = machines(RunId::from_name("calibration"), &inputs, SEGMENT_ELEMS, 1 << 24);
     let mut links: Vec<std::collections::VecDeque<RingStep>> = vec![Default::default(); n];
     for (pos, m) in machines.iter_mut().enumerate() {
         links[(pos + 1) % n].extend(m.start());
@@ -558,20 +553,36 @@ mod tests {
 }
 
 /// Options of `testnet simulate`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct SimOpts {
+    #[arg(long, value_delimiter = ',', default_values_t = [16usize, 64, 256, 1000])]
     pub peers: Vec<usize>,
+    /// f32 values all-reduced per round.
+    #[arg(long, default_value_t = 16 << 20)]
     pub values: usize,
+    #[arg(long, default_value_t = 50.0)]
     pub rtt_ms: f64,
+    /// Bandwidth of each peer's link.
+    #[arg(long, default_value_t = 100.0)]
     pub mbit: f64,
+    /// Probability that a peer crashes during an attempt.
+    #[arg(long, default_value_t = 0.01)]
     pub fail: f64,
+    /// Compute per optimizer step.
+    #[arg(long, default_value_t = 100.0)]
     pub compute_ms: f64,
+    #[arg(long, default_value_t = 8)]
     pub local_steps: u64,
+    /// Rounds simulated with failures, per strategy and size.
+    #[arg(long, default_value_t = 20)]
     pub rounds: u64,
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Also run the real 4-peer all-reduce and compare it with the model's prediction.
+    /// Also run the real 4-peer all-reduce and compare it with the prediction.
+    #[arg(long)]
     pub measure: bool,
-    /// Where to write the plot (SVG).
+    /// Write the plot (SVG) here.
+    #[arg(long)]
     pub plot: Option<std::path::PathBuf>,
 }
 

@@ -157,25 +157,13 @@ fn a_node_serves_metrics_status_and_a_dashboard_that_follow_its_run() {
     let cfg = cfg.to_str().unwrap();
     let data = ensure_fashion_mnist().to_str().unwrap().to_owned();
     let start = |name: &str, i: usize, boot: Option<&str>| {
-        let key = anvil.key_file(i);
-        let mut args = vec![
-            "--config",
-            cfg,
-            "--dataset",
-            &data,
-            "--rpc-url",
-            &anvil.url,
-            "--contract",
-            &contract,
-            "--eth-key-file",
-            key.to_str().unwrap(),
-            "--http",
-            "127.0.0.1:0",
-        ];
+        let mut args: Vec<String> =
+            ["--config", cfg, "--dataset", &data, "--http", "127.0.0.1:0"].map(String::from).to_vec();
+        args.extend(anvil.peer_flags(&contract, i));
         if let Some(b) = boot {
-            args.extend(["--bootstrap", b]);
+            args.extend(["--bootstrap".to_owned(), b.to_owned()]);
         }
-        Node::start(name, &args)
+        Node::start(name, &args.iter().map(String::as_str).collect::<Vec<_>>())
     };
     let a = start("observe-a", 1, None);
     let boot = a.address();

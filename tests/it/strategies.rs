@@ -31,22 +31,9 @@ fn local_sgd_peers_stay_identical_learn_and_the_chain_counts_every_local_step() 
     .unwrap();
     let data = ensure_fashion_mnist().to_str().unwrap().to_owned();
     let start = |i: usize, boot: Option<&str>| {
-        let key = anvil.key_file(i + 1);
-        let mut flags = vec![
-            "--config",
-            config.to_str().unwrap(),
-            "--dataset",
-            &data,
-            "--rpc-url",
-            &anvil.url,
-            "--contract",
-            &contract,
-            "--eth-key-file",
-            key.to_str().unwrap(),
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect::<Vec<_>>();
+        let mut flags: Vec<String> =
+            ["--config", config.to_str().unwrap(), "--dataset", &data].map(String::from).to_vec();
+        flags.extend(anvil.peer_flags(&contract, i + 1));
         if let Some(b) = boot {
             flags.extend(["--bootstrap".to_owned(), b.to_owned()]);
         }
