@@ -14,6 +14,7 @@ use node::train::worker::Worker;
 use node::{config_io, net, store::Store};
 use p2p_proto::FixedPoint;
 use p2p_proto::chunk::SEGMENT_ELEMS;
+use p2p_proto::compress::Compression;
 use p2p_proto::membership::MembershipConfig;
 use p2p_proto::message::{RunId, StateTag};
 use p2p_proto::round::RoundConfig;
@@ -269,6 +270,8 @@ struct Plan {
     fixed: FixedPoint,
     /// Every gradient's norm is clipped to this before weighting (none: not checked).
     clip_norm: Option<f32>,
+    /// How contributions are compressed.
+    compression: Compression,
 }
 
 /// The run configuration from `--config`, bound to this peer's dataset and build.
@@ -294,6 +297,7 @@ fn demo_plan(args: &StartArgs) -> Plan {
         // The demonstration vector has no gradient to recompute.
         audit_every: 0,
         audit_tolerance: 0.0,
+        compression: Compression::None,
         fixed: FixedPoint::default(),
         clip_norm: None,
     }
@@ -322,6 +326,7 @@ fn train_plan(args: &StartArgs, cfg: &RunConfig, ds: data::Dataset) -> anyhow::R
         param_hash = %p2p_proto::hash::hex(&worker.initial_hash),
         batch,
         local_steps = cfg.local_steps,
+        compression = cfg.compression.as_deref().unwrap_or("none"),
         rounds = cfg.rounds,
         "training run"
     );
@@ -348,6 +353,7 @@ fn train_plan(args: &StartArgs, cfg: &RunConfig, ds: data::Dataset) -> anyhow::R
         min_peers: cfg.min_peers,
         audit_every: cfg.audit_every,
         audit_tolerance: cfg.audit_tolerance(),
+        compression: cfg.compression().map_err(|e| anyhow::anyhow!(e))?,
         fixed: match cfg.clip_value {
             Some(c) => FixedPoint::default().with_clip(c)?,
             None => FixedPoint::default(),
@@ -462,6 +468,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             audit_every: plan.audit_every,
             max_units: fixed.max_units(),
             max_norm_units: plan.clip_norm.map_or(0.0, |c| f64::from(c) * f64::from(1u32 << fixed.scale_bits())),
+            compression: plan.compression,
         },
         fixed,
         audit_tolerance: plan.audit_tolerance,

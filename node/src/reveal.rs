@@ -1,4 +1,5 @@
-//! Committed gradients on request, for audits within a tolerance.
+//! Committed gradients on request, for audits within a tolerance; residuals of
+//! top-k compression on request, for audits of compressed contributions.
 //!
 //! Where gradients are not bit-exact from one device to another (GPU backends),
 //! an auditor cannot recompute a commit's hashes; it asks the target for the
@@ -8,6 +9,9 @@
 //! attempts and the values it fetched of others (so that a fault can be checked
 //! by anyone after the accused stops answering). An answer proves itself: the
 //! asker accepts it only if it makes the accused's signed commit, hash for hash.
+//! In runs with top-k compression the same store holds the residual each
+//! commit was compressed with (the commit carries its blake3), which an
+//! auditor needs to recompute the payload.
 //!
 //! Request: the 32-byte run id, the round (u64 LE), the attempt (u32 LE), the
 //! length of the member's peer id (u16 LE, at most [`MAX_PEER_BYTES`]) and the
@@ -100,13 +104,17 @@ fn le_bytes(data: &[i32]) -> Vec<u8> {
     data.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-async fn ask(
-    control: &mut Control,
-    from: PeerId,
-    commit: &GradientCommit,
-    n: usize,
-    seg: usize,
-) -> Result<Vec<i32>, String> {
+/// What a revealed vector must be for the asker to accept it.
+#[derive(Debug, Clone, Copy)]
+pub enum Expect {
+    /// The values `commit` committed to, in a ring of `n` with segments of `seg` values.
+    Committed { n: usize, seg: usize },
+    /// The residual a top-k payload was compressed with ([`p2p_proto::compress`]): `len`
+    /// values whose blake3 is the commit's `residual`.
+    Residual { len: usize },
+}
+
+async fn ask(control: &mut Control, from: PeerId, commit: &GradientCommit, expect: Expect) -> Result<Vec<i32>, String> {
     let mut stream =
         control.open_stream(from, StreamProtocol::new(REVEAL_PROTOCOL)).await.map_err(|e| e.to_string())?;
     let mut req = Vec::with_capacity(46 + commit.peer.len());
@@ -122,29 +130,38 @@ async fn ask(
     if count == 0 {
         return Err(format!("peer {from} does not hold them"));
     }
-    if count != commit.len {
-        return Err(format!("peer {from} answered {count} values, the commit has {}", commit.len));
+    let want = match expect {
+        Expect::Committed { .. } => commit.len,
+        Expect::Residual { len } => len as u64,
+    };
+    if count != want {
+        return Err(format!("peer {from} answered {count} values, {want} expected"));
     }
     let mut bytes = vec![0u8; count as usize * 4];
     stream.read_exact(&mut bytes).await.map_err(|e| e.to_string())?;
     let data: Vec<i32> = bytes.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-    audit::matches_commit(commit, &data, n, seg)
-        .map_err(|e| format!("peer {from} answered values that are not the commit's: {e}"))?;
+    match expect {
+        Expect::Committed { n, seg } => audit::matches_commit(commit, &data, n, seg)
+            .map_err(|e| format!("peer {from} answered values that are not the commit's: {e}"))?,
+        Expect::Residual { .. } if p2p_proto::hash::hash_i32s(&data) != commit.residual => {
+            return Err(format!("peer {from} answered a residual that is not the commit's"));
+        }
+        Expect::Residual { .. } => {}
+    }
     Ok(data)
 }
 
-/// The values `commit` (made in a ring of `n` with segments of `seg` values) committed to,
-/// from the first of `from` that answers with values making the commit.
+/// The vector `commit` names (as `expect` says), from the first of `from` that answers with
+/// values making the commit.
 pub async fn fetch(
     mut control: Control,
     from: &[PeerId],
     commit: &GradientCommit,
-    n: usize,
-    seg: usize,
+    expect: Expect,
 ) -> Result<Vec<i32>, String> {
     let mut last = String::from("nobody to ask");
     for peer in from {
-        match tokio::time::timeout(REQUEST_TIMEOUT, ask(&mut control, *peer, commit, n, seg)).await {
+        match tokio::time::timeout(REQUEST_TIMEOUT, ask(&mut control, *peer, commit, expect)).await {
             Ok(Ok(data)) => return Ok(data),
             Ok(Err(e)) => last = e,
             Err(_) => last = format!("peer {peer} did not answer in time"),

@@ -141,6 +141,21 @@ pub fn check(
 /// Whether `data` is exactly what `commit` committed to: its length, every chunk hash (in a
 /// ring of `n` with segments of `segment_elems` values) and its norm.
 pub fn matches_commit(commit: &GradientCommit, data: &[i32], n: usize, segment_elems: usize) -> Result<(), String> {
+    matches(commit, data, n, segment_elems, crate::fixed::norm_units(data))
+}
+
+/// Whether `payload`, a compressed contribution of decoded norm `norm` ([`crate::compress`],
+/// committed as one chunk whatever the ring), is exactly what `commit` committed to.
+pub fn matches_payload(
+    commit: &GradientCommit,
+    payload: &[i32],
+    norm: f64,
+    segment_elems: usize,
+) -> Result<(), String> {
+    matches(commit, payload, 1, segment_elems, norm)
+}
+
+fn matches(commit: &GradientCommit, data: &[i32], n: usize, segment_elems: usize, norm: f64) -> Result<(), String> {
     if commit.len != data.len() as u64 {
         return Err(format!("it committed {} values, the model has {}", commit.len, data.len()));
     }
@@ -150,7 +165,6 @@ pub fn matches_commit(commit: &GradientCommit, data: &[i32], n: usize, segment_e
         None => return Err("its commit lists another number of chunks".into()),
         Some(i) => return Err(format!("chunk {i} of its commit is not the hash of its recomputed gradient")),
     }
-    let norm = crate::fixed::norm_units(data);
     if commit.norm.to_bits() != norm.to_bits() {
         return Err(format!("it committed to a norm of {}, its recomputed gradient has {norm}", commit.norm));
     }
@@ -247,6 +261,7 @@ mod tests {
             joiners: vec![],
             excluded: vec![],
             leaving: false,
+            residual: Default::default(),
             signature: vec![],
         };
         assert_eq!(check(&commit, &data, 32, 4, 64), Ok(()));
@@ -276,6 +291,7 @@ mod tests {
             joiners: vec![],
             excluded: vec![],
             leaving: false,
+            residual: Default::default(),
             signature: vec![],
         };
         // Clipped to 5.0 (in units of 2^-20), one of four equal members: weight 1/4.
@@ -309,6 +325,7 @@ mod tests {
             joiners: vec![],
             excluded: vec![],
             leaving: false,
+            residual: Default::default(),
             signature: vec![],
         };
         let steps = |pos: usize, hashes: &[Hash]| -> Vec<SignedStep> {

@@ -21,6 +21,7 @@
 pub mod audit;
 pub mod chunk;
 pub mod codec;
+pub mod compress;
 pub mod demo;
 pub mod fixed;
 pub mod hash;

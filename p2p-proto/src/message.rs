@@ -187,6 +187,9 @@ pub struct GradientCommit {
     pub excluded: Vec<PeerKey>,
     /// This member is leaving the run after this round: the next ring goes on without it.
     pub leaving: bool,
+    /// blake3 of the error-feedback residual a top-k payload was compressed with
+    /// ([`crate::compress`]), so an auditor can ask for it; zeros when there is none.
+    pub residual: Hash,
     /// The member's signature (its libp2p identity key) over [`GradientCommit::signing_bytes`]:
     /// the commit can be shown to anyone as the member's own, as evidence against it.
     #[serde(with = "serde_bytes")]

@@ -54,6 +54,10 @@ pub enum RingError {
     WrongLength { id: StepId, expected: usize, got: usize },
     #[error("left neighbour's chunk {chunk} does not match its commit: it sent other values than it committed to")]
     CommitMismatch { chunk: usize },
+    #[error(
+        "the payload of the member at position {chunk}, as forwarded, does not match its commit: the sender altered it"
+    )]
+    GatheredMismatch { chunk: usize },
     #[error("a ring of {n} cannot have a member at position {pos}")]
     BadPosition { n: usize, pos: usize },
     #[error(
@@ -77,6 +81,14 @@ pub struct RingParams {
     pub max_units: i32,
 }
 
+/// A gathering ring's checks: each member's committed payload hash, and the segment hashes
+/// received so far, by step.
+#[derive(Debug)]
+struct Gathering {
+    hashes: Vec<Hash>,
+    seen: Vec<Vec<Option<Hash>>>,
+}
+
 /// One member's all-reduce.
 #[derive(Debug)]
 pub struct RingAllReduce {
@@ -89,6 +101,8 @@ pub struct RingAllReduce {
     received: [Vec<Vec<bool>>; 2],
     remaining: usize,
     step0_hashes: Vec<Option<Hash>>,
+    /// Gather mode ([`Self::gather`]).
+    gather: Option<Gathering>,
     /// Hashes of outgoing reduce-scatter segments, by step (the last entry is the
     /// fully reduced chunk sent in all-gather step 0).
     sent_sums: Vec<Vec<Option<Hash>>>,
@@ -107,6 +121,36 @@ impl RingAllReduce {
         own_segment_hashes: Vec<Hash>,
         left_commit: Hash,
     ) -> Result<Self, RingError> {
+        Self::build(p, data, own_segment_hashes, left_commit, None)
+    }
+
+    /// A ring that gathers every member's payload instead of reducing: `data` holds `n` equal
+    /// chunks, this member's own payload at chunk `pos` (the rest is overwritten), and
+    /// `payload_hashes` each member's committed chunk hash of its payload. In step `s` a member
+    /// forwards the payload it received in step `s - 1` (its own in step 0), unchanged and with
+    /// its hash, so after `n - 1` steps every member holds every payload, each checked against
+    /// its originator's commit. Used for compressed contributions ([`crate::compress`]), which
+    /// cannot be added as they travel; `max_units` is not checked (payloads are not values).
+    pub fn gather(
+        p: RingParams,
+        data: Vec<i32>,
+        own_segment_hashes: Vec<Hash>,
+        payload_hashes: Vec<Hash>,
+    ) -> Result<Self, RingError> {
+        if payload_hashes.len() != p.n || !data.len().is_multiple_of(p.n.max(1)) {
+            return Err(RingError::BadPosition { n: p.n, pos: p.pos });
+        }
+        let left = payload_hashes[(p.pos + p.n - 1) % p.n];
+        Self::build(p, data, own_segment_hashes, left, Some(payload_hashes))
+    }
+
+    fn build(
+        p: RingParams,
+        data: Vec<i32>,
+        own_segment_hashes: Vec<Hash>,
+        left_commit: Hash,
+        gather: Option<Vec<Hash>>,
+    ) -> Result<Self, RingError> {
         if p.n == 0 || p.pos >= p.n {
             return Err(RingError::BadPosition { n: p.n, pos: p.pos });
         }
@@ -114,6 +158,7 @@ impl RingAllReduce {
         let steps = p.n - 1;
         let mut remaining = 0;
         let received = [Phase::ReduceScatter, Phase::AllGather].map(|phase| {
+            let steps = if gather.is_some() && phase == Phase::AllGather { 0 } else { steps };
             (0..steps)
                 .map(|s| {
                     let c = &chunks[recv_chunk(phase, s, p.pos, p.n)];
@@ -133,6 +178,15 @@ impl RingAllReduce {
             })
             .collect();
         assert_eq!(own_segment_hashes.len(), mine, "one hash per segment of the own chunk");
+        let gather = gather.map(|hashes| {
+            let seen = (0..steps)
+                .map(|s| {
+                    let c = &chunks[recv_chunk(Phase::ReduceScatter, s, p.pos, p.n)];
+                    vec![None; segment_count(c.len(), p.segment_elems)]
+                })
+                .collect();
+            Gathering { hashes, seen }
+        });
         Ok(Self {
             p,
             data,
@@ -142,6 +196,7 @@ impl RingAllReduce {
             received,
             remaining,
             step0_hashes: step0,
+            gather,
             sent_sums,
             started: false,
             bytes_sent: 0,
@@ -244,6 +299,20 @@ impl RingAllReduce {
         self.remaining -= 1;
         self.bytes_received += msg.payload.len() as u64;
 
+        if let Some(Gathering { hashes, seen }) = self.gather.as_mut() {
+            seen[s][segment] = Some(msg.hash);
+            if seen[s].iter().all(Option::is_some) && chunk_hash(seen[s].iter().flatten()) != hashes[chunk] {
+                return Err(if s == 0 {
+                    RingError::CommitMismatch { chunk }
+                } else {
+                    RingError::GatheredMismatch { chunk }
+                });
+            }
+            read_le_bytes(&msg.payload, &mut self.data[range]);
+            return Ok(
+                (s + 2 < n).then(|| self.step_msg(Phase::ReduceScatter, s + 1, segment, Some(msg.hash), msg.payload))
+            );
+        }
         match id.phase {
             Phase::ReduceScatter => {
                 if s == 0 {
@@ -290,7 +359,7 @@ impl RingAllReduce {
         self.sent_sums
             .iter()
             .enumerate()
-            .filter(|(_, h)| h.iter().all(Option::is_some) && n > 1)
+            .filter(|(_, h)| h.iter().all(Option::is_some) && n > 1 && self.gather.is_none())
             .map(|(s, h)| PartialSum {
                 step: s as u16,
                 chunk: if s + 1 < n { send_chunk(Phase::ReduceScatter, s, pos, n) } else { (pos + 1) % n } as u32,
@@ -346,11 +415,18 @@ mod tests {
         inputs: &[Vec<i32>],
         seg: usize,
         seed: u64,
+        tamper: impl FnMut(usize, &mut RingStep),
+    ) -> Result<Vec<Vec<i32>>, (usize, String)> {
+        deliver(setup(inputs, seg, RunId::from_name("ring-test")), seed, tamper)
+    }
+
+    /// Delivers every message of `rings` until none is left.
+    fn deliver(
+        mut rings: Vec<RingAllReduce>,
+        seed: u64,
         mut tamper: impl FnMut(usize, &mut RingStep),
     ) -> Result<Vec<Vec<i32>>, (usize, String)> {
-        let n = inputs.len();
-        let run = RunId::from_name("ring-test");
-        let mut rings = setup(inputs, seg, run);
+        let n = rings.len();
         let mut links: Vec<VecDeque<RingStep>> = vec![VecDeque::new(); n];
         for (pos, r) in rings.iter_mut().enumerate() {
             links[(pos + 1) % n].extend(r.start());
@@ -400,6 +476,31 @@ mod tests {
     fn exact_sum(inputs: &[Vec<i32>]) -> Vec<i32> {
         (0..inputs[0].len())
             .map(|j| i32::try_from(inputs.iter().map(|v| i64::from(v[j])).sum::<i64>()).unwrap())
+            .collect()
+    }
+
+    /// Gather rings over `payloads` (all of one length).
+    fn setup_gather(payloads: &[Vec<i32>], seg: usize) -> Vec<RingAllReduce> {
+        let n = payloads.len();
+        let len = payloads[0].len();
+        let own: Vec<Vec<Hash>> =
+            payloads.iter().map(|p| segment_hashes(p, &crate::chunk::chunk_ranges(len, 1), seg).remove(0)).collect();
+        let hashes: Vec<Hash> = own.iter().map(chunk_hash).collect();
+        (0..n)
+            .map(|pos| {
+                let mut data = vec![0; n * len];
+                data[pos * len..(pos + 1) * len].copy_from_slice(&payloads[pos]);
+                let p = RingParams {
+                    run: RunId::from_name("ring-test"),
+                    round: 9,
+                    attempt: 0,
+                    n,
+                    pos,
+                    segment_elems: seg,
+                    max_units: 0,
+                };
+                RingAllReduce::gather(p, data, own[pos].clone(), hashes.clone()).unwrap()
+            })
             .collect()
     }
 
@@ -455,6 +556,37 @@ mod tests {
                 let (_, reason) = err.unwrap_err();
                 prop_assert!(reason.contains("hash mismatch"), "{}", reason);
             }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(100))]
+        /// Gathering: every member ends with every member's payload, in position order.
+        #[test]
+        fn every_member_gathers_every_payload(n in 1usize..=8, len in 0usize..60, seg in 1usize..9, seed in any::<u64>()) {
+            let xs = inputs(n, len, seed);
+            let got = deliver(setup_gather(&xs, seg), seed, |_, _| {}).unwrap();
+            let want: Vec<i32> = xs.concat();
+            for g in &got {
+                prop_assert_eq!(g, &want);
+            }
+        }
+    }
+
+    /// A member that forwards an altered payload (re-hashed, so the segment check passes) is
+    /// caught against the originator's commit, and so is one that sends other values than its own.
+    #[test]
+    fn gathered_payloads_must_match_their_commits() {
+        for (step, want) in [(0u16, "does not match its commit: it sent"), (1, "as forwarded, does not match")] {
+            let xs = inputs(4, 20, 3);
+            let err = deliver(setup_gather(&xs, 4), 7, |_, m| {
+                if m.id.step == step && m.id.chunk == 2 && m.id.segment == 1 {
+                    m.payload[0] ^= 1;
+                    m.hash = *blake3::hash(&m.payload).as_bytes();
+                }
+            })
+            .unwrap_err();
+            assert!(err.1.contains(want), "{}", err.1);
         }
     }
 

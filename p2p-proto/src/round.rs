@@ -22,6 +22,7 @@
 //! `Failed` fails the attempt; membership then forms the next one.
 
 use crate::chunk::chunk_ranges;
+use crate::compress::Compression;
 use crate::hash::{Hash, chunk_hash, hash_i32s, hex, segment_hashes};
 use crate::membership::RingView;
 use crate::message::{
@@ -56,6 +57,9 @@ pub struct RoundConfig {
     /// The run's norm clipping, in units: a commit to a larger weighted norm is refused as
     /// proof of a lie ([`crate::audit::norm_exceeds`]; 0: not checked).
     pub max_norm_units: f64,
+    /// How contributions are compressed: not at all (the ring reduces them), or compressed,
+    /// gathered and decoded by every member ([`crate::compress`]).
+    pub compression: Compression,
 }
 
 /// What this member contributes to the round.
@@ -79,6 +83,10 @@ pub struct Contribution {
     /// not checked). They are part of the ring's identity: members that disagree on them
     /// disagree on the ring, and a member committing another count fails the round.
     ring_batches: Vec<u64>,
+    /// A compressed contribution: the length of the vector `data` is a payload of.
+    values: Option<usize>,
+    /// blake3 of the residual a top-k payload was compressed with (zeros otherwise).
+    residual: Hash,
 }
 
 impl Contribution {
@@ -105,7 +113,42 @@ impl Contribution {
             leaving: false,
             segment_hashes,
             ring_batches: Vec::new(),
+            values: None,
+            residual: Hash::default(),
         }
+    }
+
+    /// A compressed contribution ([`crate::compress`]): `payload` of a vector of `values`
+    /// values, whose decoded norm is `norm`. It is committed to as one chunk, whatever the ring.
+    pub fn compressed(
+        payload: Vec<i32>,
+        norm: f64,
+        values: usize,
+        samples: u64,
+        param_hash: Hash,
+        joiners: Vec<PeerKey>,
+        segment_elems: usize,
+    ) -> Self {
+        let segment_hashes = segment_hashes(&payload, &chunk_ranges(payload.len(), 1), segment_elems);
+        Self {
+            norm,
+            data: payload,
+            samples,
+            param_hash,
+            joiners,
+            excluded: Vec::new(),
+            leaving: false,
+            segment_hashes,
+            ring_batches: Vec::new(),
+            values: Some(values),
+            residual: Hash::default(),
+        }
+    }
+
+    /// Sets the blake3 of the residual a top-k payload was compressed with.
+    pub fn with_residual(mut self, residual: Hash) -> Self {
+        self.residual = residual;
+        self
     }
 
     /// Sets the joiners this member keeps out of the next ring.
@@ -263,6 +306,8 @@ pub struct Round {
     commits: Vec<Option<GradientCommit>>,
     data: Option<Vec<i32>>,
     own_segments: Vec<Hash>,
+    /// Compressed contributions: the length of the vector the payloads decode to.
+    values: Option<usize>,
     /// Expected samples per member (empty: not checked).
     ring_batches: Vec<u64>,
     ring: Option<RingAllReduce>,
@@ -319,7 +364,9 @@ impl Round {
         assert!(input.ring_batches.is_empty() || input.ring_batches.len() == n, "one batch size per member");
         let ring_hash = crate::audit::ring_hash(run, &view, &input.ring_batches);
         let segs = input.segment_hashes;
-        assert_eq!(segs.len(), n, "the contribution was hashed for a ring of this size");
+        let gathered = input.values.is_some();
+        assert_eq!(gathered, !cfg.compression.is_none(), "compressed contributions exactly in compressed rounds");
+        assert_eq!(segs.len(), if gathered { 1 } else { n }, "the contribution was hashed for a ring of this size");
         let commit = GradientCommit {
             run,
             peer: me.to_owned(),
@@ -334,6 +381,7 @@ impl Round {
             joiners: input.joiners,
             excluded: input.excluded,
             leaving: input.leaving,
+            residual: input.residual,
             signature: Vec::new(),
         };
         let commit = GradientCommit { signature: sign(&commit.signing_bytes()), ..commit };
@@ -346,7 +394,8 @@ impl Round {
             stage: Stage::Committing,
             commits,
             data: Some(input.data),
-            own_segments: segs[pos].clone(),
+            own_segments: segs[if gathered { 0 } else { pos }].clone(),
+            values: input.values,
             ring_batches: input.ring_batches,
             ring: None,
             early: Vec::new(),
@@ -446,7 +495,7 @@ impl Round {
         let mine = self.commits[self.pos].as_ref().expect("own commit");
         if c.ring != self.ring_hash {
             self.fail(format!("peer {} formed another ring for this round: views differ", c.peer), &mut out);
-        } else if c.len != mine.len || c.chunk_hashes.len() != self.view.len() {
+        } else if c.len != mine.len || c.chunk_hashes.len() != mine.chunk_hashes.len() {
             self.fail(format!("peer {} committed to a vector of another shape", c.peer), &mut out);
         } else if self.ring_batches.get(i).is_some_and(|b| *b != c.samples) {
             let expected = self.ring_batches[i];
@@ -489,8 +538,6 @@ impl Round {
             return;
         }
         let n = self.view.len();
-        let left = (self.pos + n - 1) % n;
-        let left_chunk = self.commits[left].as_ref().expect("all commits").chunk_hashes[left];
         // This ring, less the members leaving, plus the joiners some member saw and none keeps out.
         let commits: Vec<&GradientCommit> = self.commits.iter().flatten().collect();
         let kept_out: std::collections::BTreeSet<&PeerKey> = commits.iter().flat_map(|c| &c.excluded).collect();
@@ -517,7 +564,8 @@ impl Round {
             && !self.ring_batches.is_empty()
         {
             self.auditing = true;
-            self.sum_checking = true;
+            // A gathered payload is checked whole against its commit; no partial sums to check.
+            self.sum_checking = self.values.is_none();
             self.audit_target = Some(target);
             out.push(RoundAction::Audit(Box::new(AuditJob {
                 view: self.view.clone(),
@@ -533,11 +581,21 @@ impl Round {
             n,
             pos: self.pos,
             segment_elems: self.cfg.segment_elems,
-            max_units: self.cfg.max_units,
+            max_units: if self.values.is_some() { 0 } else { self.cfg.max_units },
         };
         let data = self.data.take().expect("data until the ring starts");
         let own = std::mem::take(&mut self.own_segments);
-        let mut ring = match RingAllReduce::new(params, data, own, left_chunk) {
+        let commits: Vec<&GradientCommit> = self.commits.iter().flatten().collect();
+        let ring = if self.values.is_some() {
+            let len = data.len();
+            let mut all = vec![0; n * len];
+            all[self.pos * len..(self.pos + 1) * len].copy_from_slice(&data);
+            RingAllReduce::gather(params, all, own, commits.iter().map(|c| c.chunk_hashes[0]).collect())
+        } else {
+            let left = (self.pos + n - 1) % n;
+            RingAllReduce::new(params, data, own, commits[left].chunk_hashes[left])
+        };
+        let mut ring = match ring {
             Ok(r) => r,
             Err(e) => return self.fail(e.to_string(), out),
         };
@@ -571,7 +629,7 @@ impl Round {
             }
             Stage::Reducing => {
                 let s = step.step();
-                if s.id.phase == Phase::ReduceScatter && s.id.step == 0 {
+                if s.id.phase == Phase::ReduceScatter && s.id.step == 0 && self.values.is_none() {
                     self.left_step0.push(s.header());
                     // Part of the left neighbour's vector cannot have a larger norm than it all.
                     self.left_step0_sq += crate::fixed::sum_squares_le_bytes(&s.payload);
@@ -602,7 +660,7 @@ impl Round {
                         // step out of place or twice) is the sender's doing: the stream is
                         // authenticated end to end.
                         let blame = vec![self.left().clone()];
-                        if matches!(e, crate::ring::RingError::CommitMismatch { .. }) {
+                        if matches!(e, crate::ring::RingError::CommitMismatch { .. }) && self.values.is_none() {
                             let accused = (self.pos + self.view.len() - 1) % self.view.len();
                             let mut steps = self.left_step0.clone();
                             steps.sort_by_key(|s| s.id.segment);
@@ -688,7 +746,21 @@ impl Round {
             let sums = ring.partial_sums();
             self.bytes = (ring.bytes_sent(), ring.bytes_received());
             self.reduce_us = now - self.reduce_started;
-            let sum = ring.into_result();
+            let sum = match self.values {
+                None => ring.into_result(),
+                Some(values) => match self.decode_gathered(&ring.into_result(), values) {
+                    Ok(sum) => sum,
+                    Err((i, why)) => {
+                        let peer = self.view.members[i].clone();
+                        return self.fail_with(
+                            format!("peer {peer} committed to a payload that {why}"),
+                            FailureKind::BadMessage,
+                            vec![peer],
+                            out,
+                        );
+                    }
+                },
+            };
             let hash = hash_i32s(&sum);
             let me = self.view.members[self.pos].clone();
             if !sums.is_empty() {
@@ -753,6 +825,28 @@ impl Round {
                 audited: self.audit_target.map(|t| self.view.members[t].clone()),
             })));
         }
+    }
+
+    /// Checks every member's gathered payload (each already matched its originator's commit)
+    /// and adds them up; a payload that cannot be decoded, or whose norm is not the one its
+    /// commit states, names its member.
+    fn decode_gathered(&self, all: &[i32], values: usize) -> Result<Vec<i32>, (usize, String)> {
+        let c = self.cfg.compression;
+        let max_units = if self.cfg.max_units > 0 { self.cfg.max_units } else { i32::MAX / self.view.len() as i32 };
+        let len = all.len() / self.view.len();
+        let mut sum = vec![0i32; values];
+        for (i, payload) in all.chunks(len.max(1)).enumerate().take(self.view.len()) {
+            let norm = crate::compress::check(c, payload, values, max_units).map_err(|e| (i, e.to_string()))?;
+            let committed = self.commits[i].as_ref().expect("all commits").norm;
+            if norm.to_bits() != committed.to_bits() {
+                return Err((
+                    i,
+                    format!("decodes to a norm of {norm:.0} units, not the {committed:.0} it committed to"),
+                ));
+            }
+            crate::compress::add_into(c, payload, &mut sum);
+        }
+        Ok(sum)
     }
 
     /// Every member certified the sum: gossip this member's claims and check those already in.
@@ -1032,6 +1126,7 @@ mod tests {
             audit_every: 0,
             max_units: 1 << 20,
             max_norm_units: 0.0,
+            compression: Compression::None,
         }
     }
 
@@ -1046,17 +1141,20 @@ mod tests {
     /// Runs one attempt with a perfect network: gossip reaches every member,
     /// ring steps reach the right neighbour. `silent` members never act.
     fn run_round(n: usize, len: usize, joiners: &[&str], silent: &[usize]) -> Vec<Vec<RoundAction>> {
-        run_round_with(n, len, joiners, silent, None)
+        run_round_with(n, len, joiners, silent, None, Compression::None)
     }
 
-    /// As [`run_round`]; the member at `liar` announces a wrong sum in its `Done`.
+    /// As [`run_round`]; the member at `liar` announces a wrong sum in its `Done`; members
+    /// compress their values with `comp` (a liar then commits to a payload above its range).
     fn run_round_with(
         n: usize,
         len: usize,
         joiners: &[&str],
         silent: &[usize],
         liar: Option<usize>,
+        comp: Compression,
     ) -> Vec<Vec<RoundAction>> {
+        let cfg = || RoundConfig { compression: comp, ..cfg() };
         let run = RunId::from_name(RUN);
         let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
         let view = RingView::order(run, 4, 0, names.clone());
@@ -1065,7 +1163,17 @@ mod tests {
         for (pos, name) in view.members.iter().enumerate() {
             let i: usize = name[1..].parse().unwrap();
             let joiners = if i == 0 { joiners.iter().map(|s| s.to_string()).collect() } else { Vec::new() };
-            let input = Contribution::new(member_data(i, len), 10 + i as u64, [1; 32], joiners, n, cfg().segment_elems);
+            let seg = cfg().segment_elems;
+            let input = if comp.is_none() {
+                Contribution::new(member_data(i, len), 10 + i as u64, [1; 32], joiners, n, seg)
+            } else {
+                let mut e = crate::compress::encode(comp, &member_data(i, len), None, cfg().max_units, 0.0);
+                if liar == Some(pos) {
+                    let k = e.payload.len() / 2;
+                    e.payload[k] = cfg().max_units + 1;
+                }
+                Contribution::compressed(e.payload, e.norm, len, 10 + i as u64, [1; 32], joiners, seg)
+            };
             let (r, acts) = Round::new(run, name, view.clone(), input, cfg(), 0, &no_sign);
             if !silent.contains(&pos) {
                 queue.extend(acts.into_iter().map(|a| (pos, a)));
@@ -1082,6 +1190,7 @@ mod tests {
                         let mut g = g.clone();
                         if let Gossip::Done(d) = &mut g
                             && liar == Some(from)
+                            && comp.is_none()
                         {
                             d.result = [9; 32];
                         }
@@ -1150,6 +1259,48 @@ mod tests {
         }
     }
 
+    /// Compressed rounds: every member decodes every gathered payload and holds the same sum,
+    /// the sum of what each member's payload decodes to.
+    #[test]
+    fn compressed_rounds_agree_on_the_decoded_sum() {
+        for comp in [Compression::Int8 { block: 4 }, Compression::TopK { per_million: 250_000 }] {
+            for n in 1..6 {
+                for len in [1, 7, 40] {
+                    let results = run_round_with(n, len, &[], &[], None, comp);
+                    let mut want = vec![0; len];
+                    for i in 0..n {
+                        let e = crate::compress::encode(comp, &member_data(i, len), None, cfg().max_units, 0.0);
+                        crate::compress::add_into(comp, &e.payload, &mut want);
+                    }
+                    for r in &results {
+                        let RoundAction::Completed(o) = &r[0] else { panic!("{comp:?} n={n}: {:?}", r[0]) };
+                        assert_eq!(o.sum, want, "{comp:?} n={n} len={len}");
+                        assert_eq!(o.sum_hash, hash_i32s(&want));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A member that commits to a payload no honest member makes (a top-k value beyond its
+    /// range) fails the round for every other member, naming it.
+    #[test]
+    fn an_undecodable_payload_names_its_member() {
+        let comp = Compression::TopK { per_million: 250_000 };
+        let results = run_round_with(4, 40, &[], &[], Some(2), comp);
+        let view = RingView::order(RunId::from_name(RUN), 4, 0, (0..4).map(|i| format!("m{i}")));
+        for (pos, r) in results.iter().enumerate() {
+            let RoundAction::Failed(f) = &r[0] else { panic!("member {pos}: {:?}", r[0]) };
+            if f.kind == FailureKind::BadMessage {
+                assert_eq!(f.blame, vec![view.members[2].clone()]);
+                assert!(f.reason.contains("is beyond"), "{}", f.reason);
+            }
+        }
+        assert!(
+            results.iter().flatten().any(|a| matches!(a, RoundAction::Failed(f) if f.kind == FailureKind::BadMessage))
+        );
+    }
+
     #[test]
     fn a_silent_member_fails_the_round_for_everyone_naming_it() {
         let results = run_round(4, 20, &[], &[2]);
@@ -1170,7 +1321,7 @@ mod tests {
 
     #[test]
     fn a_done_with_another_sum_fails_the_round() {
-        let results = run_round_with(3, 10, &[], &[], Some(1));
+        let results = run_round_with(3, 10, &[], &[], Some(1), Compression::None);
         for (pos, r) in results.iter().enumerate() {
             if pos == 1 {
                 continue;

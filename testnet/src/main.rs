@@ -54,6 +54,12 @@ enum Cmd {
         /// Outer momentum of local SGD (default 0).
         #[arg(long)]
         outer_momentum: Option<f32>,
+        /// Gradient compression: int8 (a scale per 256 values) or topk (with error feedback).
+        #[arg(long, value_parser = ["none", "int8", "topk"])]
+        compression: Option<String>,
+        /// topk: the share of values each peer sends per round (default 0.01).
+        #[arg(long)]
+        topk_fraction: Option<f64>,
     },
     /// A local chain with the ledger and N peers on loopback that all-reduce a deterministic
     /// demonstration vector (exact sums anyone can recompute); prints every round and what
@@ -157,6 +163,8 @@ fn main() -> anyhow::Result<()> {
             local_steps,
             outer_lr,
             outer_momentum,
+            compression,
+            topk_fraction,
         } => train::run(&train::TrainOpts {
             nodes,
             rounds,
@@ -171,6 +179,8 @@ fn main() -> anyhow::Result<()> {
             local_steps,
             outer_lr,
             outer_momentum,
+            compression,
+            topk_fraction,
         }),
         Cmd::Cluster { nodes, rounds, vector_len, run, no_chain, epoch_rounds } => {
             cluster::run(&cluster::ClusterOpts { nodes, rounds, vector_len, run, chain: !no_chain, epoch_rounds })

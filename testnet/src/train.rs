@@ -34,6 +34,10 @@ pub struct TrainOpts {
     /// Outer learning rate and momentum of local SGD (the run's defaults when absent).
     pub outer_lr: Option<f64>,
     pub outer_momentum: Option<f32>,
+    /// Gradient compression: int8 or topk (none when absent).
+    pub compression: Option<String>,
+    /// top-k's share of values sent per round (the run's default when absent).
+    pub topk_fraction: Option<f64>,
 }
 
 /// What a node logs once its HTTP endpoint is up.
@@ -76,6 +80,12 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
         if let Some(m) = o.outer_momentum {
             config_text += &format!("outer_momentum = {m}\n");
         }
+    }
+    if let Some(c) = &o.compression {
+        config_text += &format!("compression = \"{c}\"\n");
+    }
+    if let Some(f) = o.topk_fraction {
+        config_text += &format!("topk_fraction = {f}\n");
     }
     std::fs::write(&config, &config_text)?;
     println!(

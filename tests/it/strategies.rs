@@ -2,7 +2,10 @@
 //! steps of its own per round and the ring averages the parameter deltas. All peers end every
 //! round identical, the loss falls, every delta is audited by recomputation and holds, the
 //! ring moves as many bytes per round as with one gradient (so H times fewer per sample), and
-//! the chain records every local step's samples.
+//! the chain records every local step's samples. Compression (int8 with per-block scales,
+//! top-k with error feedback): peers stay identical, learn, every compressed payload is
+//! audited (top-k with the residual its commit names), and each peer sends exactly the
+//! compressed payloads.
 
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -95,5 +98,93 @@ fn local_sgd_peers_stay_identical_learn_and_the_chain_counts_every_local_step() 
         let mine = ledger_json(&anvil, &contract, &["contributions", "--run", &run_id, "--peer", address]);
         assert_eq!(mine["peers"][0]["rounds"], rounds, "{}: on-chain rounds", n.name);
         assert_eq!(mine["peers"][0]["samples"], rounds * steps * batch, "{}: on-chain samples", n.name);
+    }
+}
+
+/// Three peers train with `compression` (extra run settings in `extra`), audited every round,
+/// and return their logs.
+fn compressed_run(name: &str, extra: &str, rounds: u64) -> Vec<Node> {
+    let dir = TempDir::new(name);
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"it-{name}\"\nmodel = \"mlp\"\nbatch = 32\nrounds = {rounds}\nmin_peers = 3\nlr = 0.003\n\
+             eval_every = {rounds}\naudit_every = 1\n{extra}\n"
+        ),
+    )
+    .unwrap();
+    let data = ensure_fashion_mnist().to_str().unwrap().to_owned();
+    let start = |i: usize, boot: Option<&str>| {
+        let mut flags: Vec<String> =
+            ["--config", config.to_str().unwrap(), "--dataset", &data].map(String::from).to_vec();
+        if let Some(b) = boot {
+            flags.extend(["--bootstrap".to_owned(), b.to_owned()]);
+        }
+        let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+        Node::start(&format!("{name}-{i}"), &refs)
+    };
+    let first = start(0, None);
+    let boot = first.address();
+    let mut nodes = vec![first, start(1, Some(&boot)), start(2, Some(&boot))];
+    for n in nodes.iter_mut() {
+        let code = n.wait_exit(Duration::from_secs(300));
+        if code != Some(0) {
+            n.dump();
+        }
+        assert_eq!(code, Some(0), "{} trained every round and exited", n.name);
+    }
+    nodes
+}
+
+/// What every compressed run must show: identical parameters after every round, a falling
+/// loss, every payload audited and holding, and `payload_words` words sent to each of the
+/// other two peers per round.
+fn check_compressed_run(nodes: &[Node], rounds: u64, payload_words: impl Fn(u64) -> u64) {
+    let per_node: Vec<BTreeMap<u64, Value>> = nodes.iter().map(trained).collect();
+    for (n, t) in nodes.iter().zip(&per_node) {
+        assert_eq!(t.len() as u64, rounds, "{} trained every round", n.name);
+    }
+    for r in 0..rounds {
+        for t in &per_node[1..] {
+            assert_eq!(t[&r]["param_hash"], per_node[0][&r]["param_hash"], "peers diverged at round {r}");
+        }
+    }
+    let loss = |r: u64| per_node.iter().map(|t| t[&r]["loss"].as_f64().unwrap()).sum::<f64>() / 3.0;
+    let (first, last) = ((0..3).map(loss).sum::<f64>(), (rounds - 3..rounds).map(loss).sum::<f64>());
+    assert!(last < first * 0.8, "the loss did not fall: {first} -> {last}");
+    for n in nodes {
+        let done = n.events("round complete");
+        assert!(done.iter().all(|e| !e["audited"].as_str().unwrap_or_default().is_empty()), "{}: audited", n.name);
+        let failed = n.events("round failed");
+        assert!(
+            failed.iter().all(|e| !e["reason"].as_str().unwrap_or_default().contains("audit")),
+            "{}: an audit did not hold: {failed:?}",
+            n.name
+        );
+        let params = n.events("training run")[0]["params"].as_u64().unwrap();
+        let want = 2 * 4 * payload_words(params);
+        assert!(done.iter().all(|e| e["bytes_sent"] == want), "{}: {want} bytes sent per round", n.name);
+        assert!(want < 4 * params * 4 / 3, "less than the uncompressed ring sends");
+    }
+}
+
+#[test]
+fn int8_compressed_peers_stay_identical_and_learn() {
+    let rounds = 16;
+    let nodes = compressed_run("int8", "compression = \"int8\"", rounds);
+    // One 4-byte scale per 256 values, then the values a byte each.
+    check_compressed_run(&nodes, rounds, |params| params.div_ceil(256) + params.div_ceil(4));
+}
+
+#[test]
+fn topk_compressed_peers_stay_identical_and_learn() {
+    let rounds = 16;
+    let nodes = compressed_run("topk", "compression = \"topk\"\ntopk_fraction = 0.05", rounds);
+    // An index and a value per sent value.
+    check_compressed_run(&nodes, rounds, |params| 2 * (params * 50_000 / 1_000_000));
+    for n in &nodes {
+        // Auditors recomputed payloads with the residual each commit names (revealed on request).
+        assert!(n.events_containing("not revealed").is_empty(), "{}", n.name);
     }
 }

@@ -26,8 +26,10 @@
 //! ring are the evidence, checked the same way (recompute, then compare).
 
 use super::{Compute, Driver, Internal};
+use crate::reveal::Expect;
 use libp2p::PeerId;
 use p2p_proto::audit;
+use p2p_proto::compress::{self, Compression};
 use p2p_proto::membership::RingView;
 use p2p_proto::message::{FaultEvidence, FaultKind, GradientCommit, PeerKey};
 use p2p_proto::round::AuditJob;
@@ -142,6 +144,7 @@ fn judge(
     n: usize,
     seg: usize,
     tolerance: f64,
+    compressed: Option<(Compression, f64)>,
     revealed: Option<Result<Arc<Vec<i32>>, String>>,
 ) -> Verdict {
     let recomputed = match fixed.encode(weighted) {
@@ -150,6 +153,23 @@ fn judge(
     };
     if commit.samples != samples {
         return Verdict::Lie(format!("it committed {} samples, its micro-batch has {samples}", commit.samples));
+    }
+    if let Some((comp, max_norm)) = compressed {
+        // The payload is recomputed exactly, with the residual the commit names (top-k).
+        let residual = match (comp.has_residual(), revealed) {
+            (false, _) => None,
+            (true, Some(Ok(r))) => Some(r),
+            (true, Some(Err(e))) => {
+                return Verdict::Doubt(format!("the residual its commit names was not revealed ({e})"));
+            }
+            (true, None) => return Verdict::Open("no residual to recompute its payload with".into()),
+        };
+        let e =
+            compress::encode(comp, &recomputed, residual.as_deref().map(Vec::as_slice), fixed.max_units(), max_norm);
+        return match audit::matches_payload(commit, &e.payload, e.norm, seg) {
+            Ok(()) => Verdict::Holds(None),
+            Err(e) => Verdict::Lie(format!("{e} (compressed)")),
+        };
     }
     match revealed {
         None => match audit::check(commit, &recomputed, samples, n, seg) {
@@ -254,12 +274,19 @@ impl Driver {
         let gradient = spec.worker.gradient(self.cursor + offset, batch as usize, weight);
         let (fixed, n, seg, tx) = (self.cfg.fixed, view.len(), self.cfg.round.segment_elems, self.internal.clone());
         let tolerance = self.cfg.audit_tolerance;
+        let comp = self.cfg.round.compression;
+        let compressed = (!comp.is_none()).then(|| (comp, self.cfg.round.max_norm_units * f64::from(weight)));
+        let expect = if comp.has_residual() {
+            Some(Expect::Residual { len: spec.worker.params })
+        } else {
+            (tolerance > 0.0).then_some(Expect::Committed { n, seg })
+        };
         // Fetched while the gradient is recomputed; kept, so that this peer can show them to
         // peers checking a fault it reports.
-        let revealed = (tolerance > 0.0).then(|| {
+        let revealed = expect.map(|expect| {
             let (control, store, commit) = (self.net.control(), self.reveals.clone(), commit.clone());
             tokio::spawn(async move {
-                let data = Arc::new(crate::reveal::fetch(control, &holders, &commit, n, seg).await?);
+                let data = Arc::new(crate::reveal::fetch(control, &holders, &commit, expect).await?);
                 store.insert(&commit.peer, commit.round, commit.attempt, data.clone());
                 Ok::<_, String>(data)
             })
@@ -274,7 +301,7 @@ impl Driver {
                 Verdict::Open("this peer holds other parameters than the commit names".to_owned())
             } else {
                 tokio::task::spawn_blocking(move || {
-                    judge(&fixed, &g.weighted, g.samples as u64, &commit, n, seg, tolerance, revealed)
+                    judge(&fixed, &g.weighted, g.samples as u64, &commit, n, seg, tolerance, compressed, revealed)
                 })
                 .await
                 .unwrap_or_else(|e| Verdict::Open(e.to_string()))
@@ -644,5 +671,73 @@ impl FaultMode {
             Some(Self::Scale1000 | Self::Spike) => p2p_proto::FixedPoint::default().encode(weighted),
             _ => fixed.encode(weighted),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p2p_proto::hash::hash_i32s;
+    use p2p_proto::message::RunId;
+
+    const SEG: usize = 64;
+
+    fn gradient(len: usize, seed: u32) -> Vec<f32> {
+        let mix = |i: u32| (i ^ seed.wrapping_mul(0x9e37_79b9)).wrapping_mul(2_654_435_761);
+        (0..len).map(|i| mix(i as u32) as f32 / u32::MAX as f32 - 0.5).collect()
+    }
+
+    /// The commit a member makes to `payload` (decoded norm `norm`), compressed with `residual`.
+    fn commit(payload: &[i32], norm: f64, residual: &[i32]) -> GradientCommit {
+        GradientCommit {
+            run: RunId::from_name("audit-test"),
+            peer: "m".into(),
+            round: 3,
+            attempt: 0,
+            ring: [0; 32],
+            len: payload.len() as u64,
+            chunk_hashes: audit::chunk_hashes(payload, 1, SEG),
+            samples: 32,
+            norm,
+            param_hash: [1; 32],
+            joiners: Vec::new(),
+            excluded: Vec::new(),
+            leaving: false,
+            residual: hash_i32s(residual),
+            signature: Vec::new(),
+        }
+    }
+
+    /// Audits of compressed payloads recompute them exactly: an honest member's holds, a payload
+    /// of another gradient or compressed without the residual its commit names is a lie, and a
+    /// residual that is not revealed proves nothing.
+    #[test]
+    fn compressed_payloads_are_audited_exactly() {
+        let fixed = p2p_proto::FixedPoint::default();
+        let (w, other) = (gradient(1000, 1), gradient(1000, 2));
+        let units = fixed.encode(&w).unwrap();
+        let max_norm = 1e9;
+        let judge_with = |comp, c: &GradientCommit, revealed: Option<Result<Arc<Vec<i32>>, String>>| {
+            judge(&fixed, &w, 32, c, 3, SEG, 0.0, Some((comp, max_norm)), revealed)
+        };
+
+        let int8 = Compression::Int8 { block: 32 };
+        let e = compress::encode(int8, &units, None, fixed.max_units(), max_norm);
+        assert!(matches!(judge_with(int8, &commit(&e.payload, e.norm, &[]), None), Verdict::Holds(_)));
+        let lie = compress::encode(int8, &fixed.encode(&other).unwrap(), None, fixed.max_units(), max_norm);
+        let v = judge_with(int8, &commit(&lie.payload, lie.norm, &[]), None);
+        assert!(matches!(&v, Verdict::Lie(why) if why.contains("compressed")), "{v:?}");
+
+        let topk = Compression::TopK { per_million: 50_000 };
+        let residual: Vec<i32> = fixed.encode(&gradient(1000, 3)).unwrap();
+        let e = compress::encode(topk, &units, Some(&residual), fixed.max_units(), max_norm);
+        let honest = commit(&e.payload, e.norm, &residual);
+        let shown = || Some(Ok(Arc::new(residual.clone())));
+        assert!(matches!(judge_with(topk, &honest, shown()), Verdict::Holds(_)));
+        // Sent without its residual, while the commit names one.
+        let bare = compress::encode(topk, &units, None, fixed.max_units(), max_norm);
+        assert!(matches!(judge_with(topk, &commit(&bare.payload, bare.norm, &residual), shown()), Verdict::Lie(_)));
+        let v = judge_with(topk, &honest, Some(Err("timed out".into())));
+        assert!(matches!(&v, Verdict::Doubt(why) if why.contains("not revealed")), "{v:?}");
     }
 }

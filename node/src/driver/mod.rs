@@ -25,8 +25,9 @@ use crate::state_sync::ServeRequest;
 use crate::train::worker::Worker;
 use libp2p::PeerId;
 use p2p_proto::codec::{decode_exact, encode_frame};
+use p2p_proto::compress;
 use p2p_proto::demo::demo_vector;
-use p2p_proto::hash::hex;
+use p2p_proto::hash::{hash_i32s, hex};
 use p2p_proto::membership::{Membership, MembershipAction, MembershipConfig, RingView, STRIKES_TO_OPEN};
 use p2p_proto::message::{AttemptRef, Gossip, PeerKey, RingStep, RunId, StateTag};
 use p2p_proto::round::{Contribution, FailureKind, Round, RoundAction, RoundConfig};
@@ -35,6 +36,7 @@ use p2p_proto::{FixedPoint, Hash};
 use post::PostRound;
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -140,6 +142,9 @@ enum Internal {
         view: RingView,
         input: Contribution,
         loss: Option<f32>,
+        /// Top-k compression: the residual the contribution was compressed with, and the one
+        /// this peer keeps if the ring certifies it.
+        residual: Option<(Arc<Vec<i32>>, Vec<i32>)>,
     },
     /// The worker applied a round: this peer now holds this state.
     Applied(StateTag),
@@ -217,8 +222,13 @@ struct Driver {
     signer: crate::sign::Signer,
     /// What a test-only liar remembers.
     fault_state: audit::FaultState,
-    /// Committed vectors this peer reveals to auditors (audits within a tolerance).
+    /// Committed vectors this peer reveals to auditors (audits within a tolerance), or the
+    /// residuals its top-k payloads were compressed with.
     reveals: crate::reveal::Store,
+    /// Top-k compression's error feedback: what this peer's certified rounds did not send.
+    residual: Option<Arc<Vec<i32>>>,
+    /// The residual after the attempt under way, kept if the ring certifies that attempt.
+    next_residual: Option<((u64, u32), Vec<i32>)>,
     summary: Summary,
     finished: bool,
 }
@@ -247,7 +257,8 @@ pub async fn run(
     let (serve_tx, mut serve_rx) = mpsc::channel::<ServeRequest>(64);
     crate::state_sync::serve(net.control(), cfg.run, serve_tx);
     let reveals = crate::reveal::Store::new(&net.local_peer_id.to_string());
-    if cfg.audit_tolerance > 0.0 && cfg.fault != Some(FaultMode::Withhold) {
+    let revealing = cfg.audit_tolerance > 0.0 || cfg.round.compression.has_residual();
+    if revealing && cfg.fault != Some(FaultMode::Withhold) {
         crate::reveal::serve(net.control(), cfg.run, reveals.clone());
     }
     let me = net.local_peer_id.to_string();
@@ -278,6 +289,8 @@ pub async fn run(
         signer: crate::sign::Signer::new(cfg.identity.clone()),
         fault_state: audit::FaultState::default(),
         reveals,
+        residual: None,
+        next_residual: None,
         membership: Membership::resume(cfg.run, me.clone(), cfg.membership.clone(), state),
         cfg,
         net,
@@ -385,8 +398,14 @@ impl Driver {
             return;
         }
         match msg {
-            Internal::Prepared { view, input, loss } => {
+            Internal::Prepared { view, input, loss, residual } => {
                 self.loss = loss;
+                if let Some((used, next)) = residual {
+                    // An auditor asks for the residual the commit names; the next one counts
+                    // only if this attempt does.
+                    self.reveals.insert(&self.me, view.round, view.attempt, used);
+                    self.next_residual = Some(((view.round, view.attempt), next));
+                }
                 self.on_prepared(view, input);
             }
             Internal::Applied(tag) => {
@@ -708,7 +727,7 @@ impl Driver {
                     // The demonstration has no parameters: its parameter hash is zero.
                     let input =
                         Contribution::new(data, 1, Hash::default(), joiners, view.len(), seg).with_excluded(excluded);
-                    let _ = tx.send(Internal::Prepared { view, input, loss: None });
+                    let _ = tx.send(Internal::Prepared { view, input, loss: None, residual: None });
                 });
             }
             Compute::Train(spec) => {
@@ -732,6 +751,12 @@ impl Driver {
                 let fault = self.cfg.fault;
                 let start = FaultMode::start(fault, self.cursor + offset);
                 let gradient = spec.worker.gradient(start, spec.batch, weight);
+                let comp = self.cfg.round.compression;
+                let residual = comp
+                    .has_residual()
+                    .then(|| self.residual.get_or_insert_with(|| Arc::new(vec![0; spec.worker.params])).clone());
+                // An honest member's payload stays within the norm its weight allows.
+                let max_norm = self.cfg.round.max_norm_units * f64::from(weight);
                 tokio::spawn(async move {
                     let Ok(mut g) = gradient.await else { return };
                     FaultMode::distort(fault, &mut g.weighted, weight);
@@ -745,15 +770,37 @@ impl Driver {
                     }
                     let prepared = tokio::task::spawn_blocking(move || {
                         let data = FaultMode::encode(fault, &fixed, &g.weighted).map_err(|e| e.to_string())?;
-                        let input = Contribution::new(data, g.samples as u64, g.param_hash, joiners, n, seg)
-                            .with_ring_batches(batches)
-                            .with_excluded(excluded);
-                        Ok::<_, String>((input, g.loss))
+                        let (input, residual) = if comp.is_none() {
+                            (Contribution::new(data, g.samples as u64, g.param_hash, joiners, n, seg), None)
+                        } else {
+                            let e = compress::encode(
+                                comp,
+                                &data,
+                                residual.as_deref().map(Vec::as_slice),
+                                fixed.max_units(),
+                                max_norm,
+                            );
+                            let input = Contribution::compressed(
+                                e.payload,
+                                e.norm,
+                                data.len(),
+                                g.samples as u64,
+                                g.param_hash,
+                                joiners,
+                                seg,
+                            );
+                            match (residual, e.residual) {
+                                (Some(used), Some(next)) => (input.with_residual(hash_i32s(&used)), Some((used, next))),
+                                _ => (input, None),
+                            }
+                        };
+                        let input = input.with_ring_batches(batches).with_excluded(excluded);
+                        Ok::<_, String>((input, g.loss, residual))
                     })
                     .await;
                     match prepared {
-                        Ok(Ok((input, loss))) => {
-                            let _ = tx.send(Internal::Prepared { view, input, loss: Some(loss) });
+                        Ok(Ok((input, loss, residual))) => {
+                            let _ = tx.send(Internal::Prepared { view, input, loss: Some(loss), residual });
                         }
                         Ok(Err(e)) => warn!(round = view.round, reason = %e, "cannot encode the gradient"),
                         Err(_) => {}
@@ -927,6 +974,11 @@ impl Driver {
         self.next_round = o.view.round + 1;
         let done = AttemptRef { round: o.view.round, attempt: o.view.attempt, ring: o.view.hash(self.cfg.run) };
         self.certified.insert(o.view.round, done);
+        if let Some((at, next)) = self.next_residual.take()
+            && at == (o.view.round, o.view.attempt)
+        {
+            self.residual = Some(Arc::new(next));
+        }
         self.cfg.metrics.update(|s| {
             s.rounds_completed += 1;
             s.round = o.view.round + 1;
