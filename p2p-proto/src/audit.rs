@@ -262,6 +262,7 @@ mod tests {
             excluded: vec![],
             leaving: false,
             residual: Default::default(),
+            residual_next: Default::default(),
             signature: vec![],
         };
         assert_eq!(check(&commit, &data, 32, 4, 64), Ok(()));
@@ -292,6 +293,7 @@ mod tests {
             excluded: vec![],
             leaving: false,
             residual: Default::default(),
+            residual_next: Default::default(),
             signature: vec![],
         };
         // Clipped to 5.0 (in units of 2^-20), one of four equal members: weight 1/4.
@@ -326,6 +328,7 @@ mod tests {
             excluded: vec![],
             leaving: false,
             residual: Default::default(),
+            residual_next: Default::default(),
             signature: vec![],
         };
         let steps = |pos: usize, hashes: &[Hash]| -> Vec<SignedStep> {

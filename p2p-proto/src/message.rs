@@ -190,6 +190,9 @@ pub struct GradientCommit {
     /// blake3 of the error-feedback residual a top-k payload was compressed with
     /// ([`crate::compress`]), so an auditor can ask for it; zeros when there is none.
     pub residual: Hash,
+    /// blake3 of the residual the payload leaves (what the member's next round starts from,
+    /// if this one counts); zeros when there is none.
+    pub residual_next: Hash,
     /// The member's signature (its libp2p identity key) over [`GradientCommit::signing_bytes`]:
     /// the commit can be shown to anyone as the member's own, as evidence against it.
     #[serde(with = "serde_bytes")]

@@ -85,8 +85,13 @@ pub struct Contribution {
     ring_batches: Vec<u64>,
     /// A compressed contribution: the length of the vector `data` is a payload of.
     values: Option<usize>,
-    /// blake3 of the residual a top-k payload was compressed with (zeros otherwise).
-    residual: Hash,
+    /// blake3 of the residual a top-k payload was compressed with, and of the one it leaves
+    /// (zeros otherwise).
+    residual: [Hash; 2],
+    /// Top-k: the residuals each member's commit named in the round before this one, as this
+    /// member certified it, and the hash of a residual of zeros (see [`Round::on_commit`]).
+    residual_history: BTreeMap<PeerKey, [Hash; 2]>,
+    residual_zero: Hash,
 }
 
 impl Contribution {
@@ -114,7 +119,9 @@ impl Contribution {
             segment_hashes,
             ring_batches: Vec::new(),
             values: None,
-            residual: Hash::default(),
+            residual: Default::default(),
+            residual_history: BTreeMap::new(),
+            residual_zero: Hash::default(),
         }
     }
 
@@ -129,25 +136,28 @@ impl Contribution {
         joiners: Vec<PeerKey>,
         segment_elems: usize,
     ) -> Self {
-        let segment_hashes = segment_hashes(&payload, &chunk_ranges(payload.len(), 1), segment_elems);
-        Self {
-            norm,
-            data: payload,
-            samples,
-            param_hash,
-            joiners,
-            excluded: Vec::new(),
-            leaving: false,
-            segment_hashes,
-            ring_batches: Vec::new(),
-            values: Some(values),
-            residual: Hash::default(),
-        }
+        let mut c = Self::new(Vec::new(), samples, param_hash, joiners, 1, segment_elems);
+        c.segment_hashes = segment_hashes(&payload, &chunk_ranges(payload.len(), 1), segment_elems);
+        c.norm = norm;
+        c.data = payload;
+        c.values = Some(values);
+        c
     }
 
-    /// Sets the blake3 of the residual a top-k payload was compressed with.
-    pub fn with_residual(mut self, residual: Hash) -> Self {
-        self.residual = residual;
+    /// Sets the blake3 of the residual a top-k payload was compressed with and of the one it
+    /// leaves.
+    pub fn with_residual(mut self, used: Hash, next: Hash) -> Self {
+        self.residual = [used, next];
+        self
+    }
+
+    /// Top-k: what each member's residual may be in this round, from the round before, which
+    /// this member certified: the one that round's commit left, the one it started from (the
+    /// member did not see that round certified), or zeros (a restarted member), whose hash is
+    /// `zero`. A member named in `history` committing another residual fails the attempt.
+    pub fn with_residual_history(mut self, history: BTreeMap<PeerKey, [Hash; 2]>, zero: Hash) -> Self {
+        self.residual_history = history;
+        self.residual_zero = zero;
         self
     }
 
@@ -188,6 +198,8 @@ pub struct Outcome {
     pub round_us: u64,
     /// The member this member audited in the attempt, if it was audited.
     pub audited: Option<PeerKey>,
+    /// Each member's residual hashes (used, left) as its commit stated them (top-k).
+    pub residuals: BTreeMap<PeerKey, [Hash; 2]>,
 }
 
 /// Why an attempt failed, and whom it waited for in vain.
@@ -308,6 +320,9 @@ pub struct Round {
     own_segments: Vec<Hash>,
     /// Compressed contributions: the length of the vector the payloads decode to.
     values: Option<usize>,
+    /// Top-k: the residuals members may start from ([`Contribution::with_residual_history`]).
+    residual_history: BTreeMap<PeerKey, [Hash; 2]>,
+    residual_zero: Hash,
     /// Expected samples per member (empty: not checked).
     ring_batches: Vec<u64>,
     ring: Option<RingAllReduce>,
@@ -381,7 +396,8 @@ impl Round {
             joiners: input.joiners,
             excluded: input.excluded,
             leaving: input.leaving,
-            residual: input.residual,
+            residual: input.residual[0],
+            residual_next: input.residual[1],
             signature: Vec::new(),
         };
         let commit = GradientCommit { signature: sign(&commit.signing_bytes()), ..commit };
@@ -396,6 +412,8 @@ impl Round {
             data: Some(input.data),
             own_segments: segs[if gathered { 0 } else { pos }].clone(),
             values: input.values,
+            residual_history: input.residual_history,
+            residual_zero: input.residual_zero,
             ring_batches: input.ring_batches,
             ring: None,
             early: Vec::new(),
@@ -516,6 +534,18 @@ impl Round {
             if *prev != c {
                 self.fail(format!("peer {} sent two different commits for one round", c.peer), &mut out);
             }
+        } else if let Some(h) = self.residual_history.get(&c.peer)
+            && ![h[0], h[1], self.residual_zero].contains(&c.residual)
+        {
+            // Its residual is none of what its last round could have left it: the error
+            // feedback would carry values it never computed.
+            let peer = c.peer.clone();
+            self.fail_with(
+                format!("peer {peer} compressed with a residual its last round did not leave it"),
+                FailureKind::BadMessage,
+                vec![peer],
+                &mut out,
+            );
         } else if let Some(why) = crate::audit::norm_exceeds(&c, &self.ring_batches, i, self.cfg.max_norm_units) {
             let peer = c.peer.clone();
             out.push(RoundAction::BadCommit(Box::new(BadCommit {
@@ -823,6 +853,12 @@ impl Round {
                 reduce_us: self.reduce_us,
                 round_us: now - self.started,
                 audited: self.audit_target.map(|t| self.view.members[t].clone()),
+                residuals: self
+                    .commits
+                    .iter()
+                    .flatten()
+                    .map(|c| (c.peer.clone(), [c.residual, c.residual_next]))
+                    .collect(),
             })));
         }
     }
@@ -1299,6 +1335,45 @@ mod tests {
         assert!(
             results.iter().flatten().any(|a| matches!(a, RoundAction::Failed(f) if f.kind == FailureKind::BadMessage))
         );
+    }
+
+    /// Top-k: a member whose commit names a residual its last round did not leave it (nor the
+    /// one it started that round from, nor zeros) fails the attempt, named, at every member that
+    /// certified that round; the allowed ones pass.
+    #[test]
+    fn a_residual_from_nowhere_is_refused() {
+        let comp = Compression::TopK { per_million: 250_000 };
+        let cfg = RoundConfig { compression: comp, ..cfg() };
+        let run = RunId::from_name(RUN);
+        let view = RingView::order(run, 4, 0, ["a", "b"].map(String::from));
+        let input = |peer: &str, residual: Hash| {
+            let e = crate::compress::encode(comp, &member_data(1, 20), None, cfg.max_units, 0.0);
+            let history = [("a", [[1; 32], [2; 32]]), ("b", [[3; 32], [4; 32]])]
+                .into_iter()
+                .filter(|(p, _)| *p != peer)
+                .map(|(p, h)| (p.to_owned(), h))
+                .collect();
+            Contribution::compressed(e.payload, e.norm, 20, 10, [1; 32], Vec::new(), cfg.segment_elems)
+                .with_residual(residual, [9; 32])
+                .with_residual_history(history, [5; 32])
+        };
+        for (residual, allowed) in [([3; 32], true), ([4; 32], true), ([5; 32], true), ([6; 32], false)] {
+            let (mut a, _) = Round::new(run, "a", view.clone(), input("a", [1; 32]), cfg.clone(), 0, &no_sign);
+            let (b, _) = Round::new(run, "b", view.clone(), input("b", residual), cfg.clone(), 0, &no_sign);
+            let acts = a.on_commit(b.own_commit().clone(), 0);
+            let failed = acts.iter().find_map(|x| match x {
+                RoundAction::Failed(f) => Some(f.clone()),
+                _ => None,
+            });
+            match failed {
+                None => assert!(allowed, "{residual:?} passed"),
+                Some(f) => {
+                    assert!(!allowed, "{residual:?}: {f:?}");
+                    assert_eq!((f.kind, f.blame), (FailureKind::BadMessage, vec!["b".to_owned()]));
+                    assert!(f.reason.contains("did not leave it"), "{}", f.reason);
+                }
+            }
+        }
     }
 
     #[test]

@@ -186,5 +186,8 @@ fn topk_compressed_peers_stay_identical_and_learn() {
     for n in &nodes {
         // Auditors recomputed payloads with the residual each commit names (revealed on request).
         assert!(n.events_containing("not revealed").is_empty(), "{}", n.name);
+        // Every member's residual was what its previous round left it.
+        let failed = n.events("round failed");
+        assert!(failed.iter().all(|e| !e["reason"].as_str().unwrap_or_default().contains("residual")), "{failed:?}");
     }
 }

@@ -166,10 +166,13 @@ fn judge(
         };
         let e =
             compress::encode(comp, &recomputed, residual.as_deref().map(Vec::as_slice), fixed.max_units(), max_norm);
-        return match audit::matches_payload(commit, &e.payload, e.norm, seg) {
-            Ok(()) => Verdict::Holds(None),
-            Err(e) => Verdict::Lie(format!("{e} (compressed)")),
-        };
+        if let Err(e) = audit::matches_payload(commit, &e.payload, e.norm, seg) {
+            return Verdict::Lie(format!("{e} (compressed)"));
+        }
+        if e.residual.is_some_and(|r| p2p_proto::hash::hash_i32s(&r) != commit.residual_next) {
+            return Verdict::Lie("the residual it says its payload leaves is not the one it leaves".into());
+        }
+        return Verdict::Holds(None);
     }
     match revealed {
         None => match audit::check(commit, &recomputed, samples, n, seg) {
@@ -688,7 +691,7 @@ mod tests {
     }
 
     /// The commit a member makes to `payload` (decoded norm `norm`), compressed with `residual`.
-    fn commit(payload: &[i32], norm: f64, residual: &[i32]) -> GradientCommit {
+    fn commit(payload: &[i32], norm: f64, residual: &[i32], next: &[i32]) -> GradientCommit {
         GradientCommit {
             run: RunId::from_name("audit-test"),
             peer: "m".into(),
@@ -704,6 +707,7 @@ mod tests {
             excluded: Vec::new(),
             leaving: false,
             residual: hash_i32s(residual),
+            residual_next: hash_i32s(next),
             signature: Vec::new(),
         }
     }
@@ -723,20 +727,25 @@ mod tests {
 
         let int8 = Compression::Int8 { block: 32 };
         let e = compress::encode(int8, &units, None, fixed.max_units(), max_norm);
-        assert!(matches!(judge_with(int8, &commit(&e.payload, e.norm, &[]), None), Verdict::Holds(_)));
+        assert!(matches!(judge_with(int8, &commit(&e.payload, e.norm, &[], &[]), None), Verdict::Holds(_)));
         let lie = compress::encode(int8, &fixed.encode(&other).unwrap(), None, fixed.max_units(), max_norm);
-        let v = judge_with(int8, &commit(&lie.payload, lie.norm, &[]), None);
+        let v = judge_with(int8, &commit(&lie.payload, lie.norm, &[], &[]), None);
         assert!(matches!(&v, Verdict::Lie(why) if why.contains("compressed")), "{v:?}");
 
         let topk = Compression::TopK { per_million: 50_000 };
         let residual: Vec<i32> = fixed.encode(&gradient(1000, 3)).unwrap();
         let e = compress::encode(topk, &units, Some(&residual), fixed.max_units(), max_norm);
-        let honest = commit(&e.payload, e.norm, &residual);
+        let next = e.residual.clone().unwrap();
+        let honest = commit(&e.payload, e.norm, &residual, &next);
         let shown = || Some(Ok(Arc::new(residual.clone())));
         assert!(matches!(judge_with(topk, &honest, shown()), Verdict::Holds(_)));
         // Sent without its residual, while the commit names one.
         let bare = compress::encode(topk, &units, None, fixed.max_units(), max_norm);
-        assert!(matches!(judge_with(topk, &commit(&bare.payload, bare.norm, &residual), shown()), Verdict::Lie(_)));
+        let v = judge_with(topk, &commit(&bare.payload, bare.norm, &residual, &next), shown());
+        assert!(matches!(v, Verdict::Lie(_)), "{v:?}");
+        // The right payload, but it claims to keep another residual than the payload leaves.
+        let v = judge_with(topk, &commit(&e.payload, e.norm, &residual, &residual), shown());
+        assert!(matches!(&v, Verdict::Lie(why) if why.contains("leaves")), "{v:?}");
         let v = judge_with(topk, &honest, Some(Err("timed out".into())));
         assert!(matches!(&v, Verdict::Doubt(why) if why.contains("not revealed")), "{v:?}");
     }

@@ -140,7 +140,7 @@ enum Internal {
     /// A contribution was computed for a ring, with the local loss.
     Prepared {
         view: RingView,
-        input: Contribution,
+        input: Box<Contribution>,
         loss: Option<f32>,
         /// Top-k compression: the residual the contribution was compressed with, and the one
         /// this peer keeps if the ring certifies it.
@@ -229,6 +229,10 @@ struct Driver {
     residual: Option<Arc<Vec<i32>>>,
     /// The residual after the attempt under way, kept if the ring certifies that attempt.
     next_residual: Option<((u64, u32), Vec<i32>)>,
+    /// The residual hashes each member's commit stated in the last round this peer completed,
+    /// and that round; and the hash of a residual of zeros.
+    residual_history: (u64, std::collections::BTreeMap<PeerKey, [Hash; 2]>),
+    residual_zero: Option<Hash>,
     summary: Summary,
     finished: bool,
 }
@@ -291,6 +295,8 @@ pub async fn run(
         reveals,
         residual: None,
         next_residual: None,
+        residual_history: (0, std::collections::BTreeMap::new()),
+        residual_zero: None,
         membership: Membership::resume(cfg.run, me.clone(), cfg.membership.clone(), state),
         cfg,
         net,
@@ -406,7 +412,7 @@ impl Driver {
                     self.reveals.insert(&self.me, view.round, view.attempt, used);
                     self.next_residual = Some(((view.round, view.attempt), next));
                 }
-                self.on_prepared(view, input);
+                self.on_prepared(view, *input);
             }
             Internal::Applied(tag) => {
                 // A state restored meanwhile (a resync) supersedes older applies.
@@ -727,7 +733,7 @@ impl Driver {
                     // The demonstration has no parameters: its parameter hash is zero.
                     let input =
                         Contribution::new(data, 1, Hash::default(), joiners, view.len(), seg).with_excluded(excluded);
-                    let _ = tx.send(Internal::Prepared { view, input, loss: None, residual: None });
+                    let _ = tx.send(Internal::Prepared { view, input: Box::new(input), loss: None, residual: None });
                 });
             }
             Compute::Train(spec) => {
@@ -752,9 +758,20 @@ impl Driver {
                 let start = FaultMode::start(fault, self.cursor + offset);
                 let gradient = spec.worker.gradient(start, spec.batch, weight);
                 let comp = self.cfg.round.compression;
-                let residual = comp
-                    .has_residual()
-                    .then(|| self.residual.get_or_insert_with(|| Arc::new(vec![0; spec.worker.params])).clone());
+                let params = spec.worker.params;
+                let residual =
+                    comp.has_residual().then(|| self.residual.get_or_insert_with(|| Arc::new(vec![0; params])).clone());
+                // What each member may start from: known for the members of the round before,
+                // when this peer completed it.
+                let history = match &self.residual_history {
+                    (r, h) if r + 1 == view.round => h.clone(),
+                    _ => Default::default(),
+                };
+                let zero = if comp.has_residual() {
+                    *self.residual_zero.get_or_insert_with(|| hash_i32s(&vec![0; params]))
+                } else {
+                    Hash::default()
+                };
                 // An honest member's payload stays within the norm its weight allows.
                 let max_norm = self.cfg.round.max_norm_units * f64::from(weight);
                 tokio::spawn(async move {
@@ -790,7 +807,12 @@ impl Driver {
                                 seg,
                             );
                             match (residual, e.residual) {
-                                (Some(used), Some(next)) => (input.with_residual(hash_i32s(&used)), Some((used, next))),
+                                (Some(used), Some(next)) => {
+                                    let input = input
+                                        .with_residual(hash_i32s(&used), hash_i32s(&next))
+                                        .with_residual_history(history, zero);
+                                    (input, Some((used, next)))
+                                }
                                 _ => (input, None),
                             }
                         };
@@ -800,7 +822,12 @@ impl Driver {
                     .await;
                     match prepared {
                         Ok(Ok((input, loss, residual))) => {
-                            let _ = tx.send(Internal::Prepared { view, input, loss: Some(loss), residual });
+                            let _ = tx.send(Internal::Prepared {
+                                view,
+                                input: Box::new(input),
+                                loss: Some(loss),
+                                residual,
+                            });
                         }
                         Ok(Err(e)) => warn!(round = view.round, reason = %e, "cannot encode the gradient"),
                         Err(_) => {}
@@ -978,6 +1005,9 @@ impl Driver {
             && at == (o.view.round, o.view.attempt)
         {
             self.residual = Some(Arc::new(next));
+        }
+        if self.cfg.round.compression.has_residual() {
+            self.residual_history = (o.view.round, o.residuals.clone());
         }
         self.cfg.metrics.update(|s| {
             s.rounds_completed += 1;
