@@ -382,6 +382,10 @@ pub struct RunArgs {
     /// Length of the deterministic pseudo-random vector all-reduced each round (without --config).
     #[arg(long, env = "DTRAIN_DEMO_VECTOR_LEN", default_value_t = 1_000_000)]
     pub demo_vector_len: usize,
+    /// Compress the demonstration vector (without --config) as a run would: int8 (a scale
+    /// per 256 values) or topk (1% of the values, with error feedback).
+    #[arg(long, env = "DTRAIN_DEMO_COMPRESSION", default_value = "none", value_parser = ["none", "int8", "topk"])]
+    pub demo_compression: String,
     /// Train under this run configuration (TOML): the run id, rounds, peers and ledger
     /// settings come from it; --run, if a run id (0x...), must match it.
     #[arg(long, env = "DTRAIN_CONFIG")]

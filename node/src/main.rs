@@ -251,6 +251,9 @@ fn demo_config_hash(args: &StartArgs) -> [u8; 32] {
     h.update(&args.ledger.epoch_rounds.to_le_bytes());
     h.update(&args.ledger.quorum_bps.to_le_bytes());
     h.update(&args.ledger.min_votes.to_le_bytes());
+    if args.run.demo_compression != "none" {
+        h.update(args.run.demo_compression.as_bytes());
+    }
     h.finalize().into()
 }
 
@@ -297,7 +300,11 @@ fn demo_plan(args: &StartArgs) -> Plan {
         // The demonstration vector has no gradient to recompute.
         audit_every: 0,
         audit_tolerance: 0.0,
-        compression: Compression::None,
+        compression: match args.run.demo_compression.as_str() {
+            "int8" => Compression::Int8 { block: node::train::config::DEFAULT_INT8_BLOCK },
+            "topk" => Compression::TopK { per_million: (node::train::config::DEFAULT_TOPK_FRACTION * 1e6) as u32 },
+            _ => Compression::None,
+        },
         fixed: FixedPoint::default(),
         clip_norm: None,
     }

@@ -128,9 +128,8 @@ struct Norm {
 }
 
 impl Norm {
-    fn push(&mut self, v: i64) {
-        let v = v as f64;
-        self.lanes[self.i & 7] += v * v;
+    fn push(&mut self, v: f64) {
+        self.lanes[self.i & 7] += v;
         self.i += 1;
     }
     fn get(&self) -> f64 {
@@ -138,24 +137,36 @@ impl Norm {
     }
 }
 
-/// `x / s` rounded half to even, for `s > 0`.
+/// `x / s` rounded half to even, for `s > 0`. The f64 quotient of two integers below 2^31
+/// is within 2^-46 of the exact one while a quotient's distance to a half is either zero
+/// (exactly representable) or at least 1/(2s) > 2^-32, so this is the exact integer rounding
+/// on every IEEE-754 machine (in its default rounding mode), and it vectorizes where integer
+/// division does not.
 fn div_round(x: i32, s: i32) -> i32 {
-    let (q, r) = (x.div_euclid(s), x.rem_euclid(s));
-    match (2 * i64::from(r)).cmp(&i64::from(s)) {
-        std::cmp::Ordering::Greater => q + 1,
-        std::cmp::Ordering::Equal => q + (q & 1),
-        std::cmp::Ordering::Less => q,
+    // Adding and subtracting 1.5·2^52 rounds half to even (the default IEEE rounding) for any
+    // magnitude below 2^51, without a library call, so the loop vectorizes.
+    const ROUND: f64 = 6_755_399_441_055_744.0;
+    ((f64::from(x) / f64::from(s) + ROUND) - ROUND) as i32
+}
+
+/// The int8 values of a payload's value words, as bytes (value `j` is byte `j % 4` of word
+/// `j / 4`, little-endian): borrowed where the machine is little-endian.
+fn int8_bytes(q: &[i32]) -> std::borrow::Cow<'_, [u8]> {
+    #[cfg(target_endian = "little")]
+    return std::borrow::Cow::Borrowed(bytemuck::cast_slice(q));
+    #[cfg(not(target_endian = "little"))]
+    std::borrow::Cow::Owned(q.iter().flat_map(|w| w.to_le_bytes()).collect())
+}
+
+/// Packs int8 values into payload words.
+fn pack_int8(values: &[i8], q: &mut [i32]) {
+    for (w, b) in q.iter_mut().zip(values.chunks(4)) {
+        let mut le = [0u8; 4];
+        for (d, v) in le.iter_mut().zip(b) {
+            *d = *v as u8;
+        }
+        *w = i32::from_le_bytes(le);
     }
-}
-
-fn int8_at(q: &[i32], j: usize) -> i8 {
-    q[j / 4].to_le_bytes()[j % 4] as i8
-}
-
-fn set_int8(q: &mut [i32], j: usize, v: i8) {
-    let mut b = q[j / 4].to_le_bytes();
-    b[j % 4] = v as u8;
-    q[j / 4] = i32::from_le_bytes(b);
 }
 
 /// Compresses `units` (a fixed-point vector, every value within ±`max_units`). `residual` is
@@ -171,17 +182,26 @@ pub fn encode(c: Compression, units: &[i32], residual: Option<&[i32]>, max_units
             let block = block as usize;
             let blocks = len.div_ceil(block);
             let max_scale = (max_units / INT8_MAX).max(1);
+            let mut values = vec![0i8; len];
             let (scales, q) = payload.split_at_mut(blocks);
-            for (b, xs) in units.chunks(block).enumerate() {
+            for ((xs, vs), scale) in units.chunks(block).zip(values.chunks_mut(block)).zip(scales.iter_mut()) {
                 let m = xs.iter().map(|x| x.unsigned_abs()).max().unwrap_or(0) as i64;
                 let s = ((m + i64::from(INT8_MAX) - 1) / i64::from(INT8_MAX)).min(i64::from(max_scale)) as i32;
-                scales[b] = s;
+                *scale = s;
                 if s > 0 {
-                    for (j, &x) in xs.iter().enumerate() {
-                        set_int8(q, b * block + j, div_round(x, s).clamp(-INT8_MAX, INT8_MAX) as i8);
+                    for (v, &x) in vs.iter_mut().zip(xs) {
+                        *v = div_round(x, s).clamp(-INT8_MAX, INT8_MAX) as i8;
                     }
                 }
             }
+            let norm = int8_norm(scales, bytemuck::cast_slice(&values), block);
+            if max_norm > 0.0 && norm > max_norm {
+                let f = max_norm / norm;
+                for v in &mut values {
+                    *v = (f64::from(*v) * f).trunc() as i8;
+                }
+            }
+            pack_int8(&values, q);
         }
         Compression::TopK { per_million } => {
             let k = Compression::top_k(per_million, len);
@@ -189,87 +209,79 @@ pub fn encode(c: Compression, units: &[i32], residual: Option<&[i32]>, max_units
                 Some(r) => units.iter().zip(r).map(|(x, e)| x.saturating_add(*e)).collect(),
                 None => units.to_vec(),
             };
-            let mut order: Vec<u32> = (0..len as u32).collect();
-            if k > 0 && k < len {
-                // Largest magnitude first, ties to the lower index: one answer on every peer.
-                order.select_nth_unstable_by(k - 1, |&a, &b| {
-                    acc[b as usize].unsigned_abs().cmp(&acc[a as usize].unsigned_abs()).then(a.cmp(&b))
-                });
+            let picked = top_k_indices(&acc, k);
+            let (indices, values) = payload.split_at_mut(k);
+            for ((i, v), &at) in indices.iter_mut().zip(values.iter_mut()).zip(&picked) {
+                *i = at as i32;
+                *v = acc[at as usize].clamp(-max_units, max_units);
             }
-            let mut picked = order[..k].to_vec();
-            picked.sort_unstable();
-            for (at, &i) in picked.iter().enumerate() {
-                let v = acc[i as usize].clamp(-max_units, max_units);
-                payload[at] = i as i32;
-                payload[k + at] = v;
+            let norm = topk_norm(values);
+            if max_norm > 0.0 && norm > max_norm {
+                let f = max_norm / norm;
+                for v in values.iter_mut() {
+                    *v = (f64::from(*v) * f).trunc() as i32;
+                }
+            }
+            for (&i, &v) in indices.iter().zip(values.iter()) {
                 acc[i as usize] -= v;
             }
             residual_out = Some(acc);
         }
     }
-    let mut norm = norm_of(c, &payload, len);
-    if max_norm > 0.0 && norm > max_norm {
-        shrink(c, &mut payload, len, max_norm / norm, residual_out.as_mut());
-        norm = norm_of(c, &payload, len);
-    }
+    let norm = norm_of(c, &payload, len);
     Encoded { payload, norm, residual: residual_out }
 }
 
-/// Multiplies every value by `f` (< 1), truncated toward zero; top-k's residual keeps the
-/// difference.
-fn shrink(c: Compression, payload: &mut [i32], len: usize, f: f64, residual: Option<&mut Vec<i32>>) {
-    let cut = |v: i32| (f64::from(v) * f).trunc() as i32;
-    match c {
-        Compression::None => payload.iter_mut().for_each(|v| *v = cut(*v)),
-        Compression::Int8 { block } => {
-            let q = &mut payload[len.div_ceil(block as usize)..];
-            for j in 0..len {
-                let v = cut(i32::from(int8_at(q, j)));
-                set_int8(q, j, v as i8);
-            }
-        }
-        Compression::TopK { .. } => {
-            let k = payload.len() / 2;
-            let residual = residual.expect("top-k keeps a residual");
-            for at in 0..k {
-                let (i, v) = (payload[at] as usize, payload[k + at]);
-                let w = cut(v);
-                residual[i] += v - w;
-                payload[k + at] = w;
-            }
+/// The indices of the `k` largest magnitudes of `acc`, ascending; among equal magnitudes the
+/// lower indices: one answer on every peer. The k-th largest magnitude is found on a copy of
+/// the magnitudes (contiguous, so the selection runs at memory speed), then one pass picks.
+fn top_k_indices(acc: &[i32], k: usize) -> Vec<u32> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut mags: Vec<u32> = acc.iter().map(|v| v.unsigned_abs()).collect();
+    let (_, kth, _) = mags.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+    let kth = *kth;
+    let mut ties = k - acc.iter().filter(|v| v.unsigned_abs() > kth).count();
+    let mut picked = Vec::with_capacity(k);
+    for (i, v) in acc.iter().enumerate() {
+        let m = v.unsigned_abs();
+        if m > kth || (m == kth && ties > 0) {
+            ties -= usize::from(m == kth);
+            picked.push(i as u32);
         }
     }
+    picked
 }
 
-/// The decoded norm of a payload the encoder made (unchecked).
-fn norm_of(c: Compression, payload: &[i32], len: usize) -> f64 {
+/// The decoded norm of int8 values: each block's squares summed exactly in integers, times
+/// its scale squared, the blocks in order into f64 lanes.
+fn int8_norm(scales: &[i32], bytes: &[u8], block: usize) -> f64 {
     let mut n = Norm::default();
-    for_each(c, payload, len, |_, v| n.push(i64::from(v)));
+    for (s, qs) in scales.iter().zip(bytes.chunks(block)) {
+        let sq: i64 = qs.iter().map(|b| i64::from(*b as i8) * i64::from(*b as i8)).sum();
+        n.push(sq as f64 * f64::from(*s) * f64::from(*s));
+    }
     n.get()
 }
 
-/// Calls `f(index, value)` for every decoded value the payload carries, in payload order.
-fn for_each(c: Compression, payload: &[i32], len: usize, mut f: impl FnMut(usize, i32)) {
+fn topk_norm(values: &[i32]) -> f64 {
+    let mut n = Norm::default();
+    for v in values {
+        n.push(f64::from(*v) * f64::from(*v));
+    }
+    n.get()
+}
+
+/// The decoded norm of a payload the encoder made (unchecked), in units.
+fn norm_of(c: Compression, payload: &[i32], len: usize) -> f64 {
     match c {
-        Compression::None => payload.iter().enumerate().for_each(|(i, v)| f(i, *v)),
+        Compression::None => crate::fixed::norm_units(payload),
         Compression::Int8 { block } => {
-            let block = block as usize;
-            let (scales, q) = payload.split_at(len.div_ceil(block));
-            for (j, word) in q.iter().enumerate() {
-                for (b, byte) in word.to_le_bytes().into_iter().enumerate() {
-                    let i = 4 * j + b;
-                    if i < len {
-                        f(i, i32::from(byte as i8) * scales[i / block]);
-                    }
-                }
-            }
+            let (scales, q) = payload.split_at(len.div_ceil(block as usize));
+            int8_norm(scales, &int8_bytes(q)[..len], block as usize)
         }
-        Compression::TopK { .. } => {
-            let k = payload.len() / 2;
-            for at in 0..k {
-                f(payload[at] as usize, payload[k + at]);
-            }
-        }
+        Compression::TopK { .. } => topk_norm(&payload[payload.len() / 2..]),
     }
 }
 
@@ -291,7 +303,7 @@ pub fn check(c: Compression, payload: &[i32], len: usize, max_units: i32) -> Res
             if let Some((block, &scale)) = scales.iter().enumerate().find(|(_, s)| !(0..=max).contains(*s)) {
                 return Err(CompressError::Scale { block, scale, max });
             }
-            if let Some(index) = (0..len).find(|&j| int8_at(q, j) == i8::MIN) {
+            if let Some(index) = int8_bytes(q)[..len].iter().position(|b| *b == 0x80) {
                 return Err(CompressError::Int8Range { index });
             }
         }
@@ -318,7 +330,25 @@ pub fn check(c: Compression, payload: &[i32], len: usize, max_units: i32) -> Res
 /// have passed [`check`].
 pub fn add_into(c: Compression, payload: &[i32], acc: &mut [i32]) {
     let len = acc.len();
-    for_each(c, payload, len, |i, v| acc[i] += v);
+    match c {
+        Compression::None => crate::fixed::add_assign(acc, payload),
+        Compression::Int8 { block } => {
+            let block = block as usize;
+            let (scales, q) = payload.split_at(len.div_ceil(block));
+            let bytes = int8_bytes(q);
+            for ((a, qs), s) in acc.chunks_mut(block).zip(bytes[..len].chunks(block)).zip(scales) {
+                for (a, b) in a.iter_mut().zip(qs) {
+                    *a += i32::from(*b as i8) * s;
+                }
+            }
+        }
+        Compression::TopK { .. } => {
+            let (indices, values) = payload.split_at(payload.len() / 2);
+            for (i, v) in indices.iter().zip(values) {
+                acc[*i as usize] += v;
+            }
+        }
+    }
 }
 
 /// The decoded vector of a checked payload.
@@ -365,6 +395,29 @@ mod tests {
         assert_eq!(Compression::TopK { per_million: 1 }.payload_words(0), 0);
         assert!(Compression::Int8 { block: 0 }.validate().is_err());
         assert!(Compression::TopK { per_million: 2_000_000 }.validate().is_err());
+    }
+
+    /// Integer division rounded half to even, exactly.
+    fn div_round_exact(x: i32, s: i32) -> i32 {
+        let (x, s) = (i64::from(x), i64::from(s));
+        let (q, r) = (x.div_euclid(s), x.rem_euclid(s));
+        (match (2 * r).cmp(&s) {
+            std::cmp::Ordering::Greater => q + 1,
+            std::cmp::Ordering::Equal => q + (q & 1),
+            std::cmp::Ordering::Less => q,
+        }) as i32
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// The floating-point quotient rounds exactly as the integer one, ties included.
+        #[test]
+        fn division_rounds_exactly(x in any::<i32>(), s in 1i32..=i32::MAX, tie in 1i32..1000) {
+            prop_assert_eq!(div_round(x, s), div_round_exact(x, s));
+            let t = (2 * tie + 1).min(i32::MAX / 2);
+            prop_assert_eq!(div_round(t, 2), div_round_exact(t, 2));
+            prop_assert_eq!(div_round(-t, 2), div_round_exact(-t, 2));
+        }
     }
 
     proptest! {
@@ -425,6 +478,21 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// The selection is the k largest magnitudes, ties to the lower index.
+        #[test]
+        fn top_k_picks_the_largest_ties_first(len in 1usize..300, k in 1usize..300, seed in any::<u64>(), small in any::<bool>()) {
+            let k = k.min(len);
+            // Small values make many ties.
+            let acc = vector(len, seed, if small { 4 } else { 1 << 20 });
+            let mut order: Vec<u32> = (0..len as u32).collect();
+            order.sort_by(|&a, &b| acc[b as usize].unsigned_abs().cmp(&acc[a as usize].unsigned_abs()).then(a.cmp(&b)));
+            let mut want = order[..k].to_vec();
+            want.sort_unstable();
+            prop_assert_eq!(top_k_indices(&acc, k), want);
+        }
+    }
+
     #[test]
     fn error_feedback_sends_everything_eventually() {
         // A constant gradient, one value in ten sent per round: after enough rounds the mean of
@@ -460,7 +528,8 @@ mod tests {
         p[0] = -1;
         assert!(matches!(check(int8, &p, len, MAX), Err(CompressError::Scale { .. })));
         p = good;
-        set_int8(&mut p[3..], 5, i8::MIN);
+        // Value 5 is byte 1 of the second value word (after 3 scales): make it 0x80.
+        p[4] = (p[4] & !0xff00) | 0x8000;
         assert_eq!(check(int8, &p, len, MAX), Err(CompressError::Int8Range { index: 5 }));
 
         let topk = Compression::TopK { per_million: 300_000 };

@@ -87,6 +87,8 @@ pub struct RingParams {
 struct Gathering {
     hashes: Vec<Hash>,
     seen: Vec<Vec<Option<Hash>>>,
+    /// Payloads held whole and checked, not yet taken by [`RingAllReduce::take_gathered`].
+    ready: Vec<usize>,
 }
 
 /// One member's all-reduce.
@@ -185,7 +187,7 @@ impl RingAllReduce {
                     vec![None; segment_count(c.len(), p.segment_elems)]
                 })
                 .collect();
-            Gathering { hashes, seen }
+            Gathering { hashes, seen, ready: vec![p.pos] }
         });
         Ok(Self {
             p,
@@ -299,14 +301,18 @@ impl RingAllReduce {
         self.remaining -= 1;
         self.bytes_received += msg.payload.len() as u64;
 
-        if let Some(Gathering { hashes, seen }) = self.gather.as_mut() {
+        if let Some(Gathering { hashes, seen, ready }) = self.gather.as_mut() {
             seen[s][segment] = Some(msg.hash);
-            if seen[s].iter().all(Option::is_some) && chunk_hash(seen[s].iter().flatten()) != hashes[chunk] {
+            let whole = seen[s].iter().all(Option::is_some);
+            if whole && chunk_hash(seen[s].iter().flatten()) != hashes[chunk] {
                 return Err(if s == 0 {
                     RingError::CommitMismatch { chunk }
                 } else {
                     RingError::GatheredMismatch { chunk }
                 });
+            }
+            if whole {
+                ready.push(chunk);
             }
             read_le_bytes(&msg.payload, &mut self.data[range]);
             return Ok(
@@ -345,6 +351,18 @@ impl RingAllReduce {
                 }
             }
         }
+    }
+
+    /// Gather mode: the positions of the members whose payloads arrived whole and matched their
+    /// commits since the last call (this member's own first), so they can be decoded while
+    /// the rest travel.
+    pub fn take_gathered(&mut self) -> Vec<usize> {
+        self.gather.as_mut().map(|g| std::mem::take(&mut g.ready)).unwrap_or_default()
+    }
+
+    /// The values of chunk `i` (in gather mode, member `i`'s payload).
+    pub fn chunk(&self, i: usize) -> &[i32] {
+        &self.data[self.chunks[i].clone()]
     }
 
     /// Whether every segment of both phases has arrived.

@@ -320,6 +320,8 @@ pub struct Round {
     own_segments: Vec<Hash>,
     /// Compressed contributions: the length of the vector the payloads decode to.
     values: Option<usize>,
+    /// Compressed contributions: the sum of the payloads decoded so far.
+    decoded: Vec<i32>,
     /// Top-k: the residuals members may start from ([`Contribution::with_residual_history`]).
     residual_history: BTreeMap<PeerKey, [Hash; 2]>,
     residual_zero: Hash,
@@ -412,6 +414,7 @@ impl Round {
             data: Some(input.data),
             own_segments: segs[if gathered { 0 } else { pos }].clone(),
             values: input.values,
+            decoded: Vec::new(),
             residual_history: input.residual_history,
             residual_zero: input.residual_zero,
             ring_batches: input.ring_batches,
@@ -616,7 +619,8 @@ impl Round {
         let data = self.data.take().expect("data until the ring starts");
         let own = std::mem::take(&mut self.own_segments);
         let commits: Vec<&GradientCommit> = self.commits.iter().flatten().collect();
-        let ring = if self.values.is_some() {
+        let ring = if let Some(values) = self.values {
+            self.decoded = vec![0; values];
             let len = data.len();
             let mut all = vec![0; n * len];
             all[self.pos * len..(self.pos + 1) * len].copy_from_slice(&data);
@@ -631,6 +635,9 @@ impl Round {
         };
         out.extend(ring.start().into_iter().map(RoundAction::Send));
         self.ring = Some(ring);
+        if !self.absorb_gathered(out) {
+            return;
+        }
         self.stage = Stage::Reducing;
         self.reduce_started = now;
         self.deadline = now + self.cfg.step_timeout_us;
@@ -683,7 +690,9 @@ impl Round {
                     Ok(send) => {
                         out.extend(send.map(RoundAction::Send));
                         self.deadline = now + self.cfg.step_timeout_us;
-                        self.maybe_certify(now, &mut out);
+                        if self.absorb_gathered(&mut out) {
+                            self.maybe_certify(now, &mut out);
+                        }
                     }
                     Err(e) => {
                         // Every rejected step (values out of range or other than committed, a
@@ -778,18 +787,7 @@ impl Round {
             self.reduce_us = now - self.reduce_started;
             let sum = match self.values {
                 None => ring.into_result(),
-                Some(values) => match self.decode_gathered(&ring.into_result(), values) {
-                    Ok(sum) => sum,
-                    Err((i, why)) => {
-                        let peer = self.view.members[i].clone();
-                        return self.fail_with(
-                            format!("peer {peer} committed to a payload that {why}"),
-                            FailureKind::BadMessage,
-                            vec![peer],
-                            out,
-                        );
-                    }
-                },
+                Some(_) => std::mem::take(&mut self.decoded),
             };
             let hash = hash_i32s(&sum);
             let me = self.view.members[self.pos].clone();
@@ -863,26 +861,35 @@ impl Round {
         }
     }
 
-    /// Checks every member's gathered payload (each already matched its originator's commit)
-    /// and adds them up; a payload that cannot be decoded, or whose norm is not the one its
-    /// commit states, names its member.
-    fn decode_gathered(&self, all: &[i32], values: usize) -> Result<Vec<i32>, (usize, String)> {
+    /// Decodes the gathered payloads that arrived whole since the last call (each matched its
+    /// originator's commit) into the sum, while the others travel. A payload that cannot be
+    /// decoded, or whose norm is not the one its commit states, fails the attempt naming its
+    /// member; returns whether the attempt goes on.
+    fn absorb_gathered(&mut self, out: &mut Vec<RoundAction>) -> bool {
+        let (Some(values), Some(ring)) = (self.values, self.ring.as_mut()) else { return true };
         let c = self.cfg.compression;
         let max_units = if self.cfg.max_units > 0 { self.cfg.max_units } else { i32::MAX / self.view.len() as i32 };
-        let len = all.len() / self.view.len();
-        let mut sum = vec![0i32; values];
-        for (i, payload) in all.chunks(len.max(1)).enumerate().take(self.view.len()) {
-            let norm = crate::compress::check(c, payload, values, max_units).map_err(|e| (i, e.to_string()))?;
+        for i in ring.take_gathered() {
+            let payload = ring.chunk(i);
             let committed = self.commits[i].as_ref().expect("all commits").norm;
-            if norm.to_bits() != committed.to_bits() {
-                return Err((
-                    i,
-                    format!("decodes to a norm of {norm:.0} units, not the {committed:.0} it committed to"),
-                ));
-            }
-            crate::compress::add_into(c, payload, &mut sum);
+            let why = match crate::compress::check(c, payload, values, max_units) {
+                Ok(norm) if norm.to_bits() == committed.to_bits() => {
+                    crate::compress::add_into(c, payload, &mut self.decoded);
+                    continue;
+                }
+                Ok(norm) => format!("decodes to a norm of {norm:.0} units, not the {committed:.0} it committed to"),
+                Err(e) => e.to_string(),
+            };
+            let peer = self.view.members[i].clone();
+            self.fail_with(
+                format!("peer {peer} committed to a payload that {why}"),
+                FailureKind::BadMessage,
+                vec![peer],
+                out,
+            );
+            return false;
         }
-        Ok(sum)
+        true
     }
 
     /// Every member certified the sum: gossip this member's claims and check those already in.

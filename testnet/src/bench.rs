@@ -15,6 +15,7 @@
 
 use crate::process::Node;
 use anyhow::{Context, bail};
+use p2p_proto::compress::{self, Compression};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
@@ -123,6 +124,8 @@ pub struct BenchOpts {
     pub gloo: Option<std::path::PathBuf>,
     /// `--ring-transport` of the node processes.
     pub ring_transport: String,
+    /// Compressions to measure besides the uncompressed ring (int8, topk).
+    pub compression: Vec<String>,
 }
 
 fn gbps(bytes: f64, secs: f64) -> f64 {
@@ -158,7 +161,7 @@ pub fn run(o: &BenchOpts) -> anyhow::Result<()> {
 
     let mut ours = Vec::new();
     for &len in &o.sizes {
-        ours.push(allreduce(n, len, o.rounds, &o.ring_transport)?);
+        ours.push(allreduce(n, len, o.rounds, &o.ring_transport, "none")?);
     }
     let gloo = match &o.gloo {
         Some(python) => Some(gloo(python, n, &o.sizes, o.rounds)?),
@@ -188,7 +191,42 @@ pub fn run(o: &BenchOpts) -> anyhow::Result<()> {
         );
     }
     println!();
+    if !o.compression.is_empty() {
+        compressed(o, per_peer, &ours)?;
+    }
     per_value_costs();
+    Ok(())
+}
+
+/// The same all-reduce with compressed contributions: bytes each peer sends, and the
+/// effective bandwidth (the f32 vector's bytes over the time, as for the ring).
+fn compressed(o: &BenchOpts, per_peer: f64, ring: &[(f64, f64)]) -> anyhow::Result<()> {
+    let n = o.peers;
+    println!(
+        "| values (f32) | compression | reduce ms (median) | round ms (median) | MB sent per peer | effective busbw GB/s | effective busbw / per-peer ceiling | ring reduce ms / this |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+    for c in &o.compression {
+        let comp = match c.as_str() {
+            "int8" => Compression::Int8 { block: 256 },
+            _ => Compression::TopK { per_million: 10_000 },
+        };
+        for (&len, &(ring_reduce, _)) in o.sizes.iter().zip(ring) {
+            let (reduce, round) = allreduce(n, len, o.rounds, &o.ring_transport, c)?;
+            let sent = 4.0 * comp.payload_words(len) as f64 * (n as f64 - 1.0);
+            let bus = gbps(4.0 * len as f64, reduce) * 2.0 * (n as f64 - 1.0) / n as f64;
+            println!(
+                "| {} | {c} | {:.1} | {:.1} | {:.1} | {bus:.3} | {:.0}% | {:.2} |",
+                human(len),
+                reduce * 1e3,
+                round * 1e3,
+                sent / 1e6,
+                100.0 * bus / per_peer,
+                ring_reduce / reduce,
+            );
+        }
+    }
+    println!();
     Ok(())
 }
 
@@ -233,10 +271,18 @@ fn gloo(python: &std::path::Path, n: usize, sizes: &[usize], rounds: u64) -> any
 }
 
 /// Median over rounds of the slowest peer's reduce and round time, in seconds.
-pub(crate) fn allreduce(n: usize, len: usize, rounds: u64, transport: &str) -> anyhow::Result<(f64, f64)> {
+pub(crate) fn allreduce(
+    n: usize,
+    len: usize,
+    rounds: u64,
+    transport: &str,
+    compression: &str,
+) -> anyhow::Result<(f64, f64)> {
     let (min, r, l) = (n.to_string(), rounds.to_string(), len.to_string());
-    let run = format!("bench-{len}");
+    let run = format!("bench-{len}-{compression}");
     let flags = [
+        "--demo-compression",
+        compression,
         "--ring-transport",
         transport,
         "--run",
@@ -309,7 +355,17 @@ fn per_value_costs() {
     let t_hash_bytes = time(&mut || h = *blake3::hash(&bytes).as_bytes());
     let mut acc = enc.clone();
     let t_add = time(&mut || p2p_proto::fixed::add_assign_le_bytes(&mut acc, &bytes));
-    std::hint::black_box((&h, &acc));
+    let int8 = Compression::Int8 { block: 256 };
+    let max = fp.max_units();
+    let mut packed = Vec::new();
+    let t_int8 = time(&mut || packed = compress::encode(int8, &enc, None, max, 0.0).payload);
+    let t_int8_in = time(&mut || {
+        compress::check(int8, &packed, len, max).expect("a payload the encoder made");
+        compress::add_into(int8, &packed, &mut acc);
+    });
+    let topk = Compression::TopK { per_million: 10_000 };
+    let t_topk = time(&mut || packed = compress::encode(topk, &enc, Some(&acc), max, 0.0).payload);
+    std::hint::black_box((&h, &acc, &packed));
     let b = 4.0 * len as f64;
     println!("| single core, 16M values | GB/s |");
     println!("|---|---:|");
@@ -318,4 +374,7 @@ fn per_value_costs() {
     println!("| blake3 of wire bytes | {:.2} |", gbps(b, t_hash_bytes));
     println!("| add wire bytes into the sum | {:.2} |", gbps(b, t_add));
     println!("| encode + blake3 + add, combined | {:.2} |", gbps(b, t_enc + t_hash_bytes + t_add));
+    println!("| int8 compress (a scale per 256 values) | {:.2} |", gbps(b, t_int8));
+    println!("| int8 check + decode-add into the sum | {:.2} |", gbps(b, t_int8_in));
+    println!("| top-k 1% compress, with a residual | {:.2} |", gbps(b, t_topk));
 }

@@ -130,6 +130,10 @@ enum Cmd {
         /// How node processes move ring payloads (`direct` or `libp2p`).
         #[arg(long, default_value = "direct")]
         ring_transport: String,
+        /// Also all-reduce compressed vectors (int8, topk; comma separated) and report their
+        /// effective bandwidth (f32 bytes over time) next to the uncompressed ring.
+        #[arg(long, value_delimiter = ',', value_parser = ["int8", "topk"])]
+        compression: Vec<String>,
     },
     /// Rounds of 16 to 1,000 peers on simulated WAN links (ring, hierarchical, local SGD),
     /// with failures; calibrated on this machine and checked against the real all-reduce.
@@ -209,8 +213,8 @@ fn main() -> anyhow::Result<()> {
             logs,
         }),
         Cmd::Simulate(opts) => sim::run(&opts),
-        Cmd::Bench { peers, sizes, rounds, gloo, ring_transport } => {
-            bench::run(&bench::BenchOpts { peers, sizes, rounds, gloo, ring_transport })
+        Cmd::Bench { peers, sizes, rounds, gloo, ring_transport, compression } => {
+            bench::run(&bench::BenchOpts { peers, sizes, rounds, gloo, ring_transport, compression })
         }
         Cmd::TcpPeer { send, recv, span } => bench::tcp_peer(send, recv, span),
     }

@@ -630,7 +630,7 @@ pub fn run(o: &SimOpts) -> anyhow::Result<()> {
     println!("|---:|---:|---:|---:|");
     for len in [16usize << 20, 64 << 20] {
         let predicted = ring(n, len, loopback).secs;
-        let measured = if o.measure { Some(crate::bench::allreduce(n, len, 5, "direct")?.0) } else { None };
+        let measured = if o.measure { Some(crate::bench::allreduce(n, len, 5, "direct", "none")?.0) } else { None };
         println!(
             "| {}M | {:.1} | {} | {} |",
             len >> 20,

@@ -144,7 +144,7 @@ enum Internal {
         loss: Option<f32>,
         /// Top-k compression: the residual the contribution was compressed with, and the one
         /// this peer keeps if the ring certifies it.
-        residual: Option<(Arc<Vec<i32>>, Vec<i32>)>,
+        residual: Option<Residuals>,
     },
     /// The worker applied a round: this peer now holds this state.
     Applied(StateTag),
@@ -160,6 +160,48 @@ enum Internal {
     Settled(p2p_proto::message::Settlement),
     /// An audit, or a check of fault evidence, is done.
     Audited(audit::Audited),
+}
+
+/// Top-k: the residual a contribution was compressed with, and the one it leaves.
+type Residuals = (Arc<Vec<i32>>, Vec<i32>);
+
+/// Makes a peer's contribution to one ring from its encoded values ([`Driver::packer`]).
+struct Packer {
+    comp: compress::Compression,
+    n: usize,
+    seg: usize,
+    max_units: i32,
+    max_norm: f64,
+    residual: Option<Arc<Vec<i32>>>,
+    history: std::collections::BTreeMap<PeerKey, [Hash; 2]>,
+    zero: Hash,
+}
+
+impl Packer {
+    /// The contribution, and with top-k the residual it used and the one it leaves.
+    fn pack(
+        self,
+        data: Vec<i32>,
+        samples: u64,
+        param_hash: Hash,
+        joiners: Vec<PeerKey>,
+    ) -> (Contribution, Option<Residuals>) {
+        if self.comp.is_none() {
+            return (Contribution::new(data, samples, param_hash, joiners, self.n, self.seg), None);
+        }
+        let used = self.residual.as_deref().map(Vec::as_slice);
+        let e = compress::encode(self.comp, &data, used, self.max_units, self.max_norm);
+        let input = Contribution::compressed(e.payload, e.norm, data.len(), samples, param_hash, joiners, self.seg);
+        match (self.residual, e.residual) {
+            (Some(used), Some(next)) => {
+                let input = input
+                    .with_residual(hash_i32s(&used), hash_i32s(&next))
+                    .with_residual_history(self.history, self.zero);
+                (input, Some((used, next)))
+            }
+            _ => (input, None),
+        }
+    }
 }
 
 /// How far a requested stop has got.
@@ -722,22 +764,22 @@ impl Driver {
         );
         let joiners = self.membership.joiners(now);
         let excluded = self.membership.excluded(view.round);
-        let (run, me, fixed, seg) = (self.cfg.run, self.me.clone(), self.cfg.fixed, self.cfg.round.segment_elems);
+        let (run, me, fixed) = (self.cfg.run, self.me.clone(), self.cfg.fixed);
         let tx = self.internal.clone();
         match &self.cfg.compute {
             Compute::Demo { len } => {
                 let len = *len;
+                let pack = self.packer(&view, len, 1.0);
                 tokio::task::spawn_blocking(move || {
                     let values = demo_vector(run, view.round, &me, len);
                     let data = fixed.encode(&values).expect("demo values are finite");
                     // The demonstration has no parameters: its parameter hash is zero.
-                    let input =
-                        Contribution::new(data, 1, Hash::default(), joiners, view.len(), seg).with_excluded(excluded);
-                    let _ = tx.send(Internal::Prepared { view, input: Box::new(input), loss: None, residual: None });
+                    let (input, residual) = pack.pack(data, 1, Hash::default(), joiners);
+                    let input = input.with_excluded(excluded);
+                    let _ = tx.send(Internal::Prepared { view, input: Box::new(input), loss: None, residual });
                 });
             }
             Compute::Train(spec) => {
-                let n = view.len();
                 let pos = view.position(&me).expect("a started ring holds this peer");
                 // Member p takes its batch of the stream right after those of members 0..p,
                 // and weighs its mean gradient by its share of the round's samples, so the
@@ -757,23 +799,7 @@ impl Driver {
                 let fault = self.cfg.fault;
                 let start = FaultMode::start(fault, self.cursor + offset);
                 let gradient = spec.worker.gradient(start, spec.batch, weight);
-                let comp = self.cfg.round.compression;
-                let params = spec.worker.params;
-                let residual =
-                    comp.has_residual().then(|| self.residual.get_or_insert_with(|| Arc::new(vec![0; params])).clone());
-                // What each member may start from: known for the members of the round before,
-                // when this peer completed it.
-                let history = match &self.residual_history {
-                    (r, h) if r + 1 == view.round => h.clone(),
-                    _ => Default::default(),
-                };
-                let zero = if comp.has_residual() {
-                    *self.residual_zero.get_or_insert_with(|| hash_i32s(&vec![0; params]))
-                } else {
-                    Hash::default()
-                };
-                // An honest member's payload stays within the norm its weight allows.
-                let max_norm = self.cfg.round.max_norm_units * f64::from(weight);
+                let pack = self.packer(&view, spec.worker.params, weight);
                 tokio::spawn(async move {
                     let Ok(mut g) = gradient.await else { return };
                     FaultMode::distort(fault, &mut g.weighted, weight);
@@ -787,35 +813,7 @@ impl Driver {
                     }
                     let prepared = tokio::task::spawn_blocking(move || {
                         let data = FaultMode::encode(fault, &fixed, &g.weighted).map_err(|e| e.to_string())?;
-                        let (input, residual) = if comp.is_none() {
-                            (Contribution::new(data, g.samples as u64, g.param_hash, joiners, n, seg), None)
-                        } else {
-                            let e = compress::encode(
-                                comp,
-                                &data,
-                                residual.as_deref().map(Vec::as_slice),
-                                fixed.max_units(),
-                                max_norm,
-                            );
-                            let input = Contribution::compressed(
-                                e.payload,
-                                e.norm,
-                                data.len(),
-                                g.samples as u64,
-                                g.param_hash,
-                                joiners,
-                                seg,
-                            );
-                            match (residual, e.residual) {
-                                (Some(used), Some(next)) => {
-                                    let input = input
-                                        .with_residual(hash_i32s(&used), hash_i32s(&next))
-                                        .with_residual_history(history, zero);
-                                    (input, Some((used, next)))
-                                }
-                                _ => (input, None),
-                            }
-                        };
+                        let (input, residual) = pack.pack(data, g.samples as u64, g.param_hash, joiners);
                         let input = input.with_ring_batches(batches).with_excluded(excluded);
                         Ok::<_, String>((input, g.loss, residual))
                     })
@@ -834,6 +832,33 @@ impl Driver {
                     }
                 });
             }
+        }
+    }
+
+    /// How this peer's contribution to `view` is made from its `len` encoded values, weighed
+    /// `weight` in the ring's sum: hashed for the ring, or compressed (top-k with this peer's
+    /// residual, and the residuals the other members may start from).
+    fn packer(&mut self, view: &RingView, len: usize, weight: f32) -> Packer {
+        let comp = self.cfg.round.compression;
+        let topk = comp.has_residual();
+        let residual = topk.then(|| self.residual.get_or_insert_with(|| Arc::new(vec![0; len])).clone());
+        // Known for the members of the round before, when this peer completed it.
+        let history = match &self.residual_history {
+            (r, h) if topk && r + 1 == view.round => h.clone(),
+            _ => Default::default(),
+        };
+        let zero =
+            if topk { *self.residual_zero.get_or_insert_with(|| hash_i32s(&vec![0; len])) } else { Hash::default() };
+        Packer {
+            comp,
+            n: view.len(),
+            seg: self.cfg.round.segment_elems,
+            max_units: self.cfg.fixed.max_units(),
+            // An honest member's payload stays within the norm its weight allows.
+            max_norm: self.cfg.round.max_norm_units * f64::from(weight),
+            residual,
+            history,
+            zero,
         }
     }
 
