@@ -9,7 +9,7 @@
 //! peers that refused its frames report that on chain (an attestation, once). And honest peers with audits on never accuse one another. Audits within
 //! a tolerance (for backends that are not bit-exact) catch the same lies from
 //! the values the liar reveals, and never accuse a peer whose gradient is only
-//! a little off.
+//! a little off. Compressed runs catch a liar the same way, from its payload.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -220,6 +220,18 @@ fn a_peer_committing_to_anything_but_its_gradient_is_caught_excluded_and_reporte
     // Commits to its gradient, sends it, but its partial sums leave out what it received: its
     // auditor proves it from its signed sum check.
     a_liar_is_caught("drop-contribution", 1, &anvil, &contract);
+}
+
+#[test]
+fn a_liar_compressing_another_gradient_is_caught_excluded_and_reported() {
+    let anvil = Anvil::start();
+    let contract = deploy(&anvil);
+    // Its payload is the compression of another gradient: the auditor recomputes the payload
+    // exactly (for top-k with the residual the commit names, fetched from the liar and checked
+    // against that hash), and every honest peer checks the evidence the same way.
+    a_liar_is_caught_with("random-gradient", "audit_every = 1\ncompression = \"int8\"\n", 1, &anvil, &contract);
+    let topk = "audit_every = 1\ncompression = \"topk\"\ntopk_fraction = 0.05\n";
+    a_liar_is_caught_with("random-gradient", topk, 1, &anvil, &contract);
 }
 
 /// Four honest peers and one peer in `mode` (frames altered after signing, or replayed from an

@@ -12,6 +12,35 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use tests::{Anvil, Node, TempDir, deploy, ensure_fashion_mnist, ledger_json};
 
+/// Starts `peers` training peers of the run in `config` (peer `i` with `flags(i)` added), the
+/// first one the others' bootstrap, and waits until all trained their rounds and exited.
+fn run_peers(name: &str, config: &std::path::Path, peers: usize, flags: impl Fn(usize) -> Vec<String>) -> Vec<Node> {
+    let data = ensure_fashion_mnist().to_str().unwrap().to_owned();
+    let start = |i: usize, boot: Option<&str>| {
+        let mut f: Vec<String> = ["--config", config.to_str().unwrap(), "--dataset", &data].map(String::from).to_vec();
+        f.extend(flags(i));
+        if let Some(b) = boot {
+            f.extend(["--bootstrap".to_owned(), b.to_owned()]);
+        }
+        let refs: Vec<&str> = f.iter().map(String::as_str).collect();
+        Node::start(&format!("{name}-{i}"), &refs)
+    };
+    let first = start(0, None);
+    let boot = first.address();
+    let mut nodes = vec![first];
+    for i in 1..peers {
+        nodes.push(start(i, Some(&boot)));
+    }
+    for n in nodes.iter_mut() {
+        let code = n.wait_exit(Duration::from_secs(300));
+        if code != Some(0) {
+            n.dump();
+        }
+        assert_eq!(code, Some(0), "{} trained every round and exited", n.name);
+    }
+    nodes
+}
+
 fn trained(n: &Node) -> BTreeMap<u64, Value> {
     n.events("round trained").into_iter().map(|e| (e["round"].as_u64().unwrap(), e)).collect()
 }
@@ -32,30 +61,7 @@ fn local_sgd_peers_stay_identical_learn_and_the_chain_counts_every_local_step() 
         ),
     )
     .unwrap();
-    let data = ensure_fashion_mnist().to_str().unwrap().to_owned();
-    let start = |i: usize, boot: Option<&str>| {
-        let mut flags: Vec<String> =
-            ["--config", config.to_str().unwrap(), "--dataset", &data].map(String::from).to_vec();
-        flags.extend(anvil.peer_flags(&contract, i + 1));
-        if let Some(b) = boot {
-            flags.extend(["--bootstrap".to_owned(), b.to_owned()]);
-        }
-        let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
-        Node::start(&format!("local-{i}"), &refs)
-    };
-    let first = start(0, None);
-    let boot = first.address();
-    let mut nodes = vec![first];
-    for i in 1..peers {
-        nodes.push(start(i, Some(&boot)));
-    }
-    for n in nodes.iter_mut() {
-        let code = n.wait_exit(Duration::from_secs(300));
-        if code != Some(0) {
-            n.dump();
-        }
-        assert_eq!(code, Some(0), "{} trained every round and exited", n.name);
-    }
+    let nodes = run_peers("local", &config, peers, |i| anvil.peer_flags(&contract, i + 1));
 
     let per_node: Vec<BTreeMap<u64, Value>> = nodes.iter().map(trained).collect();
     let ring_samples = peers as u64 * steps * batch;
@@ -114,27 +120,7 @@ fn compressed_run(name: &str, extra: &str, rounds: u64) -> Vec<Node> {
         ),
     )
     .unwrap();
-    let data = ensure_fashion_mnist().to_str().unwrap().to_owned();
-    let start = |i: usize, boot: Option<&str>| {
-        let mut flags: Vec<String> =
-            ["--config", config.to_str().unwrap(), "--dataset", &data].map(String::from).to_vec();
-        if let Some(b) = boot {
-            flags.extend(["--bootstrap".to_owned(), b.to_owned()]);
-        }
-        let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
-        Node::start(&format!("{name}-{i}"), &refs)
-    };
-    let first = start(0, None);
-    let boot = first.address();
-    let mut nodes = vec![first, start(1, Some(&boot)), start(2, Some(&boot))];
-    for n in nodes.iter_mut() {
-        let code = n.wait_exit(Duration::from_secs(300));
-        if code != Some(0) {
-            n.dump();
-        }
-        assert_eq!(code, Some(0), "{} trained every round and exited", n.name);
-    }
-    nodes
+    run_peers(name, &config, 3, |_| Vec::new())
 }
 
 /// What every compressed run must show: identical parameters after every round, a falling

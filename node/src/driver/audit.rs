@@ -444,7 +444,7 @@ impl Driver {
         } else if audit::ring_hash(self.cfg.run, &view, &evidence.batches) != c.ring {
             Some("the commit was made for another ring")
         } else if let Compute::Train(spec) = &self.cfg.compute
-            && c.len != spec.worker.params as u64
+            && c.len != self.cfg.round.compression.payload_words(spec.worker.params) as u64
         {
             Some("the commit is for another number of values than the model has")
         } else {
