@@ -146,11 +146,11 @@ fn a_liar_is_caught_with(mode: &str, extra: &str, account_base: usize, anvil: &A
         panic!("{mode}: the honest peers did not all prove the fault and train on");
     }
     // Caught in the first round it lied in: the first audited attempt with the liar failed.
-    let first_failure = honest
+    let (first_failure, first_attempt) = honest
         .iter()
         .flat_map(|n| n.events("round failed"))
         .filter(|e| e["reason"].as_str().unwrap_or_default().contains(&liar_id))
-        .map(|e| e["round"].as_u64().unwrap())
+        .map(|e| (e["round"].as_u64().unwrap(), e["attempt"].as_u64().unwrap()))
         .min()
         .expect("an attempt failed because of the liar");
     assert_eq!(first_failure, 0, "{mode}: the liar was caught in round 0, the first round it lied in");
@@ -163,7 +163,12 @@ fn a_liar_is_caught_with(mode: &str, extra: &str, account_base: usize, anvil: &A
         "scale-1000" | "nan" => ("the peer committed to a gradient above the run's norm clipping", 4),
         _ => ("audit failed: the peer's commit is not its gradient", 1),
     };
-    let catchers: Vec<&Node> = honest.iter().filter(|n| !n.events(caught).is_empty()).collect();
+    // (A later attempt may catch it again before most honest peers have checked the evidence and
+    // leave it out; events that name their attempt are counted in the first one only.)
+    let in_first = |e: &serde_json::Value| {
+        e["attempt"].as_u64().is_none_or(|a| (e["round"].as_u64(), a) == (Some(first_failure), first_attempt))
+    };
+    let catchers: Vec<&Node> = honest.iter().filter(|n| n.events(caught).iter().any(in_first)).collect();
     assert_eq!(catchers.len(), by, "{mode}: caught by {by} honest peer(s) in that attempt");
     if extra.contains("audit_tolerance") {
         // Judged on the values it revealed, against the run's tolerance.
