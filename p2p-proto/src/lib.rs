@@ -12,6 +12,9 @@
 //! 4. [`round`] gossips the commit, runs [`ring`] (reduce-scatter, then
 //!    all-gather) and certifies the result with every member's `Done`; in an
 //!    audited attempt [`sumcheck`] then checks every member's partial sums.
+//!    A run that compresses ([`compress`]: int8, top-k) commits to each
+//!    member's payload instead, and the ring gathers the payloads unchanged
+//!    for every member to decode and add.
 //! 5. [`message`] defines every message on the wire and [`codec`] frames it
 //!    with a version byte and a size limit checked before any allocation.
 //!
