@@ -73,7 +73,7 @@ pub enum CompressError {
 pub struct Encoded {
     /// What the member commits to and the ring gathers.
     pub payload: Vec<i32>,
-    /// L2 norm of the decoded values, in units ([`norm`]).
+    /// L2 norm of the decoded values, in units (what receivers compute with [`check`]).
     pub norm: f64,
     /// Top-k: what the member did not send, carried into its next round.
     pub residual: Option<Vec<i32>>,
