@@ -162,8 +162,11 @@ enum Internal {
     Audited(audit::Audited),
 }
 
-/// Top-k: the residual a contribution was compressed with, and the one it leaves.
-type Residuals = (Arc<Vec<i32>>, Vec<i32>);
+/// Top-k: the residual a contribution was compressed with, and the one it leaves with its hash.
+type Residuals = (Arc<Vec<i32>>, Vec<i32>, Hash);
+
+/// A residual with its blake3 (hashed once, when it is made).
+type Residual = (Arc<Vec<i32>>, Hash);
 
 /// Makes a peer's contribution to one ring from its encoded values ([`Driver::packer`]).
 struct Packer {
@@ -172,7 +175,7 @@ struct Packer {
     seg: usize,
     max_units: i32,
     max_norm: f64,
-    residual: Option<Arc<Vec<i32>>>,
+    residual: Option<Residual>,
     history: std::collections::BTreeMap<PeerKey, [Hash; 2]>,
     zero: Hash,
 }
@@ -189,15 +192,14 @@ impl Packer {
         if self.comp.is_none() {
             return (Contribution::new(data, samples, param_hash, joiners, self.n, self.seg), None);
         }
-        let used = self.residual.as_deref().map(Vec::as_slice);
+        let used = self.residual.as_ref().map(|(r, _)| r.as_slice());
         let e = compress::encode(self.comp, &data, used, self.max_units, self.max_norm);
         let input = Contribution::compressed(e.payload, e.norm, data.len(), samples, param_hash, joiners, self.seg);
         match (self.residual, e.residual) {
-            (Some(used), Some(next)) => {
-                let input = input
-                    .with_residual(hash_i32s(&used), hash_i32s(&next))
-                    .with_residual_history(self.history, self.zero);
-                (input, Some((used, next)))
+            (Some((used, used_hash)), Some(next)) => {
+                let next_hash = hash_i32s(&next);
+                let input = input.with_residual(used_hash, next_hash).with_residual_history(self.history, self.zero);
+                (input, Some((used, next, next_hash)))
             }
             _ => (input, None),
         }
@@ -268,9 +270,10 @@ struct Driver {
     /// residuals its top-k payloads were compressed with.
     reveals: crate::reveal::Store,
     /// Top-k compression's error feedback: what this peer's certified rounds did not send.
-    residual: Option<Arc<Vec<i32>>>,
-    /// The residual after the attempt under way, kept if the ring certifies that attempt.
-    next_residual: Option<((u64, u32), Vec<i32>)>,
+    residual: Option<Residual>,
+    /// The residual after the attempt under way (and its hash), kept if the ring certifies
+    /// that attempt.
+    next_residual: Option<((u64, u32), Vec<i32>, Hash)>,
     /// The residual hashes each member's commit stated in the last round this peer completed,
     /// and that round; and the hash of a residual of zeros.
     residual_history: (u64, std::collections::BTreeMap<PeerKey, [Hash; 2]>),
@@ -448,11 +451,11 @@ impl Driver {
         match msg {
             Internal::Prepared { view, input, loss, residual } => {
                 self.loss = loss;
-                if let Some((used, next)) = residual {
+                if let Some((used, next, hash)) = residual {
                     // An auditor asks for the residual the commit names; the next one counts
                     // only if this attempt does.
                     self.reveals.insert(&self.me, view.round, view.attempt, used);
-                    self.next_residual = Some(((view.round, view.attempt), next));
+                    self.next_residual = Some(((view.round, view.attempt), next, hash));
                 }
                 self.on_prepared(view, *input);
             }
@@ -841,14 +844,14 @@ impl Driver {
     fn packer(&mut self, view: &RingView, len: usize, weight: f32) -> Packer {
         let comp = self.cfg.round.compression;
         let topk = comp.has_residual();
-        let residual = topk.then(|| self.residual.get_or_insert_with(|| Arc::new(vec![0; len])).clone());
+        let zero =
+            if topk { *self.residual_zero.get_or_insert_with(|| hash_i32s(&vec![0; len])) } else { Hash::default() };
+        let residual = topk.then(|| self.residual.get_or_insert_with(|| (Arc::new(vec![0; len]), zero)).clone());
         // Known for the members of the round before, when this peer completed it.
         let history = match &self.residual_history {
             (r, h) if topk && r + 1 == view.round => h.clone(),
             _ => Default::default(),
         };
-        let zero =
-            if topk { *self.residual_zero.get_or_insert_with(|| hash_i32s(&vec![0; len])) } else { Hash::default() };
         Packer {
             comp,
             n: view.len(),
@@ -1026,10 +1029,10 @@ impl Driver {
         self.next_round = o.view.round + 1;
         let done = AttemptRef { round: o.view.round, attempt: o.view.attempt, ring: o.view.hash(self.cfg.run) };
         self.certified.insert(o.view.round, done);
-        if let Some((at, next)) = self.next_residual.take()
+        if let Some((at, next, hash)) = self.next_residual.take()
             && at == (o.view.round, o.view.attempt)
         {
-            self.residual = Some(Arc::new(next));
+            self.residual = Some((Arc::new(next), hash));
         }
         if self.cfg.round.compression.has_residual() {
             self.residual_history = (o.view.round, o.residuals.clone());
