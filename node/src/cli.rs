@@ -312,6 +312,10 @@ pub struct FaultArgs {
     #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     pub fault_mode: Option<crate::driver::FaultMode>,
+    /// Compute this many milliseconds longer for every gradient, as a peer on a slower device.
+    #[cfg(feature = "fault-injection")]
+    #[arg(long, hide = true)]
+    pub fault_slow_compute_ms: Option<u64>,
 }
 
 impl FaultArgs {
@@ -321,6 +325,14 @@ impl FaultArgs {
         return self.fault_pause_in_round;
         #[cfg(not(feature = "fault-injection"))]
         None
+    }
+
+    /// How much longer every gradient takes (zero: as long as it takes).
+    pub fn slow_compute(&self) -> std::time::Duration {
+        #[cfg(feature = "fault-injection")]
+        return std::time::Duration::from_millis(self.fault_slow_compute_ms.unwrap_or(0));
+        #[cfg(not(feature = "fault-injection"))]
+        std::time::Duration::ZERO
     }
 
     /// The misbehaviour to act out, if any.

@@ -275,6 +275,8 @@ struct Plan {
     clip_norm: Option<f32>,
     /// How contributions are compressed.
     compression: Compression,
+    /// Asynchronous rounds: the threshold and the largest staleness (none: synchronous).
+    asynchronous: Option<(Duration, u64)>,
 }
 
 /// The run configuration from `--config`, bound to this peer's dataset and build.
@@ -305,6 +307,7 @@ fn demo_plan(args: &StartArgs) -> Plan {
             "topk" => Compression::TopK { per_million: (node::train::config::DEFAULT_TOPK_FRACTION * 1e6) as u32 },
             _ => Compression::None,
         },
+        asynchronous: None,
         fixed: FixedPoint::default(),
         clip_norm: None,
     }
@@ -313,7 +316,8 @@ fn demo_plan(args: &StartArgs) -> Plan {
 fn train_plan(args: &StartArgs, cfg: &RunConfig, ds: data::Dataset) -> anyhow::Result<Plan> {
     let run = cfg.run_id();
 
-    let worker = Worker::spawn(cfg, Arc::new(ds), node::train::run::device(args.run.backend)?)?;
+    let device = node::train::run::device(args.run.backend)?;
+    let worker = Worker::spawn_slowed(cfg, Arc::new(ds), device, args.faults.slow_compute())?;
     let batch = args.run.batch.unwrap_or(cfg.batch);
     if batch == 0 || batch > u32::MAX as usize {
         anyhow::bail!("--batch {batch} is out of range: use 1 or more samples per round");
@@ -361,6 +365,7 @@ fn train_plan(args: &StartArgs, cfg: &RunConfig, ds: data::Dataset) -> anyhow::R
         audit_every: cfg.audit_every,
         audit_tolerance: cfg.audit_tolerance(),
         compression: cfg.compression().map_err(|e| anyhow::anyhow!(e))?,
+        asynchronous: cfg.asynchronous(),
         fixed: match cfg.clip_value {
             Some(c) => FixedPoint::default().with_clip(c)?,
             None => FixedPoint::default(),
@@ -476,7 +481,9 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             max_units: fixed.max_units(),
             max_norm_units: plan.clip_norm.map_or(0.0, |c| f64::from(c) * f64::from(1u32 << fixed.scale_bits())),
             compression: plan.compression,
+            max_staleness: plan.asynchronous.map_or(0, |(_, s)| s),
         },
+        async_threshold: plan.asynchronous.map(|(t, _)| t),
         fixed,
         audit_tolerance: plan.audit_tolerance,
         compute: plan.compute,

@@ -78,6 +78,14 @@ pub fn micro_batch(batches: &[u64], pos: usize) -> (u64, u64, f32) {
     (offset, batches[pos], weight)
 }
 
+/// Asynchronous runs: the factor a member's clipped gradient is multiplied by when it joins the
+/// sum `staleness` rounds after the round it was computed for, at the member's `weight` in the
+/// round it joins: `weight / (1 + staleness)`, exactly `weight` when fresh. Every honest member
+/// and every auditor computes the same bits, so a stale gradient is audited like a fresh one.
+pub fn staleness_weight(weight: f32, staleness: u64) -> f32 {
+    if staleness == 0 { weight } else { (f64::from(weight) / (1 + staleness) as f64) as f32 }
+}
+
 /// Whether the norm `commit` states is above the largest an honest member at `pos` can commit
 /// to: its gradient clipped to the run's norm (`max_norm_units`, in units; 0: not checked) and
 /// weighted by its share of the samples, plus half a unit of rounding per value.
@@ -258,6 +266,7 @@ mod tests {
             samples: 32,
             norm: crate::fixed::norm_units(&data),
             param_hash: [1; 32],
+            computed_at: 3,
             joiners: vec![],
             excluded: vec![],
             leaving: false,
@@ -289,6 +298,7 @@ mod tests {
             samples: 16,
             norm,
             param_hash: [0; 32],
+            computed_at: 0,
             joiners: vec![],
             excluded: vec![],
             leaving: false,
@@ -324,6 +334,7 @@ mod tests {
             samples: 1,
             norm: 0.0,
             param_hash: [0; 32],
+            computed_at: 1,
             joiners: vec![],
             excluded: vec![],
             leaving: false,

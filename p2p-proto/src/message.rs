@@ -181,6 +181,10 @@ pub struct GradientCommit {
     pub norm: f64,
     /// Hash of the parameters the gradient was computed on.
     pub param_hash: Hash,
+    /// The round whose parameters and micro-batch the gradient is of: this round, or, in an
+    /// asynchronous run, an earlier one (a stale gradient of a slow member, weighted down by
+    /// its staleness; see [`crate::audit::staleness_weight`]).
+    pub computed_at: u64,
     /// Peers that asked to join, as this member saw them.
     pub joiners: Vec<PeerKey>,
     /// Joiners this member keeps out of the next ring (its circuit breakers are open for them).

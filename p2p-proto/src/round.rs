@@ -60,6 +60,11 @@ pub struct RoundConfig {
     /// How contributions are compressed: not at all (the ring reduces them), or compressed,
     /// gathered and decoded by every member ([`crate::compress`]).
     pub compression: Compression,
+    /// Asynchronous runs: how many rounds late a slow member's gradient may join the sum
+    /// (weighted down by [`crate::audit::staleness_weight`]), and whether a member may commit
+    /// nothing (zeros, no samples) while its gradient is still being computed. 0: synchronous,
+    /// every member commits the gradient of this round's parameters and its announced samples.
+    pub max_staleness: u64,
 }
 
 /// What this member contributes to the round.
@@ -92,6 +97,11 @@ pub struct Contribution {
     /// member certified it, and the hash of a residual of zeros (see [`Round::on_commit`]).
     residual_history: BTreeMap<PeerKey, [Hash; 2]>,
     residual_zero: Hash,
+    /// The round the values were computed for (None: this round).
+    computed_at: Option<u64>,
+    /// Asynchronous runs: the parameter hash this member held at the start of each recent
+    /// round, to check other members' (possibly stale) commits against.
+    param_history: BTreeMap<u64, Hash>,
 }
 
 impl Contribution {
@@ -122,6 +132,8 @@ impl Contribution {
             residual: Default::default(),
             residual_history: BTreeMap::new(),
             residual_zero: Hash::default(),
+            computed_at: None,
+            param_history: BTreeMap::new(),
         }
     }
 
@@ -158,6 +170,17 @@ impl Contribution {
     pub fn with_residual_history(mut self, history: BTreeMap<PeerKey, [Hash; 2]>, zero: Hash) -> Self {
         self.residual_history = history;
         self.residual_zero = zero;
+        self
+    }
+
+    /// Asynchronous runs: the values are of the round `computed_at` (a stale gradient, or zeros
+    /// with no samples while this member's gradient is still being computed), and
+    /// `param_history` holds the parameter hash this member held at the start of each recent
+    /// round (this one included, once known). A member's commit to a stale gradient must name
+    /// the parameters of its round, where this member knows them.
+    pub fn with_async(mut self, computed_at: u64, param_history: BTreeMap<u64, Hash>) -> Self {
+        self.computed_at = Some(computed_at);
+        self.param_history = param_history;
         self
     }
 
@@ -200,6 +223,12 @@ pub struct Outcome {
     pub audited: Option<PeerKey>,
     /// Each member's residual hashes (used, left) as its commit stated them (top-k).
     pub residuals: BTreeMap<PeerKey, [Hash; 2]>,
+    /// Samples the ring's members announced for the round (its stretch of the sample stream),
+    /// whether or not each committed them: in an asynchronous run a slow member's samples are
+    /// used later, in a stale gradient.
+    pub ring_samples: u64,
+    /// The round each member's commit was computed for, by member.
+    pub computed_at: BTreeMap<PeerKey, u64>,
 }
 
 /// Why an attempt failed, and whom it waited for in vain.
@@ -327,6 +356,8 @@ pub struct Round {
     residual_zero: Hash,
     /// Expected samples per member (empty: not checked).
     ring_batches: Vec<u64>,
+    /// Asynchronous runs: this member's parameter hashes of recent rounds.
+    param_history: BTreeMap<u64, Hash>,
     ring: Option<RingAllReduce>,
     early: Vec<VerifiedStep>,
     dones: Vec<Option<RoundDone>>,
@@ -395,6 +426,7 @@ impl Round {
             samples: input.samples,
             norm: input.norm,
             param_hash: input.param_hash,
+            computed_at: input.computed_at.unwrap_or(view.round),
             joiners: input.joiners,
             excluded: input.excluded,
             leaving: input.leaving,
@@ -418,6 +450,7 @@ impl Round {
             residual_history: input.residual_history,
             residual_zero: input.residual_zero,
             ring_batches: input.ring_batches,
+            param_history: input.param_history,
             ring: None,
             early: Vec::new(),
             dones: vec![None; n],
@@ -514,17 +547,35 @@ impl Round {
         }
         let Some(i) = self.member(&c.peer) else { return out };
         let mine = self.commits[self.pos].as_ref().expect("own commit");
-        if c.ring != self.ring_hash {
+        let asynchronous = self.cfg.max_staleness > 0;
+        // Asynchronous: a commit of no samples (the member's gradient is not ready) carries
+        // zeros, whatever the parameters; a stale one names the parameters of its round.
+        let expected_params =
+            if asynchronous { self.param_history.get(&c.computed_at).copied() } else { Some(mine.param_hash) };
+        if c.computed_at > c.round || c.round - c.computed_at > self.cfg.max_staleness {
+            let peer = c.peer.clone();
+            self.fail_with(
+                format!(
+                    "peer {peer} committed a gradient of round {} in round {}: beyond the run's staleness of {}",
+                    c.computed_at, c.round, self.cfg.max_staleness
+                ),
+                FailureKind::BadMessage,
+                vec![peer],
+                &mut out,
+            );
+        } else if c.ring != self.ring_hash {
             self.fail(format!("peer {} formed another ring for this round: views differ", c.peer), &mut out);
         } else if c.len != mine.len || c.chunk_hashes.len() != mine.chunk_hashes.len() {
             self.fail(format!("peer {} committed to a vector of another shape", c.peer), &mut out);
-        } else if self.ring_batches.get(i).is_some_and(|b| *b != c.samples) {
+        } else if self.ring_batches.get(i).is_some_and(|b| *b != c.samples)
+            && !(asynchronous && (c.samples == 0 || c.computed_at < c.round))
+        {
             let expected = self.ring_batches[i];
             self.fail(
                 format!("peer {} committed {} samples, not the {expected} it announced", c.peer, c.samples),
                 &mut out,
             );
-        } else if c.param_hash != mine.param_hash {
+        } else if expected_params.is_some_and(|h| h != c.param_hash) && !(asynchronous && c.samples == 0) {
             // A gradient computed on other parameters would be averaged into ours: no round
             // with a member whose parameters differ (it must resync first).
             self.fail_with(
@@ -836,6 +887,7 @@ impl Round {
             self.stage = Stage::Finished;
             let (sum, sum_hash) = self.sum.take().expect("sum");
             let samples = self.commits.iter().flatten().map(|c| c.samples).sum();
+            let ring_samples = if self.ring_batches.is_empty() { samples } else { self.ring_batches.iter().sum() };
             let own = self.commits[self.pos].as_ref().expect("own commit");
             out.push(RoundAction::Completed(Box::new(Outcome {
                 view: self.view.clone(),
@@ -857,6 +909,8 @@ impl Round {
                     .flatten()
                     .map(|c| (c.peer.clone(), [c.residual, c.residual_next]))
                     .collect(),
+                ring_samples,
+                computed_at: self.commits.iter().flatten().map(|c| (c.peer.clone(), c.computed_at)).collect(),
             })));
         }
     }
@@ -1170,6 +1224,7 @@ mod tests {
             max_units: 1 << 20,
             max_norm_units: 0.0,
             compression: Compression::None,
+            max_staleness: 0,
         }
     }
 
@@ -1437,6 +1492,54 @@ mod tests {
         let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
         let out = a.on_commit(c.clone(), 0);
         assert!(out.iter().any(|x| matches!(x, RoundAction::Failed(f) if f.reason.contains("holds other parameters") && f.kind == FailureKind::ParamsDiffer)));
+    }
+
+    #[test]
+    fn asynchronous_rounds_take_stale_and_empty_commits_within_the_staleness_and_no_others() {
+        let run = RunId::from_name(RUN);
+        let view = RingView::order(run, 5, 0, ["a".to_string(), "b".to_string()]);
+        let history: BTreeMap<u64, Hash> = (3..=5).map(|r| (r, [r as u8; 32])).collect();
+        let batches = vec![32, 32];
+        // What b commits: values of `at`'s round, on parameters `params`, of `samples` samples.
+        let commit = |cfg: RoundConfig, at: u64, params: u8, samples: u64| {
+            let input = Contribution::new(vec![1; 4], samples, [params; 32], vec![], 2, 3)
+                .with_ring_batches(batches.clone())
+                .with_async(at, BTreeMap::new());
+            let (_, acts) = Round::new(run, "b", view.clone(), input, cfg, 0, &no_sign);
+            let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
+            c.clone()
+        };
+        // a's verdict on it.
+        let judge = |cfg: RoundConfig, c: GradientCommit| {
+            let own = Contribution::new(vec![1; 4], 32, [5; 32], vec![], 2, 3)
+                .with_ring_batches(batches.clone())
+                .with_async(5, history.clone());
+            let (mut a, _) = Round::new(run, "a", view.clone(), own, cfg, 0, &no_sign);
+            a.on_commit(c, 0).into_iter().find_map(|x| match x {
+                RoundAction::Failed(f) => Some(f),
+                _ => None,
+            })
+        };
+        let asynchronous = || RoundConfig { max_staleness: 2, ..cfg() };
+        // Fresh, stale by one or two rounds on that round's parameters, or empty: accepted.
+        for (at, params, samples) in [(5, 5, 32), (4, 4, 32), (3, 3, 32), (5, 9, 0)] {
+            let f = judge(asynchronous(), commit(asynchronous(), at, params, samples));
+            assert!(f.is_none(), "computed at {at} on {params}, {samples} samples: {f:?}");
+        }
+        // Stale on parameters other than its round's: one side is out of sync.
+        let f = judge(asynchronous(), commit(asynchronous(), 4, 5, 32)).expect("refused");
+        assert_eq!(f.kind, FailureKind::ParamsDiffer, "{f:?}");
+        // Older than the run allows, or of a later round: the member is blamed.
+        let f = judge(asynchronous(), commit(asynchronous(), 2, 2, 32)).expect("refused");
+        assert!(f.reason.contains("beyond the run's staleness") && f.blame == vec!["b".to_string()], "{f:?}");
+        let f = judge(asynchronous(), commit(asynchronous(), 6, 5, 32)).expect("refused");
+        assert_eq!(f.kind, FailureKind::BadMessage, "{f:?}");
+        // A fresh commit of other samples than announced stays refused.
+        let f = judge(asynchronous(), commit(asynchronous(), 5, 5, 8)).expect("refused");
+        assert!(f.reason.contains("committed 8 samples"), "{f:?}");
+        // A synchronous run takes neither stale nor empty commits.
+        assert!(judge(cfg(), commit(cfg(), 4, 4, 32)).is_some());
+        assert!(judge(cfg(), commit(cfg(), 5, 5, 0)).is_some());
     }
 
     #[test]

@@ -141,7 +141,7 @@ pub fn run(o: &ClusterOpts) -> anyhow::Result<()> {
         let hashes: BTreeMap<u64, String> = nodes[0].rounds().into_iter().map(|r| (r.round, r.result_hash)).collect();
         // A demonstration round counts one sample.
         let addresses: Vec<String> = (1..=nodes.len()).map(|i| anvil.accounts[i].address.clone()).collect();
-        report_chain(anvil, contract, &o.run, &addresses, &done, &vec![1; nodes.len()], &hashes)?;
+        report_chain(anvil, contract, &o.run, &addresses, &done, &done, &hashes)?;
     }
     Ok(())
 }
@@ -156,7 +156,7 @@ pub fn report_chain(
     run: &str,
     addresses: &[String],
     done: &[u64],
-    samples_per_round: &[u64],
+    samples: &[u64],
     hashes: &BTreeMap<u64, String>,
 ) -> anyhow::Result<serde_json::Value> {
     let show = |args: &[&str]| -> anyhow::Result<String> {
@@ -180,17 +180,16 @@ pub fn report_chain(
     println!();
     for (i, done) in done.iter().enumerate() {
         let address = &addresses[i];
-        let samples_per_round = samples_per_round[i];
+        let expected = samples[i];
         let row = totals["peers"]
             .as_array()
             .and_then(|ps| ps.iter().find(|p| p["address"].as_str().is_some_and(|a| a.eq_ignore_ascii_case(address))));
         let rounds = row.and_then(|r| r["rounds"].as_u64()).unwrap_or(0);
         let samples = row.and_then(|r| r["samples"].as_u64()).unwrap_or(0);
-        let same = rounds == *done && samples == done * samples_per_round;
+        let same = rounds == *done && samples == expected;
         ok &= same;
         println!(
-            "peer-{i}: completed {done} rounds ({} samples); on chain {rounds} rounds ({samples} samples){}",
-            done * samples_per_round,
+            "peer-{i}: completed {done} rounds ({expected} samples); on chain {rounds} rounds ({samples} samples){}",
             if same { "" } else { "  MISMATCH" }
         );
     }

@@ -60,6 +60,14 @@ enum Cmd {
         /// topk: the share of values each peer sends per round (default 0.01).
         #[arg(long)]
         topk_fraction: Option<f64>,
+        /// Asynchronous rounds: a peer whose gradient is not ready this many milliseconds after
+        /// every other peer committed commits nothing and adds its gradient to a later round.
+        #[arg(long)]
+        async_threshold_ms: Option<u64>,
+        /// Make the last peer this many milliseconds slower per gradient, as a slower device
+        /// (testnet built with `--features fault-injection` only).
+        #[arg(long)]
+        slow_peer_ms: Option<u64>,
     },
     /// A local chain with the ledger and N peers on loopback that all-reduce a deterministic
     /// demonstration vector (exact sums anyone can recompute); prints every round and what
@@ -169,6 +177,8 @@ fn main() -> anyhow::Result<()> {
             outer_momentum,
             compression,
             topk_fraction,
+            async_threshold_ms,
+            slow_peer_ms,
         } => train::run(&train::TrainOpts {
             nodes,
             rounds,
@@ -185,6 +195,8 @@ fn main() -> anyhow::Result<()> {
             outer_momentum,
             compression,
             topk_fraction,
+            async_threshold_ms,
+            slow_peer_ms,
         }),
         Cmd::Cluster { nodes, rounds, vector_len, run, no_chain, epoch_rounds } => {
             cluster::run(&cluster::ClusterOpts { nodes, rounds, vector_len, run, chain: !no_chain, epoch_rounds })

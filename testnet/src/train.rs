@@ -38,6 +38,12 @@ pub struct TrainOpts {
     pub compression: Option<String>,
     /// top-k's share of values sent per round (the run's default when absent).
     pub topk_fraction: Option<f64>,
+    /// Asynchronous rounds: how long the ring waits for a slow peer's gradient once every
+    /// other peer committed (synchronous when absent).
+    pub async_threshold_ms: Option<u64>,
+    /// Make the last peer this many milliseconds slower per gradient, as a slower device
+    /// (needs the node's test hooks: a build with the `fault-injection` feature).
+    pub slow_peer_ms: Option<u64>,
 }
 
 /// What a node logs once its HTTP endpoint is up.
@@ -87,6 +93,12 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
     if let Some(f) = o.topk_fraction {
         config_text += &format!("topk_fraction = {f}\n");
     }
+    if let Some(t) = o.async_threshold_ms {
+        config_text += &format!("async_threshold_ms = {t}\n");
+    }
+    if o.slow_peer_ms.is_some() && !cfg!(feature = "fault-injection") {
+        bail!("--slow-peer-ms needs the node's test hooks: build testnet with --features fault-injection");
+    }
     std::fs::write(&config, &config_text)?;
     println!(
         "starting {} peers on 127.0.0.1: {} on Fashion-MNIST, {} rounds of {} samples per peer, K = {}",
@@ -104,6 +116,9 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
         }
         if let Some(b) = boot {
             f.extend(["--bootstrap".to_owned(), b.to_owned()]);
+        }
+        if let Some(ms) = o.slow_peer_ms.filter(|_| i + 1 == o.nodes) {
+            f.extend(["--fault-slow-compute-ms".to_owned(), ms.to_string()]);
         }
         // Every peer serves its metrics and dashboard on a free loopback port.
         f.extend(["--http".to_owned(), "127.0.0.1:0".to_owned()]);
@@ -212,21 +227,22 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
     let checked = match &ledger {
         Some((anvil, contract, accounts)) => {
             let done: Vec<u64> = nodes.iter().map(|n| trained(n).len() as u64).collect();
+            // Every round's samples, or in an asynchronous run those each peer's commits
+            // carried (a slow peer's gradients join later rounds, or none).
+            let samples: Vec<u64> = match o.async_threshold_ms {
+                None => done.iter().map(|d| d * o.batch as u64 * o.local_steps).collect(),
+                Some(_) => nodes
+                    .iter()
+                    .map(|n| trained(n).values().map(|e| e["own_samples"].as_u64().unwrap_or(0)).sum())
+                    .collect(),
+            };
             let addresses: Vec<String> = accounts.iter().map(|a| a.address.clone()).collect();
             let hashes: BTreeMap<u64, String> = trained(&nodes[0])
                 .into_iter()
                 .map(|(r, e)| (r, e["param_hash"].as_str().unwrap_or_default().to_owned()))
                 .collect();
-            report_chain(
-                anvil,
-                contract,
-                &run_id,
-                &addresses,
-                &done,
-                &vec![o.batch as u64 * o.local_steps; o.nodes],
-                &hashes,
-            )
-            .map(|chain| report["chain"] = chain)
+            report_chain(anvil, contract, &run_id, &addresses, &done, &samples, &hashes)
+                .map(|chain| report["chain"] = chain)
         }
         None => Ok(()),
     };

@@ -177,3 +177,79 @@ fn topk_compressed_peers_stay_identical_and_learn() {
         assert!(failed.iter().all(|e| !e["reason"].as_str().unwrap_or_default().contains("residual")), "{failed:?}");
     }
 }
+
+#[test]
+fn asynchronous_rounds_go_on_without_a_slow_peer_and_count_its_stale_gradients_exactly() {
+    let anvil = Anvil::start();
+    let contract = deploy(&anvil);
+    let dir = TempDir::new("async");
+    let (rounds, batch, peers) = (12u64, 32u64, 3usize);
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"it-async\"\nmodel = \"mlp\"\nbatch = {batch}\nrounds = {rounds}\nepoch_rounds = 4\n\
+             min_peers = {peers}\nlr = 0.003\neval_every = {rounds}\naudit_every = 1\nasync_threshold_ms = 100\n"
+        ),
+    )
+    .unwrap();
+    // The last peer takes 700 ms longer for every gradient than the others, as a slower device.
+    let nodes = run_peers("async", &config, peers, |i| {
+        let mut f = anvil.peer_flags(&contract, i + 1);
+        if i + 1 == peers {
+            f.extend(["--fault-slow-compute-ms".to_owned(), "700".to_owned()]);
+        }
+        f
+    });
+    let slow = &nodes[peers - 1];
+
+    let per_node: Vec<BTreeMap<u64, Value>> = nodes.iter().map(trained).collect();
+    for (n, t) in nodes.iter().zip(&per_node) {
+        assert_eq!(t.len() as u64, rounds, "{} trained every round", n.name);
+    }
+    for r in 0..rounds {
+        for t in &per_node[1..] {
+            assert_eq!(t[&r]["param_hash"], per_node[0][&r]["param_hash"], "peers diverged at round {r}");
+        }
+    }
+    // The ring did not wait for the slow peer: it committed nothing in some rounds, and its
+    // gradients joined later ones, weighted by their staleness.
+    let skipped = slow.events_containing("committing nothing this round");
+    let stale: Vec<Value> = slow.events("stale gradient counted");
+    assert!(!skipped.is_empty(), "the slow peer never let the ring go on without it");
+    assert!(!stale.is_empty(), "none of the slow peer's gradients joined a later round");
+    assert!(stale.iter().all(|e| (1..=2).contains(&e["staleness"].as_u64().unwrap())), "{stale:?}");
+    let own: Vec<u64> = per_node.iter().map(|t| t.values().map(|e| e["own_samples"].as_u64().unwrap()).sum()).collect();
+    for (n, o) in nodes.iter().zip(&own).take(peers - 1) {
+        assert_eq!(*o, rounds * batch, "{}: a fast peer contributes every round", n.name);
+    }
+    assert!(own[peers - 1] < rounds * batch && own[peers - 1] >= stale.len() as u64 * batch, "{own:?}");
+    // Every member's commit, stale and empty ones included, was recomputed by an auditor and held.
+    let slow_id = slow.peer_id();
+    let mut stale_audited = 0;
+    for n in &nodes {
+        let done = n.events("round complete");
+        assert!(done.iter().all(|e| !e["audited"].as_str().unwrap_or_default().is_empty()), "{}: audited", n.name);
+        assert!(n.events_containing("audit failed").is_empty(), "{}", n.name);
+        assert!(n.events_containing("audit could not finish").is_empty(), "{}", n.name);
+        stale_audited += done
+            .iter()
+            .filter(|e| e["audited"].as_str() == Some(slow_id.as_str()))
+            .filter(|e| stale.iter().any(|s| s["round"] == e["round"]))
+            .count();
+    }
+    assert!(stale_audited > 0, "no stale gradient was audited");
+    // It learns: the fast peers' loss falls.
+    let loss = |r: u64| per_node[..peers - 1].iter().map(|t| t[&r]["loss"].as_f64().unwrap()).sum::<f64>();
+    let (first, last) = (loss(0) + loss(1), loss(rounds - 2) + loss(rounds - 1));
+    assert!(last < first * 0.8, "the loss did not fall: {first} -> {last}");
+
+    // The chain counts every peer's rounds, and exactly the samples its commits carried.
+    let run_id = nodes[0].events("training run")[0]["run_id"].as_str().unwrap().to_owned();
+    for (i, n) in nodes.iter().enumerate() {
+        let address = &anvil.accounts[i + 1].address;
+        let mine = ledger_json(&anvil, &contract, &["contributions", "--run", &run_id, "--peer", address]);
+        assert_eq!(mine["peers"][0]["rounds"], rounds, "{}: on-chain rounds", n.name);
+        assert_eq!(mine["peers"][0]["samples"], own[i], "{}: on-chain samples", n.name);
+    }
+}

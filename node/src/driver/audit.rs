@@ -27,6 +27,7 @@
 
 use super::{Compute, Driver, Internal};
 use crate::reveal::Expect;
+use crate::train::worker::Gradient;
 use libp2p::PeerId;
 use p2p_proto::audit;
 use p2p_proto::compress::{self, Compression};
@@ -274,7 +275,28 @@ impl Driver {
     ) {
         let Compute::Train(spec) = &self.cfg.compute else { return };
         let (offset, batch, weight) = audit::micro_batch(batches, target);
-        let gradient = spec.worker.gradient(self.cursor + offset, batch as usize, weight);
+        let gradient: Result<crate::train::worker::Reply<Gradient>, String> = match self.asy.as_ref() {
+            // Asynchronous rounds: a member that committed nothing committed zeros.
+            Some(_) if commit.samples == 0 => {
+                let (len, param_hash) = (spec.worker.params, commit.param_hash);
+                Ok(Box::pin(async move {
+                    Ok(Gradient { weighted: vec![0.0; len], loss: 0.0, samples: 0, param_hash, compute_us: 0 })
+                }))
+            }
+            // A stale gradient: recomputed on the parameters of its round, on the micro-batch
+            // that round's certified ring gave the member, weighted down by its staleness.
+            Some(a) if commit.computed_at < commit.round => {
+                let factor = audit::staleness_weight(weight, commit.round - commit.computed_at);
+                match a.slot_of(commit.computed_at, &commit.peer) {
+                    Some((start, b)) => Ok(spec.worker.gradient_at(start, b as usize, factor, commit.param_hash)),
+                    None => Err(format!(
+                        "this peer does not hold the ring of round {}, which the gradient is of",
+                        commit.computed_at
+                    )),
+                }
+            }
+            _ => Ok(spec.worker.gradient(self.cursor + offset, batch as usize, weight)),
+        };
         let (fixed, n, seg, tx) = (self.cfg.fixed, view.len(), self.cfg.round.segment_elems, self.internal.clone());
         let tolerance = self.cfg.audit_tolerance;
         let comp = self.cfg.round.compression;
@@ -295,7 +317,14 @@ impl Driver {
             })
         });
         tokio::spawn(async move {
-            let Ok(g) = gradient.await else { return };
+            let g = match gradient {
+                Ok(g) => g.await,
+                Err(reason) => {
+                    let _ = tx.send(Internal::Audited(then(Verdict::Open(reason))));
+                    return;
+                }
+            };
+            let Ok(g) = g else { return };
             let revealed = match revealed {
                 Some(task) => Some(task.await.unwrap_or_else(|e| Err(e.to_string()))),
                 None => None,
@@ -703,6 +732,7 @@ mod tests {
             samples: 32,
             norm,
             param_hash: [1; 32],
+            computed_at: 3,
             joiners: Vec::new(),
             excluded: Vec::new(),
             leaving: false,

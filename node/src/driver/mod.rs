@@ -12,6 +12,7 @@
 
 mod audit;
 mod post;
+mod stale;
 mod sync;
 
 pub use audit::FaultMode;
@@ -85,6 +86,9 @@ pub struct DriverConfig {
     pub pause_in_round: Option<u64>,
     /// Test hook (builds with the `fault-injection` feature only): lie in this way.
     pub fault: Option<FaultMode>,
+    /// Asynchronous rounds: how long a ring may wait for this peer's gradient once every other
+    /// member committed (none: synchronous rounds; the largest staleness is in `round`).
+    pub async_threshold: Option<Duration>,
     /// This peer's identity key: it signs its commits.
     pub identity: libp2p::identity::Keypair,
     /// What this peer reports about itself (`--http`).
@@ -160,6 +164,11 @@ enum Internal {
     Settled(p2p_proto::message::Settlement),
     /// An audit, or a check of fault evidence, is done.
     Audited(audit::Audited),
+    /// Asynchronous rounds: this peer's gradient job `id` is done.
+    Computed {
+        id: u64,
+        gradient: Box<crate::train::worker::Gradient>,
+    },
 }
 
 /// Top-k: the residual a contribution was compressed with, and the one it leaves with its hash.
@@ -278,6 +287,8 @@ struct Driver {
     /// and that round; and the hash of a residual of zeros.
     residual_history: (u64, std::collections::BTreeMap<PeerKey, [Hash; 2]>),
     residual_zero: Option<Hash>,
+    /// Asynchronous rounds' state (none: synchronous).
+    asy: Option<stale::Async>,
     summary: Summary,
     finished: bool,
 }
@@ -342,6 +353,14 @@ pub async fn run(
         next_residual: None,
         residual_history: (0, std::collections::BTreeMap::new()),
         residual_zero: None,
+        asy: match (&cfg.compute, cfg.async_threshold) {
+            (Compute::Train(_), Some(t)) => {
+                let mut a = stale::Async::new(t, cfg.round.max_staleness);
+                a.note_params(state.round, state.param_hash);
+                Some(a)
+            }
+            _ => None,
+        },
         membership: Membership::resume(cfg.run, me.clone(), cfg.membership.clone(), state),
         cfg,
         net,
@@ -463,8 +482,12 @@ impl Driver {
                 // A state restored meanwhile (a resync) supersedes older applies.
                 if tag.round >= self.membership.state().round {
                     self.membership.set_state(tag);
+                    if let Some(a) = self.asy.as_mut() {
+                        a.note_params(tag.round, tag.param_hash);
+                    }
                 }
             }
+            Internal::Computed { id, gradient } => self.on_computed(id, *gradient),
             Internal::Serve(req) => self.serve(req),
             Internal::Sync(ev) => self.on_sync_event(ev),
             Internal::Audited(a) => self.on_audited(a),
@@ -677,6 +700,7 @@ impl Driver {
         let now = self.now();
         let acts = self.membership.tick(now);
         self.on_membership_actions(acts);
+        self.tick_async(now);
         self.ticks += 1;
         if self.ticks.is_multiple_of(METRICS_EVERY_TICKS) {
             let rows = self.membership.peer_rows(now, self.next_round);
@@ -798,6 +822,10 @@ impl Driver {
                         }
                     })
                     .collect();
+                if self.asy.is_some() {
+                    self.start_async(view, batches, joiners, excluded);
+                    return;
+                }
                 let (offset, _, weight) = p2p_proto::audit::micro_batch(&batches, pos);
                 let fault = self.cfg.fault;
                 let start = FaultMode::start(fault, self.cursor + offset);
@@ -1025,7 +1053,11 @@ impl Driver {
         self.round = None;
         self.summary.rounds_completed += 1;
         self.summary.last_round = Some(o.view.round);
-        self.cursor += o.samples;
+        // The ring's stretch of the sample stream, whether or not every member committed its
+        // samples this round (a slow member's join a later round, asynchronously).
+        self.cursor += o.ring_samples;
+        let own_at = o.computed_at.get(&self.me).copied();
+        self.completed_async(&o.view, own_at);
         self.next_round = o.view.round + 1;
         let done = AttemptRef { round: o.view.round, attempt: o.view.attempt, ring: o.view.hash(self.cfg.run) };
         self.certified.insert(o.view.round, done);

@@ -262,6 +262,9 @@ impl Driver {
         self.cursor = header.cursor;
         self.settle(&sync, &header.settlement);
         self.membership.set_state(StateTag { round: sync.round, param_hash: hash });
+        if let Some(a) = self.asy.as_mut() {
+            a.restored(sync.round, hash);
+        }
         self.summary.syncs += 1;
         info!(
             round = sync.round,

@@ -109,7 +109,24 @@ pub struct RunConfig {
     /// topk: the share of values each member sends per round (default [`DEFAULT_TOPK_FRACTION`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topk_fraction: Option<f64>,
+    /// Asynchronous rounds: a member whose gradient is not ready this many milliseconds after
+    /// every other member of the ring committed does not stall the ring: it commits nothing
+    /// for the round (zeros, no samples) and contributes the gradient to a later round,
+    /// weighted down by its staleness ([`p2p_proto::audit::staleness_weight`]), still
+    /// committed and audited by recomputation on the parameters it was computed on. Absent:
+    /// synchronous rounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub async_threshold_ms: Option<u64>,
+    /// Asynchronous rounds: how many rounds late a gradient may still join the sum (default
+    /// [`DEFAULT_MAX_STALENESS`]); an older one is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_staleness: Option<u64>,
 }
+
+/// Asynchronous rounds' default bound on staleness.
+pub const DEFAULT_MAX_STALENESS: u64 = 2;
+/// Largest `max_staleness`: every peer keeps the parameters of this many rounds to audit with.
+pub const MAX_STALENESS: u64 = 8;
 
 /// int8 compression's default block: a 4-byte scale per 256 values costs 1.6% of the payload.
 pub const DEFAULT_INT8_BLOCK: u32 = 256;
@@ -239,6 +256,19 @@ impl RunConfig {
         }
         let compression = self.compression()?;
         compression.validate()?;
+        if let Some(s) = self.max_staleness {
+            if self.async_threshold_ms.is_none() {
+                return Err("max_staleness applies to asynchronous rounds only: set async_threshold_ms".into());
+            }
+            if !(1..=MAX_STALENESS).contains(&s) {
+                return Err(format!("max_staleness {s} is not in 1..={MAX_STALENESS}"));
+            }
+        }
+        if self.async_threshold_ms.is_some() && (!compression.is_none() || self.local_steps > 1) {
+            return Err("async_threshold_ms cannot be combined with compression or local_steps yet: \
+                        choose one of them"
+                .into());
+        }
         if !compression.is_none() && self.audit_tolerance() > 0.0 {
             return Err(format!(
                 "compression {} needs bit-exact audits: leave audit_tolerance out (a GPU build cannot \
@@ -277,6 +307,13 @@ impl RunConfig {
             None => self.compute = Some(build),
         }
         Ok(self)
+    }
+
+    /// Asynchronous rounds' settings, if the run uses them: the threshold and the largest
+    /// staleness.
+    pub fn asynchronous(&self) -> Option<(std::time::Duration, u64)> {
+        self.async_threshold_ms
+            .map(|ms| (std::time::Duration::from_millis(ms), self.max_staleness.unwrap_or(DEFAULT_MAX_STALENESS)))
     }
 
     /// Local SGD's settings, if the run uses it (`local_steps` above 1).
@@ -408,6 +445,22 @@ mod tests {
         let local = RunConfig::load(&write("o.toml", &format!("{BASE}\nlocal_steps = 8"))).unwrap();
         assert_eq!(local.local_sgd(), Some(LocalSgd { steps: 8, outer_lr: 1.0, outer_momentum: 0.0 }));
         assert_ne!(plain.run_id(), local.run_id());
+    }
+
+    #[test]
+    fn asynchronous_rounds_are_off_by_default_bounded_and_key_the_run_id() {
+        let plain = RunConfig::load(&write("s.toml", BASE)).unwrap();
+        assert_eq!(plain.asynchronous(), None);
+        assert!(!String::from_utf8(serde_json::to_vec(&plain).unwrap()).unwrap().contains("async"));
+        let asy = RunConfig::load(&write("t.toml", &format!("{BASE}\nasync_threshold_ms = 250"))).unwrap();
+        assert_eq!(asy.asynchronous(), Some((std::time::Duration::from_millis(250), DEFAULT_MAX_STALENESS)));
+        assert_ne!(plain.run_id(), asy.run_id());
+        let err = RunConfig::load(&write("u.toml", &format!("{BASE}\nmax_staleness = 1"))).unwrap_err();
+        assert!(err.to_string().contains("set async_threshold_ms"), "{err}");
+        let err = RunConfig::load(&write("v.toml", &format!("{BASE}\nasync_threshold_ms = 9\nmax_staleness = 99")));
+        assert!(err.unwrap_err().to_string().contains("max_staleness 99"));
+        let err = RunConfig::load(&write("w.toml", &format!("{BASE}\nasync_threshold_ms = 9\ncompression = \"int8\"")));
+        assert!(err.unwrap_err().to_string().contains("cannot be combined"));
     }
 
     #[test]

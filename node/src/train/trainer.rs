@@ -103,6 +103,13 @@ impl<M: Net> Trainer<M> {
         self.gradient_of(&self.model, split, idx)
     }
 
+    /// Loss and mean gradient of the samples `idx` of `split` at other parameters, `params`
+    /// (an earlier state, for a stale gradient's audit); the trainer's own do not change.
+    pub fn gradient_at(&self, params: &[f32], split: &Split, idx: &[u32]) -> StepGrad {
+        let model = params::load(self.model.clone(), params, &self.layout, &self.device);
+        self.gradient_of(&model, split, idx)
+    }
+
     fn gradient_of(&self, model: &M, split: &Split, idx: &[u32]) -> StepGrad {
         let (x, y) = batch(split, self.shape, idx, &self.device);
         let logits = model.forward(x);

@@ -42,7 +42,7 @@ pub struct Snapshot {
 }
 
 enum Job {
-    Gradient { start: u64, batch: usize, weight: f32, reply: oneshot::Sender<Gradient> },
+    Gradient { start: u64, batch: usize, weight: f32, at: Option<Hash>, reply: oneshot::Sender<Gradient> },
     Apply { grad: Vec<f32>, reply: oneshot::Sender<Hash> },
     Evaluate { reply: oneshot::Sender<f64> },
     Save { path: PathBuf, round: u64, cursor: u64, reply: oneshot::Sender<Result<Hash, String>> },
@@ -80,6 +80,16 @@ pub struct WorkerGone;
 impl Worker {
     /// Starts the compute thread for `cfg` on `device` (an autodiff device).
     pub fn spawn(cfg: &RunConfig, ds: Arc<Dataset>, device: Device) -> anyhow::Result<Self> {
+        Self::spawn_slowed(cfg, ds, device, std::time::Duration::ZERO)
+    }
+
+    /// The same, taking `delay` longer for every gradient (a test hook: a slower device).
+    pub fn spawn_slowed(
+        cfg: &RunConfig,
+        ds: Arc<Dataset>,
+        device: Device,
+        delay: std::time::Duration,
+    ) -> anyhow::Result<Self> {
         let optimizer = optimizer_config(cfg);
         let model = ModelConfig::named(&cfg.model, ds.shape, ds.classes)
             .ok_or_else(|| anyhow::anyhow!("unknown model {}", cfg.model))?;
@@ -87,9 +97,9 @@ impl Worker {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let cfg = cfg.clone();
         std::thread::Builder::new().name("compute".into()).spawn(move || match model {
-            ModelConfig::Mlp(c) => serve(c.init(&device), device, &cfg, &ds, rx, ready_tx),
-            ModelConfig::Cnn(c) => serve(c.init(&device), device, &cfg, &ds, rx, ready_tx),
-            ModelConfig::Resnet(c) => serve(c.init(&device), device, &cfg, &ds, rx, ready_tx),
+            ModelConfig::Mlp(c) => serve(c.init(&device), device, &cfg, &ds, rx, ready_tx, delay),
+            ModelConfig::Cnn(c) => serve(c.init(&device), device, &cfg, &ds, rx, ready_tx, delay),
+            ModelConfig::Resnet(c) => serve(c.init(&device), device, &cfg, &ds, rx, ready_tx, delay),
         })?;
         let (params, initial_hash) = ready_rx.recv().map_err(|_| WorkerGone)?;
         Ok(Self { tx, params, initial_hash, optimizer })
@@ -109,7 +119,15 @@ impl Worker {
 
     /// Gradient of the `batch` samples at stream position `start`, times `weight`.
     pub fn gradient(&self, start: u64, batch: usize, weight: f32) -> Reply<Gradient> {
-        self.ask(move |reply| Job::Gradient { start, batch, weight, reply })
+        self.ask(move |reply| Job::Gradient { start, batch, weight, at: None, reply })
+    }
+
+    /// The same at the parameters whose hash is `at`: the current ones or, in an asynchronous
+    /// run, one of the last `max_staleness` states before them (to audit a stale gradient). Its
+    /// `param_hash` names the parameters it was computed on: the current ones where `at` is
+    /// none of those.
+    pub fn gradient_at(&self, start: u64, batch: usize, weight: f32, at: Hash) -> Reply<Gradient> {
+        self.ask(move |reply| Job::Gradient { start, batch, weight, at: Some(at), reply })
     }
 
     /// Applies the ring's averaged gradient; resolves to the new parameter hash.
@@ -175,6 +193,7 @@ fn serve<M: Net>(
     ds: &Dataset,
     rx: mpsc::Receiver<Job>,
     ready: std::sync::mpsc::Sender<(usize, Hash)>,
+    delay: std::time::Duration,
 ) {
     let optimizer = optimizer_config(cfg);
     let total = cfg.rounds;
@@ -186,10 +205,17 @@ fn serve<M: Net>(
     let mut sampler = Sampler::new(ds.hash, cfg.seed, ds.train.len());
     let _ = ready.send((t.layout().total, t.param_hash()));
     let mut hash = t.param_hash();
+    // Asynchronous runs: the states before the current one that a stale gradient may be of.
+    let keep = cfg.asynchronous().map_or(0, |(_, s)| s as usize);
+    let mut earlier: std::collections::VecDeque<(Hash, Vec<f32>)> = Default::default();
     for job in rx {
         match job {
-            Job::Gradient { start, batch, weight, reply } => {
+            Job::Gradient { start, batch, weight, at, reply } => {
                 let began = Instant::now();
+                if !delay.is_zero() {
+                    std::thread::sleep(delay);
+                }
+                let old = at.filter(|h| *h != hash).and_then(|h| earlier.iter().find(|(e, _)| *e == h));
                 let mut g = match cfg.local_sgd() {
                     // `batch` is this member's samples for the whole round: one slice of the
                     // stream per local step, split the same way at every peer.
@@ -203,7 +229,10 @@ fn serve<M: Net>(
                             .collect();
                         t.local_delta(&ds.train, &batches)
                     }
-                    None => t.gradient(&ds.train, &sampler.stream(start, batch)),
+                    None => match old {
+                        Some((_, params)) => t.gradient_at(params, &ds.train, &sampler.stream(start, batch)),
+                        None => t.gradient(&ds.train, &sampler.stream(start, batch)),
+                    },
                 };
                 // Each member's gradient is clipped before it is weighted: a commit to a larger
                 // norm proves a lie ([`p2p_proto::audit::norm_exceeds`]).
@@ -213,11 +242,17 @@ fn serve<M: Net>(
                     weighted,
                     loss: g.loss,
                     samples: g.samples,
-                    param_hash: hash,
+                    param_hash: old.map_or(hash, |(h, _)| *h),
                     compute_us: began.elapsed().as_micros() as u64,
                 });
             }
             Job::Apply { grad, reply } => {
+                if keep > 0 {
+                    earlier.push_back((hash, t.params().to_vec()));
+                    if earlier.len() > keep {
+                        earlier.pop_front();
+                    }
+                }
                 t.apply(&grad);
                 hash = t.param_hash();
                 let _ = reply.send(hash);
@@ -256,6 +291,7 @@ fn serve<M: Net>(
                 }
                 t.restore(params, optimizer);
                 hash = t.param_hash();
+                earlier.clear();
                 let _ = reply.send(Ok(hash));
             }
             Job::Load { path, reply } => {

@@ -1,0 +1,339 @@
+//! Asynchronous rounds: a peer slower than the ring does not stall it.
+//!
+//! A member's gradient job starts when its ring does, on the round's parameters and the
+//! member's stretch of the sample stream, with weight 1 (its clipped gradient). If the job
+//! is done when the member commits, it commits it as in a synchronous run. If every other
+//! member has committed and the job is still running after the run's threshold, the member
+//! commits nothing for the round (zeros, no samples) and the ring goes on; the job keeps
+//! running, and its gradient joins the sum of a later round (at most `max_staleness` rounds
+//! later), weighted down to `weight / (1 + staleness)` ([`p2p_proto::audit::staleness_weight`]),
+//! while the member's next job already runs. A stale commit names the round it was computed
+//! for and that round's parameters, which every member checks against its own recent
+//! parameter hashes ([`p2p_proto::round::Contribution::with_async`]); an auditor recomputes it
+//! from the parameters of that round, which its compute worker keeps, and the members and
+//! samples of that round's certified ring, which the driver keeps. Nothing about a member's
+//! gradient is thus less verifiable for being late, and the chain counts each sample once, in
+//! the round its gradient joined.
+
+use super::{Compute, Driver, Internal};
+use crate::train::worker::{Gradient, Reply};
+use p2p_proto::Hash;
+use p2p_proto::audit::{micro_batch, staleness_weight};
+use p2p_proto::membership::RingView;
+use p2p_proto::message::{Gossip, PeerKey};
+use p2p_proto::round::Contribution;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// A gradient job of this peer, and what it is of.
+#[derive(Debug)]
+pub(super) struct Job {
+    id: u64,
+    /// The round whose parameters and stretch of the sample stream it is of.
+    round: u64,
+    /// Its micro-batch: where it starts in the sample stream, and its samples.
+    start: u64,
+    batch: u64,
+    /// The clipped gradient (weight 1), once computed.
+    done: Option<Arc<Gradient>>,
+}
+
+/// A certified round's stretch of the sample stream: where it started, and the ring's members
+/// and samples in ring order.
+#[derive(Debug, Clone)]
+pub(super) struct Slot {
+    cursor: u64,
+    members: Vec<PeerKey>,
+    batches: Vec<u64>,
+}
+
+impl Slot {
+    /// Where `peer`'s micro-batch of the round starts, and its samples.
+    fn of(&self, peer: &str) -> Option<(u64, u64)> {
+        let pos = self.members.iter().position(|m| m == peer)?;
+        let (offset, batch, _) = micro_batch(&self.batches, pos);
+        Some((self.cursor + offset, batch))
+    }
+}
+
+/// A ring this peer has not committed to yet, waiting for its gradient.
+#[derive(Debug)]
+struct Waiting {
+    view: RingView,
+    batches: Vec<u64>,
+    joiners: Vec<PeerKey>,
+    excluded: Vec<PeerKey>,
+    /// When every other member's commit was in (µs since the driver started).
+    all_in: Option<u64>,
+}
+
+/// What this peer commits to a ring.
+enum Source {
+    Gradient(u64, Arc<Gradient>),
+    Nothing,
+}
+
+/// The state of asynchronous rounds.
+#[derive(Debug)]
+pub(super) struct Async {
+    threshold: Duration,
+    max_staleness: u64,
+    next_id: u64,
+    /// The newest gradient job.
+    job: Option<Job>,
+    /// A computed gradient committed to (an attempt of) this round.
+    in_use: Option<(u64, Job)>,
+    waiting: Option<Waiting>,
+    /// The parameter hash this peer held at the start of each recent round.
+    params: BTreeMap<u64, Hash>,
+    /// The stretch of the sample stream of each recent certified round.
+    slots: BTreeMap<u64, Slot>,
+    /// The attempt under way: its samples by member and the cursor it started at.
+    started: Option<((u64, u32), Vec<u64>, u64)>,
+}
+
+impl Async {
+    pub(super) fn new(threshold: Duration, max_staleness: u64) -> Self {
+        Self {
+            threshold,
+            max_staleness,
+            next_id: 0,
+            job: None,
+            in_use: None,
+            waiting: None,
+            params: BTreeMap::new(),
+            slots: BTreeMap::new(),
+            started: None,
+        }
+    }
+
+    /// Where `peer`'s micro-batch of the certified `round` started, and its samples.
+    pub(super) fn slot_of(&self, round: u64, peer: &str) -> Option<(u64, u64)> {
+        self.slots.get(&round)?.of(peer)
+    }
+
+    /// This peer holds the parameters `hash` at the start of `round`.
+    pub(super) fn note_params(&mut self, round: u64, hash: Hash) {
+        self.params.insert(round, hash);
+        self.forget(round);
+    }
+
+    /// A state was restored (a resync): gradients of the old state no longer count.
+    pub(super) fn restored(&mut self, round: u64, hash: Hash) {
+        self.job = None;
+        self.in_use = None;
+        self.waiting = None;
+        self.params.clear();
+        self.slots.clear();
+        self.note_params(round, hash);
+    }
+
+    fn forget(&mut self, round: u64) {
+        let oldest = round.saturating_sub(self.max_staleness + 1);
+        self.params.retain(|r, _| *r >= oldest);
+        self.slots.retain(|r, _| *r >= oldest);
+    }
+
+    /// Whether `job` may be committed to round `round`, where this peer's micro-batch starts at
+    /// `start` with `batch` samples: a fresh one of this very micro-batch, or a stale one within
+    /// the run's staleness whose micro-batch is the one the certified ring of its round gave
+    /// this peer (`me`).
+    fn usable(&self, job: &Job, round: u64, start: u64, batch: u64, me: &str) -> bool {
+        if job.round == round {
+            return (job.start, job.batch) == (start, batch);
+        }
+        job.round < round
+            && round - job.round <= self.max_staleness
+            && self.slot_of(job.round, me) == Some((job.start, job.batch))
+    }
+}
+
+impl Driver {
+    /// Starts this peer's part in `view` in an asynchronous run: commits a computed gradient at
+    /// once if it has one that may join, and makes sure a job runs for this round's micro-batch.
+    pub(super) fn start_async(
+        &mut self,
+        view: RingView,
+        batches: Vec<u64>,
+        joiners: Vec<PeerKey>,
+        excluded: Vec<PeerKey>,
+    ) {
+        let me = self.me.clone();
+        let pos = view.position(&me).expect("a started ring holds this peer");
+        let (offset, batch, _) = micro_batch(&batches, pos);
+        let (round, start) = (view.round, self.cursor + offset);
+        let cursor = self.cursor;
+        let Some(asy) = self.asy.as_mut() else { return };
+        asy.started = Some(((round, view.attempt), batches.clone(), cursor));
+        asy.waiting = None;
+        // A gradient chosen for this round by an attempt that failed.
+        let chosen = match asy.in_use.take() {
+            Some((r, job)) if r == round && asy.usable(&job, round, start, batch, &me) => Some(job),
+            _ => None,
+        };
+        let chosen = chosen.or_else(|| {
+            let job = asy.job.take_if(|j| j.done.is_some())?;
+            let usable = asy.usable(&job, round, start, batch, &me);
+            if !usable {
+                info!(round, computed_for = job.round, "a gradient too old for this round is dropped");
+            }
+            usable.then_some(job)
+        });
+        let waiting = Waiting { view, batches, joiners, excluded, all_in: None };
+        if let Some(job) = chosen {
+            let g = job.done.clone().expect("a computed gradient");
+            let computed_for = job.round;
+            asy.in_use = Some((round, job));
+            self.commit_async(waiting, Source::Gradient(computed_for, g));
+        } else {
+            asy.waiting = Some(waiting);
+        }
+        // This round's micro-batch gets its job, unless one runs already (a slow peer's
+        // gradients queue no deeper than one).
+        let asy = self.asy.as_mut().expect("asynchronous");
+        let covered = asy.job.is_some() || asy.in_use.as_ref().is_some_and(|(_, j)| j.round == round);
+        if !covered {
+            self.start_job(round, start, batch);
+        }
+    }
+
+    fn start_job(&mut self, round: u64, start: u64, batch: u64) {
+        let Compute::Train(spec) = &self.cfg.compute else { return };
+        let Some(asy) = self.asy.as_mut() else { return };
+        asy.next_id += 1;
+        let id = asy.next_id;
+        asy.job = Some(Job { id, round, start, batch, done: None });
+        let gradient: Reply<Gradient> = spec.worker.gradient(start, batch as usize, 1.0);
+        let tx = self.internal.clone();
+        tokio::spawn(async move {
+            if let Ok(g) = gradient.await {
+                let _ = tx.send(Internal::Computed { id, gradient: Box::new(g) });
+            }
+        });
+    }
+
+    /// A gradient job finished: commit it if this peer waits for it and it may join.
+    pub(super) fn on_computed(&mut self, id: u64, gradient: Gradient) {
+        let Some(asy) = self.asy.as_mut() else { return };
+        let Some(job) = asy.job.as_mut().filter(|j| j.id == id) else { return };
+        // The worker computed it on the parameters of its round: now known here, if they were not.
+        let (round, params) = (job.round, gradient.param_hash);
+        job.done = Some(Arc::new(gradient));
+        asy.params.entry(round).or_insert(params);
+        let Some(w) = asy.waiting.as_ref() else { return };
+        if self.round.is_some() || self.membership.ring() != Some(&w.view) {
+            return;
+        }
+        self.retry_waiting();
+    }
+
+    /// The ring this peer waits in, started again now that its gradient job is done.
+    fn retry_waiting(&mut self) {
+        let Some(w) = self.asy.as_mut().and_then(|a| a.waiting.take()) else { return };
+        self.start_async(w.view, w.batches, w.joiners, w.excluded);
+    }
+
+    /// Every tick: a peer waiting for its gradient while every other member has committed
+    /// commits nothing once the run's threshold has passed.
+    pub(super) fn tick_async(&mut self, now: u64) {
+        if self.round.is_some() {
+            return;
+        }
+        let Some(asy) = self.asy.as_mut() else { return };
+        let Some(w) = asy.waiting.as_mut() else { return };
+        let n = w.view.len();
+        if n < 2 {
+            return;
+        }
+        if w.all_in.is_none() {
+            let (round, attempt) = (w.view.round, w.view.attempt);
+            let committed: HashSet<&str> = self
+                .pending
+                .iter()
+                .filter_map(|g| match g {
+                    Gossip::Commit(c) if (c.round, c.attempt) == (round, attempt) => Some(c.peer.as_str()),
+                    _ => None,
+                })
+                .filter(|p| *p != self.me && w.view.members.iter().any(|m| m == p))
+                .collect();
+            if committed.len() + 1 == n {
+                w.all_in = Some(now);
+            }
+        }
+        let Some(all_in) = w.all_in else { return };
+        if now.saturating_sub(all_in) < asy.threshold.as_micros() as u64 {
+            return;
+        }
+        let w = asy.waiting.take().expect("waiting");
+        info!(
+            round = w.view.round,
+            attempt = w.view.attempt,
+            threshold_ms = asy.threshold.as_millis() as u64,
+            "this peer's gradient is not ready and the ring waits only for it: committing nothing this round; \
+             the gradient joins a later one"
+        );
+        self.commit_async(w, Source::Nothing);
+    }
+
+    /// Encodes and hashes this peer's commit to `w`'s ring off the event loop.
+    fn commit_async(&mut self, w: Waiting, source: Source) {
+        let Compute::Train(spec) = &self.cfg.compute else { return };
+        let Some(asy) = self.asy.as_ref() else { return };
+        let view = w.view;
+        let pos = view.position(&self.me).expect("a started ring holds this peer");
+        let (_, _, weight) = micro_batch(&w.batches, pos);
+        let history = asy.params.clone();
+        let (fixed, n, seg, len) = (self.cfg.fixed, view.len(), self.cfg.round.segment_elems, spec.worker.params);
+        let own_params = history.get(&view.round).or_else(|| history.values().next_back()).copied().unwrap_or_default();
+        let tx = self.internal.clone();
+        let (joiners, excluded, batches) = (w.joiners, w.excluded, w.batches);
+        tokio::task::spawn_blocking(move || {
+            let (data, samples, param_hash, computed_at, loss) = match source {
+                Source::Gradient(at, g) => {
+                    let staleness = view.round - at;
+                    if staleness > 0 {
+                        info!(round = view.round, computed_for = at, staleness, "a stale gradient joins this round");
+                    }
+                    let factor = staleness_weight(weight, staleness);
+                    let weighted: Vec<f32> = g.weighted.iter().map(|v| v * factor).collect();
+                    match fixed.encode(&weighted) {
+                        Ok(d) => (d, g.samples as u64, g.param_hash, at, Some(g.loss)),
+                        Err(e) => {
+                            warn!(round = view.round, reason = %e, "cannot encode the gradient");
+                            return;
+                        }
+                    }
+                }
+                Source::Nothing => (vec![0; len], 0, own_params, view.round, None),
+            };
+            let input = Contribution::new(data, samples, param_hash, joiners, n, seg)
+                .with_ring_batches(batches)
+                .with_excluded(excluded)
+                .with_async(computed_at, history);
+            let _ = tx.send(Internal::Prepared { view, input: Box::new(input), loss, residual: None });
+        });
+    }
+
+    /// A round completed: keep its stretch of the sample stream, and let go of the gradient it
+    /// used.
+    pub(super) fn completed_async(&mut self, view: &RingView, computed_at: Option<u64>) {
+        let Some(asy) = self.asy.as_mut() else { return };
+        if let Some((at, batches, cursor)) = asy.started.take()
+            && at == (view.round, view.attempt)
+        {
+            asy.slots.insert(view.round, Slot { cursor, members: view.members.clone(), batches });
+        }
+        if asy.in_use.as_ref().is_some_and(|(r, _)| *r == view.round) {
+            asy.in_use = None;
+        }
+        asy.waiting = None;
+        asy.forget(view.round + 1);
+        if let Some(at) = computed_at
+            && at < view.round
+        {
+            info!(round = view.round, computed_for = at, staleness = view.round - at, "stale gradient counted");
+        }
+    }
+}
