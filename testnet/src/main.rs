@@ -64,6 +64,9 @@ enum Cmd {
         /// every other peer committed commits nothing and adds its gradient to a later round.
         #[arg(long)]
         async_threshold_ms: Option<u64>,
+        /// Asynchronous rounds: how many rounds late a gradient may still join (default 2).
+        #[arg(long)]
+        max_staleness: Option<u64>,
         /// Make the last peer this many milliseconds slower per gradient, as a slower device
         /// (testnet built with `--features fault-injection` only).
         #[arg(long)]
@@ -178,6 +181,7 @@ fn main() -> anyhow::Result<()> {
             compression,
             topk_fraction,
             async_threshold_ms,
+            max_staleness,
             slow_peer_ms,
         } => train::run(&train::TrainOpts {
             nodes,
@@ -196,6 +200,7 @@ fn main() -> anyhow::Result<()> {
             compression,
             topk_fraction,
             async_threshold_ms,
+            max_staleness,
             slow_peer_ms,
         }),
         Cmd::Cluster { nodes, rounds, vector_len, run, no_chain, epoch_rounds } => {

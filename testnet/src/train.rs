@@ -41,6 +41,9 @@ pub struct TrainOpts {
     /// Asynchronous rounds: how long the ring waits for a slow peer's gradient once every
     /// other peer committed (synchronous when absent).
     pub async_threshold_ms: Option<u64>,
+    /// Asynchronous rounds: how many rounds late a gradient may join (the run's default when
+    /// absent).
+    pub max_staleness: Option<u64>,
     /// Make the last peer this many milliseconds slower per gradient, as a slower device
     /// (needs the node's test hooks: a build with the `fault-injection` feature).
     pub slow_peer_ms: Option<u64>,
@@ -95,6 +98,9 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
     }
     if let Some(t) = o.async_threshold_ms {
         config_text += &format!("async_threshold_ms = {t}\n");
+    }
+    if let Some(s) = o.max_staleness {
+        config_text += &format!("max_staleness = {s}\n");
     }
     if o.slow_peer_ms.is_some() && !cfg!(feature = "fault-injection") {
         bail!("--slow-peer-ms needs the node's test hooks: build testnet with --features fault-injection");
@@ -211,7 +217,23 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
         bail!("the peers' parameters diverged");
     }
     let accuracy = nodes[0].events("evaluated").last().and_then(|e| e["accuracy"].as_f64()).unwrap_or(0.0);
-    let samples = o.rounds * (o.batch * o.nodes) as u64 * o.local_steps;
+    // The samples every peer's commits carried (in an asynchronous run a slow peer's gradients
+    // join later rounds, or none).
+    let own: Vec<u64> =
+        nodes.iter().map(|n| trained(n).values().map(|e| e["own_samples"].as_u64().unwrap_or(0)).sum()).collect();
+    let samples: u64 = own.iter().sum();
+    if o.async_threshold_ms.is_some() {
+        for (n, s) in nodes.iter().zip(&own) {
+            let late = n.events("stale gradient counted").len();
+            let empty = n.events_containing("committing nothing this round").len();
+            if late + empty > 0 {
+                println!(
+                    "{}: {s} samples; {late} gradients joined a later round, {empty} commits carried none",
+                    n.name
+                );
+            }
+        }
+    }
     println!(
         "\nall {} peers held the same parameters after every one of {} rounds; final test accuracy {:.2}% \
          ({samples} samples in {:.1} s)",

@@ -169,6 +169,8 @@ enum Internal {
         id: u64,
         gradient: Box<crate::train::worker::Gradient>,
     },
+    /// Asynchronous rounds: the threshold since every other member committed has passed.
+    AsyncDeadline,
 }
 
 /// Top-k: the residual a contribution was compressed with, and the one it leaves with its hash.
@@ -488,6 +490,10 @@ impl Driver {
                 }
             }
             Internal::Computed { id, gradient } => self.on_computed(id, *gradient),
+            Internal::AsyncDeadline => {
+                let now = self.now();
+                self.tick_async(now);
+            }
             Internal::Serve(req) => self.serve(req),
             Internal::Sync(ev) => self.on_sync_event(ev),
             Internal::Audited(a) => self.on_audited(a),
@@ -579,13 +585,17 @@ impl Driver {
                     warn!(peer = %c.peer, round = c.round, "rejected commit: its signature does not verify");
                     return;
                 }
-                // A commit states the parameters its gradient was computed on.
-                self.statements.note(&c.peer, StateTag { round: c.round, param_hash: c.param_hash });
+                // A commit states the parameters its gradient was computed on (those of an
+                // earlier round for a stale gradient; none for an empty commit).
+                if c.samples > 0 || self.asy.is_none() {
+                    self.statements.note(&c.peer, StateTag { round: c.computed_at, param_hash: c.param_hash });
+                }
                 if let Some(r) = self.round.as_mut().filter(|r| r.is_for(c.round, c.attempt)) {
                     let acts = r.on_commit(c.clone(), now);
                     self.on_round_actions(acts);
                 } else {
                     self.keep_for_later(msg);
+                    self.tick_async(now);
                 }
             }
             Gossip::Done(ref done) => {

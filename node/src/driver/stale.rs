@@ -235,8 +235,9 @@ impl Driver {
         self.start_async(w.view, w.batches, w.joiners, w.excluded);
     }
 
-    /// Every tick: a peer waiting for its gradient while every other member has committed
-    /// commits nothing once the run's threshold has passed.
+    /// On every commit kept for later, every tick and at the deadline: a peer waiting for its
+    /// gradient while every other member has committed commits nothing once the run's
+    /// threshold has passed.
     pub(super) fn tick_async(&mut self, now: u64) {
         if self.round.is_some() {
             return;
@@ -260,6 +261,12 @@ impl Driver {
                 .collect();
             if committed.len() + 1 == n {
                 w.all_in = Some(now);
+                // Woken at the deadline itself, not at the next tick.
+                let (tx, wait) = (self.internal.clone(), asy.threshold);
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    let _ = tx.send(Internal::AsyncDeadline);
+                });
             }
         }
         let Some(all_in) = w.all_in else { return };
@@ -335,5 +342,56 @@ impl Driver {
         {
             info!(round = view.round, computed_for = at, staleness = view.round - at, "stale gradient counted");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(round: u64, start: u64, batch: u64) -> Job {
+        Job { id: 0, round, start, batch, done: None }
+    }
+
+    #[test]
+    fn a_gradient_joins_only_rounds_within_the_staleness_on_the_micro_batch_its_ring_gave_it() {
+        let mut a = Async::new(Duration::from_millis(10), 2);
+        let members: Vec<PeerKey> = ["x", "me", "y"].map(String::from).to_vec();
+        // Round 4 started at sample 1000; "me" came after x's 64 samples and took 32.
+        a.slots.insert(4, Slot { cursor: 1000, members: members.clone(), batches: vec![64, 32, 64] });
+        assert_eq!(a.slot_of(4, "me"), Some((1064, 32)));
+        assert_eq!(a.slot_of(4, "z"), None);
+        assert_eq!(a.slot_of(3, "me"), None);
+
+        let stale = job(4, 1064, 32);
+        assert!(a.usable(&stale, 5, 0, 0, "me"), "one round late");
+        assert!(a.usable(&stale, 6, 0, 0, "me"), "two rounds late");
+        assert!(!a.usable(&stale, 7, 0, 0, "me"), "beyond the staleness");
+        assert!(!a.usable(&stale, 3, 0, 0, "me"), "of a later round");
+        // Computed for an attempt whose ring gave it another micro-batch than the certified one.
+        assert!(!a.usable(&job(4, 1000, 32), 5, 0, 0, "me"));
+        assert!(!a.usable(&job(4, 1064, 64), 5, 0, 0, "me"));
+        // A fresh one: exactly this attempt's micro-batch.
+        assert!(a.usable(&job(5, 2000, 32), 5, 2000, 32, "me"));
+        assert!(!a.usable(&job(5, 2000, 32), 5, 2032, 32, "me"));
+        // Of a round whose ring this peer does not hold (it was not certified here): not usable.
+        assert!(!a.usable(&job(3, 900, 32), 4, 0, 0, "me"));
+    }
+
+    #[test]
+    fn what_audits_need_is_kept_for_the_staleness_and_a_restore_drops_the_old_state() {
+        let mut a = Async::new(Duration::from_millis(10), 2);
+        for r in 0..10u64 {
+            a.slots.insert(r, Slot { cursor: r * 100, members: vec!["me".into()], batches: vec![100] });
+            a.note_params(r, [r as u8; 32]);
+        }
+        // Round 9's parameters: stale gradients of rounds 7 and 8 may still come (and round 6's
+        // ring is the oldest any of their audits asks for).
+        assert_eq!(a.params.keys().copied().collect::<Vec<_>>(), vec![6, 7, 8, 9]);
+        assert_eq!(a.slots.keys().copied().collect::<Vec<_>>(), vec![6, 7, 8, 9]);
+        a.job = Some(job(9, 900, 100));
+        a.restored(20, [20; 32]);
+        assert!(a.job.is_none() && a.slots.is_empty());
+        assert_eq!(a.params.into_iter().collect::<Vec<_>>(), vec![(20, [20; 32])]);
     }
 }
