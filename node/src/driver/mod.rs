@@ -1029,6 +1029,9 @@ impl Driver {
                     let (round, attempt) = (r.view().round, r.view().attempt);
                     warn!(round, attempt, reason = %f.reason, "round failed");
                     self.writer = None;
+                    if let Some(a) = self.asy.as_mut() {
+                        a.attempt_failed();
+                    }
                     self.summary.rounds_failed += 1;
                     self.cfg.metrics.update(|s| {
                         s.rounds_failed += 1;

@@ -136,17 +136,28 @@ impl Async {
         self.slots.retain(|r, _| *r >= oldest);
     }
 
-    /// Whether `job` may be committed to round `round`, where this peer's micro-batch starts at
-    /// `start` with `batch` samples: a fresh one of this very micro-batch, or a stale one within
-    /// the run's staleness whose micro-batch is the one the certified ring of its round gave
-    /// this peer (`me`).
-    fn usable(&self, job: &Job, round: u64, start: u64, batch: u64, me: &str) -> bool {
+    /// Whether `job` may be committed to round `round` of a ring of `members`, where this
+    /// peer's micro-batch starts at `start` with `batch` samples: a fresh one of this very
+    /// micro-batch, or a stale one within the run's staleness whose micro-batch is the one the
+    /// certified ring of its round gave this peer (`me`), if every member was in that ring
+    /// (a member that joined since holds neither that round's parameters nor its ring, so it
+    /// could not audit the gradient).
+    fn usable(&self, job: &Job, round: u64, members: &[PeerKey], start: u64, batch: u64, me: &str) -> bool {
         if job.round == round {
             return (job.start, job.batch) == (start, batch);
         }
+        let Some(slot) = self.slots.get(&job.round) else { return false };
         job.round < round
             && round - job.round <= self.max_staleness
-            && self.slot_of(job.round, me) == Some((job.start, job.batch))
+            && slot.of(me) == Some((job.start, job.batch))
+            && members.iter().all(|m| slot.members.contains(m))
+    }
+
+    /// An attempt failed: a stale gradient it carried is not offered again (an auditor may
+    /// have been unable to recompute it); a fresh one is.
+    pub(super) fn attempt_failed(&mut self) {
+        self.in_use = self.in_use.take().filter(|(r, job)| job.round == *r);
+        self.waiting = None;
     }
 }
 
@@ -170,12 +181,12 @@ impl Driver {
         asy.waiting = None;
         // A gradient chosen for this round by an attempt that failed.
         let chosen = match asy.in_use.take() {
-            Some((r, job)) if r == round && asy.usable(&job, round, start, batch, &me) => Some(job),
+            Some((r, job)) if r == round && asy.usable(&job, round, &view.members, start, batch, &me) => Some(job),
             _ => None,
         };
         let chosen = chosen.or_else(|| {
             let job = asy.job.take_if(|j| j.done.is_some())?;
-            let usable = asy.usable(&job, round, start, batch, &me);
+            let usable = asy.usable(&job, round, &view.members, start, batch, &me);
             if !usable {
                 info!(round, computed_for = job.round, "a gradient too old for this round is dropped");
             }
@@ -364,18 +375,23 @@ mod tests {
         assert_eq!(a.slot_of(3, "me"), None);
 
         let stale = job(4, 1064, 32);
-        assert!(a.usable(&stale, 5, 0, 0, "me"), "one round late");
-        assert!(a.usable(&stale, 6, 0, 0, "me"), "two rounds late");
-        assert!(!a.usable(&stale, 7, 0, 0, "me"), "beyond the staleness");
-        assert!(!a.usable(&stale, 3, 0, 0, "me"), "of a later round");
+        assert!(a.usable(&stale, 5, &members, 0, 0, "me"), "one round late");
+        assert!(a.usable(&stale, 6, &members, 0, 0, "me"), "two rounds late");
+        assert!(!a.usable(&stale, 7, &members, 0, 0, "me"), "beyond the staleness");
+        assert!(!a.usable(&stale, 3, &members, 0, 0, "me"), "of a later round");
         // Computed for an attempt whose ring gave it another micro-batch than the certified one.
-        assert!(!a.usable(&job(4, 1000, 32), 5, 0, 0, "me"));
-        assert!(!a.usable(&job(4, 1064, 64), 5, 0, 0, "me"));
+        assert!(!a.usable(&job(4, 1000, 32), 5, &members, 0, 0, "me"));
+        assert!(!a.usable(&job(4, 1064, 64), 5, &members, 0, 0, "me"));
         // A fresh one: exactly this attempt's micro-batch.
-        assert!(a.usable(&job(5, 2000, 32), 5, 2000, 32, "me"));
-        assert!(!a.usable(&job(5, 2000, 32), 5, 2032, 32, "me"));
+        assert!(a.usable(&job(5, 2000, 32), 5, &members, 2000, 32, "me"));
+        assert!(!a.usable(&job(5, 2000, 32), 5, &members, 2032, 32, "me"));
+        // A member left since: usable; one joined since: not (it could not audit it).
+        assert!(a.usable(&stale, 5, &members[..2], 0, 0, "me"));
+        let joined: Vec<PeerKey> = ["x", "me", "y", "new"].map(String::from).to_vec();
+        assert!(!a.usable(&stale, 5, &joined, 0, 0, "me"));
+        assert!(a.usable(&job(5, 2000, 32), 5, &joined, 2000, 32, "me"), "a fresh one goes to any ring");
         // Of a round whose ring this peer does not hold (it was not certified here): not usable.
-        assert!(!a.usable(&job(3, 900, 32), 4, 0, 0, "me"));
+        assert!(!a.usable(&job(3, 900, 32), 4, &members, 0, 0, "me"));
     }
 
     #[test]
