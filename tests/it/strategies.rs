@@ -180,21 +180,36 @@ fn topk_compressed_peers_stay_identical_and_learn() {
 
 #[test]
 fn asynchronous_rounds_go_on_without_a_slow_peer_and_count_its_stale_gradients_exactly() {
+    asynchronous_run("async", 1);
+}
+
+#[test]
+fn asynchronous_local_sgd_counts_a_slow_peers_stale_deltas_exactly() {
+    asynchronous_run("async-local", 2);
+}
+
+/// Three peers train asynchronously (with `local_steps` steps a round), the last one 700 ms
+/// slower per gradient: all stay identical and learn, the ring goes on without the slow peer,
+/// its stale and empty commits are audited and hold, and the chain counts exactly the samples
+/// every peer's commits carried.
+fn asynchronous_run(name: &str, local_steps: u64) {
     let anvil = Anvil::start();
     let contract = deploy(&anvil);
-    let dir = TempDir::new("async");
-    let (rounds, batch, peers) = (12u64, 32u64, 3usize);
+    let dir = TempDir::new(name);
+    let (rounds, peers) = (12u64, 3usize);
+    let batch = 32 * local_steps;
     let config = dir.path().join("run.toml");
     std::fs::write(
         &config,
         format!(
-            "name = \"it-async\"\nmodel = \"mlp\"\nbatch = {batch}\nrounds = {rounds}\nepoch_rounds = 4\n\
-             min_peers = {peers}\nlr = 0.003\neval_every = {rounds}\naudit_every = 1\nasync_threshold_ms = 100\n"
+            "name = \"it-{name}\"\nmodel = \"mlp\"\nbatch = 32\nrounds = {rounds}\nepoch_rounds = 4\n\
+             min_peers = {peers}\nlr = 0.003\neval_every = {rounds}\naudit_every = 1\nasync_threshold_ms = 100\n\
+             local_steps = {local_steps}\n"
         ),
     )
     .unwrap();
     // The last peer takes 700 ms longer for every gradient than the others, as a slower device.
-    let nodes = run_peers("async", &config, peers, |i| {
+    let nodes = run_peers(name, &config, peers, |i| {
         let mut f = anvil.peer_flags(&contract, i + 1);
         if i + 1 == peers {
             f.extend(["--fault-slow-compute-ms".to_owned(), "700".to_owned()]);

@@ -264,10 +264,8 @@ impl RunConfig {
                 return Err(format!("max_staleness {s} is not in 1..={MAX_STALENESS}"));
             }
         }
-        if self.async_threshold_ms.is_some() && (!compression.is_none() || self.local_steps > 1) {
-            return Err("async_threshold_ms cannot be combined with compression or local_steps yet: \
-                        choose one of them"
-                .into());
+        if self.async_threshold_ms.is_some() && !compression.is_none() {
+            return Err("async_threshold_ms cannot be combined with compression yet: choose one of them".into());
         }
         if !compression.is_none() && self.audit_tolerance() > 0.0 {
             return Err(format!(

@@ -126,11 +126,25 @@ impl<M: Net> Trainer<M> {
     /// Deterministic: the same parameters and batches give the same bits, so it is audited by
     /// recomputation like a gradient.
     pub fn local_delta(&self, split: &Split, batches: &[Vec<u32>]) -> StepGrad {
+        self.local_delta_from(&self.params, self.optimizer.step, split, batches)
+    }
+
+    /// The same from other parameters, `params`, as they were after `step` outer steps (an
+    /// earlier state, for a stale delta's audit); the trainer's own do not change.
+    pub fn local_delta_at(&self, params: &[f32], step: u64, split: &Split, batches: &[Vec<u32>]) -> StepGrad {
+        self.local_delta_from(params, step, split, batches)
+    }
+
+    fn local_delta_from(&self, params: &[f32], step: u64, split: &Split, batches: &[Vec<u32>]) -> StepGrad {
         let (inner, _) = self.local.clone().expect("a local-SGD trainer");
-        let lr = self.schedule.lr(self.optimizer.step);
+        let lr = self.schedule.lr(step);
         let mut opt = Optimizer::new(inner, self.layout.total);
-        let mut local = self.params.clone();
-        let mut model = self.model.clone();
+        let mut local = params.to_vec();
+        let mut model = if std::ptr::eq(params, self.params.as_slice()) {
+            self.model.clone()
+        } else {
+            params::load(self.model.clone(), params, &self.layout, &self.device)
+        };
         let (mut loss, mut samples, mut steps) = (0f32, 0, 0);
         for idx in batches.iter().filter(|b| !b.is_empty()) {
             let mut g = self.gradient_of(&model, split, idx);
@@ -141,7 +155,7 @@ impl<M: Net> Trainer<M> {
             samples += g.samples;
             steps += 1;
         }
-        let grad = self.params.iter().zip(&local).map(|(p, l)| p - l).collect();
+        let grad = params.iter().zip(&local).map(|(p, l)| p - l).collect();
         StepGrad { loss: loss / steps.max(1) as f32, grad, samples }
     }
 
@@ -264,6 +278,32 @@ mod tests {
         // One step on the four batches together is another delta; the trainer itself did not move.
         assert_ne!(t.local_delta(&split, &[(0..64).collect()]).grad, delta.grad);
         assert_eq!(t.params(), &start[..]);
+    }
+
+    #[test]
+    fn a_gradient_or_delta_of_an_earlier_state_is_recomputed_bit_for_bit_after_the_state_moved_on() {
+        let d = Device::flex().autodiff();
+        let shape = [1, 28, 28];
+        let split = stripes(64, shape);
+        let idx: Vec<u32> = (0..16).collect();
+        let batches: Vec<Vec<u32>> = (0..4).map(|h| (h * 16..h * 16 + 16).collect()).collect();
+        let model = MlpConfig::new(28 * 28, 10).init(&d);
+        // A warm-up schedule: the inner rate depends on the outer step, which must be the old one.
+        let schedule = Schedule::WarmupCosine { lr: 1e-2, min_lr: 1e-4, warmup: 4, total: 20 };
+        let local = crate::train::config::LocalSgd { steps: 4, outer_lr: 1.0, outer_momentum: 0.0 };
+        let mut t = Trainer::new(model, d.clone(), shape, 3, OptimizerConfig::sgd(), schedule, 5.0)
+            .with_local(OptimizerConfig::adam(), local);
+        let (old, old_step) = (t.params().to_vec(), t.step());
+        let (gradient, delta) = (t.gradient(&split, &idx), t.local_delta(&split, &batches));
+        for _ in 0..2 {
+            let d = t.local_delta(&split, &batches);
+            t.apply(&d.grad);
+        }
+        assert_ne!(t.params(), &old[..]);
+        assert_eq!(t.gradient_at(&old, &split, &idx).grad, gradient.grad);
+        assert_eq!(t.local_delta_at(&old, old_step, &split, &batches).grad, delta.grad);
+        // At the current step instead, the inner rate differs: so does the delta.
+        assert_ne!(t.local_delta_at(&old, t.step(), &split, &batches).grad, delta.grad);
     }
 
     #[test]

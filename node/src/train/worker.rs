@@ -207,7 +207,7 @@ fn serve<M: Net>(
     let mut hash = t.param_hash();
     // Asynchronous runs: the states before the current one that a stale gradient may be of.
     let keep = cfg.asynchronous().map_or(0, |(_, s)| s as usize);
-    let mut earlier: std::collections::VecDeque<(Hash, Vec<f32>)> = Default::default();
+    let mut earlier: std::collections::VecDeque<(Hash, Vec<f32>, u64)> = Default::default();
     for job in rx {
         match job {
             Job::Gradient { start, batch, weight, at, reply } => {
@@ -215,7 +215,7 @@ fn serve<M: Net>(
                 if !delay.is_zero() {
                     std::thread::sleep(delay);
                 }
-                let old = at.filter(|h| *h != hash).and_then(|h| earlier.iter().find(|(e, _)| *e == h));
+                let old = at.filter(|h| *h != hash).and_then(|h| earlier.iter().find(|(e, _, _)| *e == h));
                 let mut g = match cfg.local_sgd() {
                     // `batch` is this member's samples for the whole round: one slice of the
                     // stream per local step, split the same way at every peer.
@@ -227,10 +227,13 @@ fn serve<M: Net>(
                                 sampler.stream(start + r.start as u64, r.len())
                             })
                             .collect();
-                        t.local_delta(&ds.train, &batches)
+                        match old {
+                            Some((_, params, step)) => t.local_delta_at(params, *step, &ds.train, &batches),
+                            None => t.local_delta(&ds.train, &batches),
+                        }
                     }
                     None => match old {
-                        Some((_, params)) => t.gradient_at(params, &ds.train, &sampler.stream(start, batch)),
+                        Some((_, params, _)) => t.gradient_at(params, &ds.train, &sampler.stream(start, batch)),
                         None => t.gradient(&ds.train, &sampler.stream(start, batch)),
                     },
                 };
@@ -242,13 +245,13 @@ fn serve<M: Net>(
                     weighted,
                     loss: g.loss,
                     samples: g.samples,
-                    param_hash: old.map_or(hash, |(h, _)| *h),
+                    param_hash: old.map_or(hash, |(h, _, _)| *h),
                     compute_us: began.elapsed().as_micros() as u64,
                 });
             }
             Job::Apply { grad, reply } => {
                 if keep > 0 {
-                    earlier.push_back((hash, t.params().to_vec()));
+                    earlier.push_back((hash, t.params().to_vec(), t.step()));
                     if earlier.len() > keep {
                         earlier.pop_front();
                     }
