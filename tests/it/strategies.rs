@@ -45,6 +45,21 @@ fn trained(n: &Node) -> BTreeMap<u64, Value> {
     n.events("round trained").into_iter().map(|e| (e["round"].as_u64().unwrap(), e)).collect()
 }
 
+/// Each peer's `round trained` events, by round, after checking that every peer trained all
+/// `rounds` and held the same parameters after each.
+fn identical_every_round(nodes: &[Node], rounds: u64) -> Vec<BTreeMap<u64, Value>> {
+    let per_node: Vec<BTreeMap<u64, Value>> = nodes.iter().map(trained).collect();
+    for (n, t) in nodes.iter().zip(&per_node) {
+        assert_eq!(t.len() as u64, rounds, "{} trained every round", n.name);
+    }
+    for r in 0..rounds {
+        for t in &per_node[1..] {
+            assert_eq!(t[&r]["param_hash"], per_node[0][&r]["param_hash"], "peers diverged at round {r}");
+        }
+    }
+    per_node
+}
+
 #[test]
 fn local_sgd_peers_stay_identical_learn_and_the_chain_counts_every_local_step() {
     let anvil = Anvil::start();
@@ -127,15 +142,7 @@ fn compressed_run(name: &str, extra: &str, rounds: u64) -> Vec<Node> {
 /// loss, every payload audited and holding, and `payload_words` words sent to each of the
 /// other two peers per round.
 fn check_compressed_run(nodes: &[Node], rounds: u64, payload_words: impl Fn(u64) -> u64) {
-    let per_node: Vec<BTreeMap<u64, Value>> = nodes.iter().map(trained).collect();
-    for (n, t) in nodes.iter().zip(&per_node) {
-        assert_eq!(t.len() as u64, rounds, "{} trained every round", n.name);
-    }
-    for r in 0..rounds {
-        for t in &per_node[1..] {
-            assert_eq!(t[&r]["param_hash"], per_node[0][&r]["param_hash"], "peers diverged at round {r}");
-        }
-    }
+    let per_node = identical_every_round(nodes, rounds);
     let loss = |r: u64| per_node.iter().map(|t| t[&r]["loss"].as_f64().unwrap()).sum::<f64>() / 3.0;
     let (first, last) = ((0..3).map(loss).sum::<f64>(), (rounds - 3..rounds).map(loss).sum::<f64>());
     assert!(last < first * 0.8, "the loss did not fall: {first} -> {last}");
@@ -218,15 +225,7 @@ fn asynchronous_run(name: &str, local_steps: u64) {
     });
     let slow = &nodes[peers - 1];
 
-    let per_node: Vec<BTreeMap<u64, Value>> = nodes.iter().map(trained).collect();
-    for (n, t) in nodes.iter().zip(&per_node) {
-        assert_eq!(t.len() as u64, rounds, "{} trained every round", n.name);
-    }
-    for r in 0..rounds {
-        for t in &per_node[1..] {
-            assert_eq!(t[&r]["param_hash"], per_node[0][&r]["param_hash"], "peers diverged at round {r}");
-        }
-    }
+    let per_node = identical_every_round(&nodes, rounds);
     // The ring did not wait for the slow peer: it committed nothing in some rounds, and its
     // gradients joined later ones, weighted by their staleness.
     let skipped = slow.events_containing("committing nothing this round");
