@@ -61,7 +61,7 @@ enum Cmd {
         #[arg(long)]
         topk_fraction: Option<f64>,
         /// Asynchronous rounds: a peer whose gradient is not ready this many milliseconds after
-        /// every other peer committed commits nothing and adds its gradient to a later round.
+        /// most other peers committed commits nothing and adds its gradient to a later round.
         #[arg(long)]
         async_threshold_ms: Option<u64>,
         /// Asynchronous rounds: how many rounds late a gradient may still join (default 2).

@@ -169,7 +169,7 @@ enum Internal {
         id: u64,
         gradient: Box<crate::train::worker::Gradient>,
     },
-    /// Asynchronous rounds: the threshold since every other member committed has passed.
+    /// Asynchronous rounds: the threshold since most other members committed has passed.
     AsyncDeadline,
 }
 

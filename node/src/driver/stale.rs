@@ -2,8 +2,8 @@
 //!
 //! A member's gradient job starts when its ring does, on the round's parameters and the
 //! member's stretch of the sample stream, with weight 1 (its clipped gradient). If the job
-//! is done when the member commits, it commits it as in a synchronous run. If every other
-//! member has committed and the job is still running after the run's threshold, the member
+//! is done when the member commits, it commits it as in a synchronous run. If most of the
+//! other members have committed and the job is still running after the run's threshold, the member
 //! commits nothing for the round (zeros, no samples) and the ring goes on; the job keeps
 //! running, and its gradient joins the sum of a later round (at most `max_staleness` rounds
 //! later), weighted down to `weight / (1 + staleness)` ([`p2p_proto::audit::staleness_weight`]),
@@ -65,8 +65,8 @@ struct Waiting {
     batches: Vec<u64>,
     joiners: Vec<PeerKey>,
     excluded: Vec<PeerKey>,
-    /// When every other member's commit was in (µs since the driver started).
-    all_in: Option<u64>,
+    /// When most of the other members' commits were in (µs since the driver started).
+    most_in: Option<u64>,
 }
 
 /// What this peer commits to a ring.
@@ -192,7 +192,7 @@ impl Driver {
             }
             usable.then_some(job)
         });
-        let waiting = Waiting { view, batches, joiners, excluded, all_in: None };
+        let waiting = Waiting { view, batches, joiners, excluded, most_in: None };
         if let Some(job) = chosen {
             let g = job.done.clone().expect("a computed gradient");
             let computed_for = job.round;
@@ -247,8 +247,9 @@ impl Driver {
     }
 
     /// On every commit kept for later, every tick and at the deadline: a peer waiting for its
-    /// gradient while every other member has committed commits nothing once the run's
-    /// threshold has passed.
+    /// gradient while most of the other members (a strict majority of them: all of them in a
+    /// ring of 3) have committed commits nothing once the run's threshold has passed; so
+    /// neither one slow peer nor a slow minority stalls the ring.
     pub(super) fn tick_async(&mut self, now: u64) {
         if self.round.is_some() {
             return;
@@ -259,7 +260,7 @@ impl Driver {
         if n < 2 {
             return;
         }
-        if w.all_in.is_none() {
+        if w.most_in.is_none() {
             let (round, attempt) = (w.view.round, w.view.attempt);
             let committed: HashSet<&str> = self
                 .pending
@@ -270,8 +271,8 @@ impl Driver {
                 })
                 .filter(|p| *p != self.me && w.view.members.iter().any(|m| m == p))
                 .collect();
-            if committed.len() + 1 == n {
-                w.all_in = Some(now);
+            if 2 * committed.len() > n - 1 {
+                w.most_in = Some(now);
                 // Woken at the deadline itself, not at the next tick.
                 let (tx, wait) = (self.internal.clone(), asy.threshold);
                 tokio::spawn(async move {
@@ -280,8 +281,8 @@ impl Driver {
                 });
             }
         }
-        let Some(all_in) = w.all_in else { return };
-        if now.saturating_sub(all_in) < asy.threshold.as_micros() as u64 {
+        let Some(most_in) = w.most_in else { return };
+        if now.saturating_sub(most_in) < asy.threshold.as_micros() as u64 {
             return;
         }
         let w = asy.waiting.take().expect("waiting");
@@ -289,8 +290,8 @@ impl Driver {
             round = w.view.round,
             attempt = w.view.attempt,
             threshold_ms = asy.threshold.as_millis() as u64,
-            "this peer's gradient is not ready and the ring waits only for it: committing nothing this round; \
-             the gradient joins a later one"
+            "this peer's gradient is not ready and most of the ring has committed: committing nothing this \
+             round; the gradient joins a later one"
         );
         self.commit_async(w, Source::Nothing);
     }

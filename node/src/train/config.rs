@@ -110,7 +110,7 @@ pub struct RunConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topk_fraction: Option<f64>,
     /// Asynchronous rounds: a member whose gradient is not ready this many milliseconds after
-    /// every other member of the ring committed does not stall the ring: it commits nothing
+    /// most of the other members of the ring committed does not stall the ring: it commits nothing
     /// for the round (zeros, no samples) and contributes the gradient to a later round,
     /// weighted down by its staleness ([`p2p_proto::audit::staleness_weight`]), still
     /// committed and audited by recomputation on the parameters it was computed on. Absent:
