@@ -461,6 +461,16 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         node::http::serve(addr, sources).await.with_context(|| format!("cannot serve --http on {addr}"))?;
     }
     let t = &args.timing;
+    if let Some((threshold, _)) = plan.asynchronous
+        && threshold.as_millis() >= u128::from(t.commit_timeout_ms)
+    {
+        anyhow::bail!(
+            "the run's async_threshold_ms ({} ms) must be below --commit-timeout-ms ({} ms): a slow peer would time \
+             out before it commits nothing; raise --commit-timeout-ms or lower the threshold",
+            threshold.as_millis(),
+            t.commit_timeout_ms
+        );
+    }
     let cfg = DriverConfig {
         run,
         membership: MembershipConfig {

@@ -102,7 +102,14 @@ pub struct Contribution {
     /// Asynchronous runs: the parameter hash this member held at the start of each recent
     /// round, to check other members' (possibly stale) commits against.
     param_history: BTreeMap<u64, Hash>,
+    /// Asynchronous runs: the members and their samples of each recent round this member
+    /// completed, to check stale commits against.
+    rings: BTreeMap<u64, AsyncRing>,
 }
+
+/// A certified ring of an asynchronous run, as a member completed it: its members in ring order
+/// and the samples each announced.
+pub type AsyncRing = (Vec<PeerKey>, Vec<u64>);
 
 impl Contribution {
     /// Hashes `data` for a ring of `n` members: one blake3 pass over the
@@ -134,6 +141,7 @@ impl Contribution {
             residual_zero: Hash::default(),
             computed_at: None,
             param_history: BTreeMap::new(),
+            rings: BTreeMap::new(),
         }
     }
 
@@ -176,11 +184,20 @@ impl Contribution {
     /// Asynchronous runs: the values are of the round `computed_at` (a stale gradient, or zeros
     /// with no samples while this member's gradient is still being computed), and
     /// `param_history` holds the parameter hash this member held at the start of each recent
-    /// round (this one included, once known). A member's commit to a stale gradient must name
-    /// the parameters of its round, where this member knows them.
-    pub fn with_async(mut self, computed_at: u64, param_history: BTreeMap<u64, Hash>) -> Self {
+    /// round (this one included, once known), and `rings` the members and samples of each
+    /// recent round it completed. A member's commit to a stale gradient must name the
+    /// parameters of its round, where this member knows them, and the samples that round's ring
+    /// gave it; and every member of this ring must have been in that one (or none could audit
+    /// it). A commit of no samples must be to zeros.
+    pub fn with_async(
+        mut self,
+        computed_at: u64,
+        param_history: BTreeMap<u64, Hash>,
+        rings: BTreeMap<u64, AsyncRing>,
+    ) -> Self {
         self.computed_at = Some(computed_at);
         self.param_history = param_history;
+        self.rings = rings;
         self
     }
 
@@ -356,8 +373,11 @@ pub struct Round {
     residual_zero: Hash,
     /// Expected samples per member (empty: not checked).
     ring_batches: Vec<u64>,
-    /// Asynchronous runs: this member's parameter hashes of recent rounds.
+    /// Asynchronous runs: this member's parameter hashes and certified rings of recent rounds,
+    /// and the chunk hashes of a vector of zeros (computed when first needed).
     param_history: BTreeMap<u64, Hash>,
+    rings: BTreeMap<u64, AsyncRing>,
+    zero_hashes: Option<Vec<Hash>>,
     ring: Option<RingAllReduce>,
     early: Vec<VerifiedStep>,
     dones: Vec<Option<RoundDone>>,
@@ -451,6 +471,8 @@ impl Round {
             residual_zero: input.residual_zero,
             ring_batches: input.ring_batches,
             param_history: input.param_history,
+            rings: input.rings,
+            zero_hashes: None,
             ring: None,
             early: Vec::new(),
             dones: vec![None; n],
@@ -546,12 +568,18 @@ impl Round {
             return out;
         }
         let Some(i) = self.member(&c.peer) else { return out };
-        let mine = self.commits[self.pos].as_ref().expect("own commit");
         let asynchronous = self.cfg.max_staleness > 0;
+        let refused = if asynchronous { self.refuse_async(&c) } else { None };
+        let mine = self.commits[self.pos].as_ref().expect("own commit");
         // Asynchronous: a commit of no samples (the member's gradient is not ready) carries
-        // zeros, whatever the parameters; a stale one names the parameters of its round.
-        let expected_params =
-            if asynchronous { self.param_history.get(&c.computed_at).copied() } else { Some(mine.param_hash) };
+        // zeros, whatever the parameters; a stale one names the parameters of its round (a
+        // fresh one this round's, which this member may know only from its own gradient).
+        let own_fresh = (mine.computed_at == mine.round && mine.samples > 0).then_some(mine.param_hash);
+        let expected_params = if asynchronous {
+            self.param_history.get(&c.computed_at).copied().or(own_fresh.filter(|_| c.computed_at == c.round))
+        } else {
+            Some(mine.param_hash)
+        };
         if c.computed_at > c.round || c.round - c.computed_at > self.cfg.max_staleness {
             let peer = c.peer.clone();
             self.fail_with(
@@ -563,6 +591,9 @@ impl Round {
                 vec![peer],
                 &mut out,
             );
+        } else if let Some((why, kind)) = refused {
+            let peer = c.peer.clone();
+            self.fail_with(format!("peer {peer} {why}"), kind, vec![peer], &mut out);
         } else if c.ring != self.ring_hash {
             self.fail(format!("peer {} formed another ring for this round: views differ", c.peer), &mut out);
         } else if c.len != mine.len || c.chunk_hashes.len() != mine.chunk_hashes.len() {
@@ -615,6 +646,46 @@ impl Round {
             self.maybe_reduce(now, &mut out);
         }
         out
+    }
+
+    /// Asynchronous runs: why `c` is refused, if it is: a commit of no samples to anything but
+    /// zeros, or a stale one this member cannot check against the ring of its round (unknown
+    /// here, or a member of this ring was not in it: an honest member never offers it then,
+    /// though it may not know this member missed that round) or that claims other samples than
+    /// that ring gave it.
+    fn refuse_async(&mut self, c: &GradientCommit) -> Option<(String, FailureKind)> {
+        if c.samples == 0 {
+            let n = self.view.len();
+            let zeros = self
+                .zero_hashes
+                .get_or_insert_with(|| crate::audit::chunk_hashes(&vec![0; c.len as usize], n, self.cfg.segment_elems));
+            return (c.computed_at != c.round || c.norm != 0.0 || c.chunk_hashes != *zeros)
+                .then(|| ("committed no samples but not to zeros of this round".to_owned(), FailureKind::BadMessage));
+        }
+        if c.computed_at >= c.round {
+            return None;
+        }
+        let Some((members, batches)) = self.rings.get(&c.computed_at) else {
+            let why = format!("committed a gradient of round {}, whose ring this member does not hold", c.computed_at);
+            return Some((why, FailureKind::Other));
+        };
+        if let Some(m) = self.view.members.iter().find(|m| !members.contains(m)) {
+            let why = format!("committed a gradient of round {}, whose ring {m} was not in", c.computed_at);
+            return Some((why, FailureKind::Other));
+        }
+        let Some(pos) = members.iter().position(|m| *m == c.peer) else {
+            let why = format!("committed a gradient of round {}, whose ring it was not in", c.computed_at);
+            return Some((why, FailureKind::BadMessage));
+        };
+        (batches.get(pos) != Some(&c.samples)).then(|| {
+            let why = format!(
+                "committed {} samples of round {}, whose ring gave it {}",
+                c.samples,
+                c.computed_at,
+                batches.get(pos).copied().unwrap_or_default()
+            );
+            (why, FailureKind::BadMessage)
+        })
     }
 
     fn maybe_reduce(&mut self, now: u64, out: &mut Vec<RoundAction>) {
@@ -1501,25 +1572,31 @@ mod tests {
         let history: BTreeMap<u64, Hash> = (3..=5).map(|r| (r, [r as u8; 32])).collect();
         let batches = vec![32, 32];
         // What b commits: values of `at`'s round, on parameters `params`, of `samples` samples.
-        let commit = |cfg: RoundConfig, at: u64, params: u8, samples: u64| {
-            let input = Contribution::new(vec![1; 4], samples, [params; 32], vec![], 2, 3)
+        let rings: BTreeMap<u64, AsyncRing> = (3..5).map(|r| (r, (view.members.clone(), vec![32, 32]))).collect();
+        let commit_to = |cfg: RoundConfig, data: Vec<i32>, at: u64, params: u8, samples: u64| {
+            let input = Contribution::new(data, samples, [params; 32], vec![], 2, 3)
                 .with_ring_batches(batches.clone())
-                .with_async(at, BTreeMap::new());
+                .with_async(at, BTreeMap::new(), BTreeMap::new());
             let (_, acts) = Round::new(run, "b", view.clone(), input, cfg, 0, &no_sign);
             let RoundAction::Publish(Gossip::Commit(c)) = &acts[0] else { panic!() };
             c.clone()
         };
-        // a's verdict on it.
-        let judge = |cfg: RoundConfig, c: GradientCommit| {
+        // A member's empty commits are to zeros.
+        let commit = |cfg: RoundConfig, at: u64, params: u8, samples: u64| {
+            commit_to(cfg, vec![if samples == 0 { 0 } else { 1 }; 4], at, params, samples)
+        };
+        // a's verdict on it, knowing the rings in `rings`.
+        let judge_with = |cfg: RoundConfig, c: GradientCommit, rings: BTreeMap<u64, AsyncRing>| {
             let own = Contribution::new(vec![1; 4], 32, [5; 32], vec![], 2, 3)
                 .with_ring_batches(batches.clone())
-                .with_async(5, history.clone());
+                .with_async(5, history.clone(), rings);
             let (mut a, _) = Round::new(run, "a", view.clone(), own, cfg, 0, &no_sign);
             a.on_commit(c, 0).into_iter().find_map(|x| match x {
                 RoundAction::Failed(f) => Some(f),
                 _ => None,
             })
         };
+        let judge = |cfg: RoundConfig, c: GradientCommit| judge_with(cfg, c, rings.clone());
         let asynchronous = || RoundConfig { max_staleness: 2, ..cfg() };
         // Fresh, stale by one or two rounds on that round's parameters, or empty: accepted.
         for (at, params, samples) in [(5, 5, 32), (4, 4, 32), (3, 3, 32), (5, 9, 0)] {
@@ -1534,9 +1611,23 @@ mod tests {
         assert!(f.reason.contains("beyond the run's staleness") && f.blame == vec!["b".to_string()], "{f:?}");
         let f = judge(asynchronous(), commit(asynchronous(), 6, 5, 32)).expect("refused");
         assert_eq!(f.kind, FailureKind::BadMessage, "{f:?}");
-        // A fresh commit of other samples than announced stays refused.
+        // A fresh commit of other samples than announced stays refused; a stale one must have
+        // the samples its round's ring gave it.
         let f = judge(asynchronous(), commit(asynchronous(), 5, 5, 8)).expect("refused");
         assert!(f.reason.contains("committed 8 samples"), "{f:?}");
+        let f = judge(asynchronous(), commit(asynchronous(), 4, 4, 8)).expect("refused");
+        assert!(f.reason.contains("whose ring gave it 32") && f.kind == FailureKind::BadMessage, "{f:?}");
+        // An empty commit to anything but zeros, or of an earlier round: the member lied.
+        let f = judge(asynchronous(), commit_to(asynchronous(), vec![0, 0, 1, 0], 5, 5, 0)).expect("refused");
+        assert!(f.reason.contains("not to zeros") && f.blame == vec!["b".to_string()], "{f:?}");
+        assert!(judge(asynchronous(), commit_to(asynchronous(), vec![0; 4], 4, 4, 0)).is_some());
+        // A stale commit of a round whose ring this member does not hold, or whose ring lacked a
+        // member of this one: not taken (nobody here could audit it), the sender blamed once.
+        let f = judge_with(asynchronous(), commit(asynchronous(), 4, 4, 32), BTreeMap::new()).expect("refused");
+        assert!(f.reason.contains("does not hold") && f.kind == FailureKind::Other, "{f:?}");
+        let without_a: BTreeMap<u64, AsyncRing> = [(4, (vec!["b".to_string()], vec![32]))].into();
+        let f = judge_with(asynchronous(), commit(asynchronous(), 4, 4, 32), without_a).expect("refused");
+        assert!(f.reason.contains("was not in"), "{f:?}");
         // A synchronous run takes neither stale nor empty commits.
         assert!(judge(cfg(), commit(cfg(), 4, 4, 32)).is_some());
         assert!(judge(cfg(), commit(cfg(), 5, 5, 0)).is_some());

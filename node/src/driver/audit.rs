@@ -516,7 +516,17 @@ impl Driver {
             return self.on_audited(Audited::Evidence { evidence, verdict });
         }
         let state = self.membership.state();
-        if self.next_round != c.round || state.param_hash != c.param_hash {
+        // Asynchronous rounds: an empty commit names no parameters, a stale one those of its
+        // round (this peer keeps recent ones).
+        let holds_params = match &self.asy {
+            Some(a) => {
+                c.samples == 0
+                    || a.params_at(c.computed_at) == Some(c.param_hash)
+                    || (c.computed_at == c.round && state.param_hash == c.param_hash)
+            }
+            None => state.param_hash == c.param_hash,
+        };
+        if self.next_round != c.round || !holds_params {
             info!(
                 round = c.round,
                 accused = %evidence.accused,

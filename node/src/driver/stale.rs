@@ -114,6 +114,11 @@ impl Async {
         self.slots.get(&round)?.of(peer)
     }
 
+    /// The parameters this peer held at the start of `round`, if it keeps them.
+    pub(super) fn params_at(&self, round: u64) -> Option<Hash> {
+        self.params.get(&round).copied()
+    }
+
     /// This peer holds the parameters `hash` at the start of `round`.
     pub(super) fn note_params(&mut self, round: u64, hash: Hash) {
         self.params.insert(round, hash);
@@ -304,6 +309,7 @@ impl Driver {
         let pos = view.position(&self.me).expect("a started ring holds this peer");
         let (_, _, weight) = micro_batch(&w.batches, pos);
         let history = asy.params.clone();
+        let rings = asy.slots.iter().map(|(r, s)| (*r, (s.members.clone(), s.batches.clone()))).collect();
         let (fixed, n, seg, len) = (self.cfg.fixed, view.len(), self.cfg.round.segment_elems, spec.worker.params);
         let own_params = history.get(&view.round).or_else(|| history.values().next_back()).copied().unwrap_or_default();
         let tx = self.internal.clone();
@@ -318,10 +324,15 @@ impl Driver {
                     let factor = staleness_weight(weight, staleness);
                     let weighted: Vec<f32> = g.weighted.iter().map(|v| v * factor).collect();
                     match fixed.encode(&weighted) {
-                        Ok(d) => (d, g.samples as u64, g.param_hash, at, Some(g.loss)),
+                        Ok(d) if g.loss.is_finite() => (d, g.samples as u64, g.param_hash, at, Some(g.loss)),
+                        // The ring is not held up for it: this round gets nothing from this peer.
+                        Ok(_) => {
+                            warn!(round = view.round, loss = g.loss, "the loss is not finite; committing nothing");
+                            (vec![0; len], 0, own_params, view.round, None)
+                        }
                         Err(e) => {
-                            warn!(round = view.round, reason = %e, "cannot encode the gradient");
-                            return;
+                            warn!(round = view.round, reason = %e, "cannot encode the gradient; committing nothing");
+                            (vec![0; len], 0, own_params, view.round, None)
                         }
                     }
                 }
@@ -330,7 +341,7 @@ impl Driver {
             let input = Contribution::new(data, samples, param_hash, joiners, n, seg)
                 .with_ring_batches(batches)
                 .with_excluded(excluded)
-                .with_async(computed_at, history);
+                .with_async(computed_at, history, rings);
             let _ = tx.send(Internal::Prepared { view, input: Box::new(input), loss, residual: None });
         });
     }
