@@ -3,11 +3,13 @@
 //! A member's gradient job starts when its ring does, on the round's parameters and the
 //! member's stretch of the sample stream, with weight 1 (its clipped gradient). If the job
 //! is done when the member commits, it commits it as in a synchronous run. If most of the
-//! other members have committed and the job is still running after the run's threshold, the member
-//! commits nothing for the round (zeros, no samples) and the ring goes on; the job keeps
-//! running, and its gradient joins the sum of a later round (at most `max_staleness` rounds
-//! later), weighted down to `weight / (1 + staleness)` ([`p2p_proto::audit::staleness_weight`]),
-//! while the member's next job already runs. A stale commit names the round it was computed
+//! other members have committed and the job is still running after the run's threshold, the
+//! member commits an earlier gradient it finished since its last commit, or else nothing for
+//! the round (zeros, no samples), and the ring goes on; the job keeps running, and its
+//! gradient joins the sum of a later round (at most `max_staleness` rounds later), weighted
+//! down to `weight / (1 + staleness)` ([`p2p_proto::audit::staleness_weight`]), unless that
+//! round's own gradient is ready first (a member late once does not stay stale), while the
+//! member's next job already runs. A stale commit names the round it was computed
 //! for and that round's parameters, which every member checks against its own recent
 //! parameter hashes ([`p2p_proto::round::Contribution::with_async`]); an auditor recomputes it
 //! from the parameters of that round, which its compute worker keeps, and the members and
@@ -85,6 +87,9 @@ pub(super) struct Async {
     job: Option<Job>,
     /// A computed gradient committed to (an attempt of) this round.
     in_use: Option<(u64, Job)>,
+    /// A computed stale gradient, committed at the deadline if this round's own is not ready
+    /// by then (a fresh gradient is preferred: a peer late once does not stay stale).
+    fallback: Option<Job>,
     waiting: Option<Waiting>,
     /// The parameter hash this peer held at the start of each recent round.
     params: BTreeMap<u64, Hash>,
@@ -102,6 +107,7 @@ impl Async {
             next_id: 0,
             job: None,
             in_use: None,
+            fallback: None,
             waiting: None,
             params: BTreeMap::new(),
             slots: BTreeMap::new(),
@@ -129,6 +135,7 @@ impl Async {
     pub(super) fn restored(&mut self, round: u64, hash: Hash) {
         self.job = None;
         self.in_use = None;
+        self.fallback = None;
         self.waiting = None;
         self.params.clear();
         self.slots.clear();
@@ -191,12 +198,23 @@ impl Driver {
         };
         let chosen = chosen.or_else(|| {
             let job = asy.job.take_if(|j| j.done.is_some())?;
-            let usable = asy.usable(&job, round, &view.members, start, batch, &me);
-            if !usable {
+            if !asy.usable(&job, round, &view.members, start, batch, &me) {
                 info!(round, computed_for = job.round, "a gradient too old for this round is dropped");
+                return None;
             }
-            usable.then_some(job)
+            if job.round == round {
+                return Some(job);
+            }
+            // Stale: kept for the deadline, while this round's own gradient is computed.
+            asy.fallback = Some(job);
+            None
         });
+        if chosen.is_some()
+            || asy.fallback.as_ref().is_some_and(|j| !asy.usable(j, round, &view.members, start, batch, &me))
+        {
+            // A fresh gradient goes in instead (a stale one would only get staler).
+            asy.fallback = None;
+        }
         let waiting = Waiting { view, batches, joiners, excluded, most_in: None };
         if let Some(job) = chosen {
             let g = job.done.clone().expect("a computed gradient");
@@ -291,14 +309,32 @@ impl Driver {
             return;
         }
         let w = asy.waiting.take().expect("waiting");
-        info!(
-            round = w.view.round,
-            attempt = w.view.attempt,
-            threshold_ms = asy.threshold.as_millis() as u64,
-            "this peer's gradient is not ready and most of the ring has committed: committing nothing this \
-             round; the gradient joins a later one"
-        );
-        self.commit_async(w, Source::Nothing);
+        let (round, attempt, threshold_ms) = (w.view.round, w.view.attempt, asy.threshold.as_millis() as u64);
+        match asy.fallback.take() {
+            Some(job) => {
+                info!(
+                    round,
+                    attempt,
+                    threshold_ms,
+                    computed_for = job.round,
+                    "this round's gradient is not ready and most of the ring has committed: committing an \
+                     earlier one"
+                );
+                let (computed_for, g) = (job.round, job.done.clone().expect("a computed gradient"));
+                asy.in_use = Some((round, job));
+                self.commit_async(w, Source::Gradient(computed_for, g));
+            }
+            None => {
+                info!(
+                    round,
+                    attempt,
+                    threshold_ms,
+                    "this peer's gradient is not ready and most of the ring has committed: committing nothing \
+                     this round; the gradient joins a later one"
+                );
+                self.commit_async(w, Source::Nothing);
+            }
+        }
     }
 
     /// Encodes and hashes this peer's commit to `w`'s ring off the event loop.
