@@ -717,6 +717,15 @@ impl Membership {
         let mut view: BTreeSet<PeerKey> =
             live.iter().filter(|(_, s)| same(&s.status)).map(|(p, _)| (*p).clone()).collect();
         view.insert(self.me.clone());
+        // Nobody else forms this attempt, yet live peers form or run this round or a later one:
+        // they train without this peer (it is kept out, or about to catch up). A ring of one
+        // would only fork the run; this peer waits to join or catch up instead. (A peer alone
+        // because the others are gone, or because it keeps all of them out, still goes on.)
+        let left_alone = view.len() == 1
+            && live.iter().any(|(p, s)| {
+                **p != self.me
+                    && matches!(&s.status, Some(PeerStatus::Forming { round: r, .. } | PeerStatus::Running { round: r, .. }) if *r >= round)
+            });
         // A peer is kept out when more than half of the view's other members keep it out: no
         // single peer can keep an honest one out of the ring.
         let mut votes: BTreeMap<&PeerKey, usize> = BTreeMap::new();
@@ -770,7 +779,13 @@ impl Membership {
             Some(PeerStatus::Running { ring, .. }) => *ring == ring_hash,
             _ => false,
         });
-        if ring.len() >= needed && agreed && !settling && ring.members.contains(&self.me) && now >= self.not_before {
+        if ring.len() >= needed
+            && agreed
+            && !settling
+            && !left_alone
+            && ring.members.contains(&self.me)
+            && now >= self.not_before
+        {
             out.extend(self.enter(ring, now));
         }
         out
@@ -1060,6 +1075,33 @@ mod tests {
         let asked = simulate(&mut ps, &[true; 3], 15, 0);
         assert!(asked.iter().all(|a| a.syncs.is_empty()), "{asked:?}");
         assert!(asked.iter().all(|a| a.started.len() == 1 && a.started[0].round == 0));
+    }
+
+    #[test]
+    fn a_peer_left_alone_while_others_form_does_not_train_alone_but_a_lone_survivor_does() {
+        let run = RunId::from_name("m");
+        let tag = StateTag { round: 1, param_hash: [1; 32] };
+        let mut a = Membership::resume(run, "a".into(), cfg(1), tag);
+        let mut b = Membership::resume(run, "b".into(), cfg(1), tag);
+        // b forms round 1 at another attempt than a (a ring a is not in, or one it has not
+        // caught up with): a, alone in its view, starts nothing.
+        a.phase = Phase::Forming { round: 1, attempt: 3 };
+        b.phase = Phase::Forming { round: 1, attempt: 1 };
+        let started = |acts: &[MembershipAction]| acts.iter().any(|x| matches!(x, MembershipAction::Start(_)));
+        for t in 0..10 {
+            let now = t * 100 * MS;
+            let MembershipAction::Publish(Gossip::Heartbeat(h)) = b.heartbeat(now) else { panic!() };
+            a.on_heartbeat(&h, now);
+            assert!(!started(&a.tick(now)), "a ring of one beside a live peer forming round 1");
+        }
+        // b is gone (no heartbeat for longer than the timeout): a goes on alone.
+        let later = 10 * 100 * MS + 2 * cfg(1).peer_timeout_us;
+        let acts = a.tick(later);
+        let solo = acts.iter().find_map(|x| match x {
+            MembershipAction::Start(v) => Some(v.clone()),
+            _ => None,
+        });
+        assert_eq!(solo.map(|v| v.members), Some(vec!["a".to_string()]), "{acts:?}");
     }
 
     #[test]
