@@ -761,7 +761,10 @@ impl Membership {
             self.last_view = Some(vh);
             out.push(self.heartbeat(now));
         }
-        let needed = if self.rings_entered == 0 { self.cfg.min_peers.max(1) } else { 1 };
+        // The first ring waits for `min_peers`; later ones go on with fewer, but a run meant for
+        // several peers never continues as a ring of one: a peer alone (the others gone, or not
+        // heard, or keeping it out) would train a fork of the run and be credited for it.
+        let needed = if self.rings_entered == 0 { self.cfg.min_peers.max(1) } else { self.cfg.min_peers.clamp(1, 2) };
         // Members of the ring that just failed, alive and still running it: they are about to
         // form again; a view without them would be stale.
         let settling = self.settling.as_ref().is_some_and(|(members, until)| {
@@ -1094,7 +1097,8 @@ mod tests {
             a.on_heartbeat(&h, now);
             assert!(!started(&a.tick(now)), "a ring of one beside a live peer forming round 1");
         }
-        // b is gone (no heartbeat for longer than the timeout): a goes on alone.
+        // b is gone (no heartbeat for longer than the timeout): in a run of one peer (min_peers
+        // 1), a goes on alone; in a run meant for several, after its first ring, it waits.
         let later = 10 * 100 * MS + 2 * cfg(1).peer_timeout_us;
         let acts = a.tick(later);
         let solo = acts.iter().find_map(|x| match x {
@@ -1102,6 +1106,10 @@ mod tests {
             _ => None,
         });
         assert_eq!(solo.map(|v| v.members), Some(vec!["a".to_string()]), "{acts:?}");
+        let mut c = Membership::resume(run, "c".into(), cfg(3), tag);
+        c.rings_entered = 1;
+        let mut asked = simulate(std::slice::from_mut(&mut c), &[true], 40, later);
+        assert!(asked.pop().unwrap().started.is_empty(), "a ring of one in a run of min_peers 3");
     }
 
     #[test]
