@@ -253,10 +253,7 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
             // carried (a slow peer's gradients join later rounds, or none).
             let samples: Vec<u64> = match o.async_threshold_ms {
                 None => done.iter().map(|d| d * o.batch as u64 * o.local_steps).collect(),
-                Some(_) => nodes
-                    .iter()
-                    .map(|n| trained(n).values().map(|e| e["own_samples"].as_u64().unwrap_or(0)).sum())
-                    .collect(),
+                Some(_) => own.clone(),
             };
             let addresses: Vec<String> = accounts.iter().map(|a| a.address.clone()).collect();
             let hashes: BTreeMap<u64, String> = trained(&nodes[0])

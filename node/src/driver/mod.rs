@@ -86,8 +86,8 @@ pub struct DriverConfig {
     pub pause_in_round: Option<u64>,
     /// Test hook (builds with the `fault-injection` feature only): lie in this way.
     pub fault: Option<FaultMode>,
-    /// Asynchronous rounds: how long a ring may wait for this peer's gradient once every other
-    /// member committed (none: synchronous rounds; the largest staleness is in `round`).
+    /// Asynchronous rounds: how long a ring may wait for this peer's gradient once most other
+    /// members committed (none: synchronous rounds; the largest staleness is in `round`).
     pub async_threshold: Option<Duration>,
     /// This peer's identity key: it signs its commits.
     pub identity: libp2p::identity::Keypair,

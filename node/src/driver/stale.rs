@@ -216,13 +216,9 @@ impl Driver {
             asy.fallback = None;
         }
         let waiting = Waiting { view, batches, joiners, excluded, most_in: None };
-        if let Some(job) = chosen {
-            let g = job.done.clone().expect("a computed gradient");
-            let computed_for = job.round;
-            asy.in_use = Some((round, job));
-            self.commit_async(waiting, Source::Gradient(computed_for, g));
-        } else {
-            asy.waiting = Some(waiting);
+        match chosen {
+            Some(job) => self.commit_job(waiting, job),
+            None => asy.waiting = Some(waiting),
         }
         // This round's micro-batch gets its job, unless one runs already (a slow peer's
         // gradients queue no deeper than one).
@@ -320,9 +316,7 @@ impl Driver {
                     "this round's gradient is not ready and most of the ring has committed: committing an \
                      earlier one"
                 );
-                let (computed_for, g) = (job.round, job.done.clone().expect("a computed gradient"));
-                asy.in_use = Some((round, job));
-                self.commit_async(w, Source::Gradient(computed_for, g));
+                self.commit_job(w, job);
             }
             None => {
                 info!(
@@ -335,6 +329,14 @@ impl Driver {
                 self.commit_async(w, Source::Nothing);
             }
         }
+    }
+
+    /// Commits the computed gradient of `job` to `w`'s ring; it is in use until that round ends.
+    fn commit_job(&mut self, w: Waiting, job: Job) {
+        let Some(asy) = self.asy.as_mut() else { return };
+        let (computed_for, g) = (job.round, job.done.clone().expect("a computed gradient"));
+        asy.in_use = Some((w.view.round, job));
+        self.commit_async(w, Source::Gradient(computed_for, g));
     }
 
     /// Encodes and hashes this peer's commit to `w`'s ring off the event loop.

@@ -126,16 +126,12 @@ impl<M: Net> Trainer<M> {
     /// Deterministic: the same parameters and batches give the same bits, so it is audited by
     /// recomputation like a gradient.
     pub fn local_delta(&self, split: &Split, batches: &[Vec<u32>]) -> StepGrad {
-        self.local_delta_from(&self.params, self.optimizer.step, split, batches)
+        self.local_delta_at(&self.params, self.optimizer.step, split, batches)
     }
 
     /// The same from other parameters, `params`, as they were after `step` outer steps (an
     /// earlier state, for a stale delta's audit); the trainer's own do not change.
     pub fn local_delta_at(&self, params: &[f32], step: u64, split: &Split, batches: &[Vec<u32>]) -> StepGrad {
-        self.local_delta_from(params, step, split, batches)
-    }
-
-    fn local_delta_from(&self, params: &[f32], step: u64, split: &Split, batches: &[Vec<u32>]) -> StepGrad {
         let (inner, _) = self.local.clone().expect("a local-SGD trainer");
         let lr = self.schedule.lr(step);
         let mut opt = Optimizer::new(inner, self.layout.total);
