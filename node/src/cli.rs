@@ -398,6 +398,10 @@ pub struct RunArgs {
     /// per 256 values) or topk (1% of the values, with error feedback).
     #[arg(long, env = "DTRAIN_DEMO_COMPRESSION", default_value = "none", value_parser = ["none", "int8", "topk"])]
     pub demo_compression: String,
+    /// All-reduce the demonstration vector (without --config) hierarchically, in groups of
+    /// this many peers (0: the plain ring); as a run's `group_size`.
+    #[arg(long, env = "DTRAIN_DEMO_GROUP_SIZE", default_value_t = 0)]
+    pub demo_group_size: usize,
     /// Train under this run configuration (TOML): the run id, rounds, peers and ledger
     /// settings come from it; --run, if a run id (0x...), must match it.
     #[arg(long, env = "DTRAIN_CONFIG")]

@@ -254,6 +254,10 @@ fn demo_config_hash(args: &StartArgs) -> [u8; 32] {
     if args.run.demo_compression != "none" {
         h.update(args.run.demo_compression.as_bytes());
     }
+    if args.run.demo_group_size > 0 {
+        h.update(b"groups");
+        h.update(&(args.run.demo_group_size as u64).to_le_bytes());
+    }
     h.finalize().into()
 }
 
@@ -277,6 +281,8 @@ struct Plan {
     compression: Compression,
     /// Asynchronous rounds: the threshold and the largest staleness (none: synchronous).
     asynchronous: Option<(Duration, u64)>,
+    /// Hierarchical rounds' group size (0: the plain ring).
+    group_size: usize,
 }
 
 /// The run configuration from `--config`, bound to this peer's dataset and build.
@@ -308,6 +314,7 @@ fn demo_plan(args: &StartArgs) -> Plan {
             _ => Compression::None,
         },
         asynchronous: None,
+        group_size: args.run.demo_group_size,
         fixed: FixedPoint::default(),
         clip_norm: None,
     }
@@ -366,6 +373,7 @@ fn train_plan(args: &StartArgs, cfg: &RunConfig, ds: data::Dataset) -> anyhow::R
         audit_tolerance: cfg.audit_tolerance(),
         compression: cfg.compression().map_err(|e| anyhow::anyhow!(e))?,
         asynchronous: cfg.asynchronous(),
+        group_size: cfg.group_size.unwrap_or(0),
         fixed: match cfg.clip_value {
             Some(c) => FixedPoint::default().with_clip(c)?,
             None => FixedPoint::default(),
@@ -492,6 +500,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             max_norm_units: plan.clip_norm.map_or(0.0, |c| f64::from(c) * f64::from(1u32 << fixed.scale_bits())),
             compression: plan.compression,
             max_staleness: plan.asynchronous.map_or(0, |(_, s)| s),
+            group_size: plan.group_size,
         },
         async_threshold: plan.asynchronous.map(|(t, _)| t),
         fixed,

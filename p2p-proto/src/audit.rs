@@ -347,7 +347,7 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(i, h)| SignedStep {
-                    id: StepId { phase: Phase::ReduceScatter, step: 0, chunk: pos as u32, segment: i as u32 },
+                    id: StepId { level: 0, phase: Phase::ReduceScatter, step: 0, chunk: pos as u32, segment: i as u32 },
                     hash: *h,
                     signature: vec![],
                 })

@@ -9,7 +9,7 @@
 use serde::{Serialize, de::DeserializeOwned};
 
 /// Version of the wire format; a peer refuses frames of any other version.
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 
 /// Size of the frame header: the length prefix and the version byte.
 pub const HEADER_BYTES: usize = 5;
@@ -126,7 +126,7 @@ mod tests {
             run,
             4,
             0,
-            StepId { phase: Phase::ReduceScatter, step: 1, chunk: 2, segment: 0 },
+            StepId { level: 0, phase: Phase::ReduceScatter, step: 1, chunk: 2, segment: 0 },
             vec![1, 2, 3, 4, 5, 6, 7, 8],
         ));
         vec![encode_frame(&hb), encode_frame(&step)]
@@ -249,7 +249,7 @@ mod tests {
     proptest! {
         #[test]
         fn step_round_trip(payload in proptest::collection::vec(any::<u8>(), 0..2048), round in any::<u64>(), seg in any::<u32>()) {
-            let frame = RingFrame::Step(RingStep::new(RunId::from_name("p"), round, 2, StepId { phase: Phase::AllGather, step: 3, chunk: 1, segment: seg }, payload.clone()));
+            let frame = RingFrame::Step(RingStep::new(RunId::from_name("p"), round, 2, StepId { level: 0, phase: Phase::AllGather, step: 3, chunk: 1, segment: seg }, payload.clone()));
             let bytes = encode_frame(&frame);
             let back: RingFrame = decode_exact(&bytes).unwrap();
             prop_assert_eq!(back, frame);

@@ -14,7 +14,8 @@
 //!    audited attempt [`sumcheck`] then checks every member's partial sums.
 //!    A run that compresses ([`compress`]: int8, top-k) commits to each
 //!    member's payload instead, and the ring gathers the payloads unchanged
-//!    for every member to decode and add.
+//!    for every member to decode and add. A hierarchical run ([`hier`]) runs
+//!    the ring in groups, then across the groups.
 //! 5. [`message`] defines every message on the wire and [`codec`] frames it
 //!    with a version byte and a size limit checked before any allocation.
 //!
@@ -28,6 +29,7 @@ pub mod compress;
 pub mod demo;
 pub mod fixed;
 pub mod hash;
+pub mod hier;
 pub mod membership;
 pub mod message;
 pub mod ring;

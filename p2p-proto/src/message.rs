@@ -451,6 +451,9 @@ pub enum RingFrame {
 /// Where a segment belongs in the all-reduce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct StepId {
+    /// Which ring of the round the segment travels in: 0 for the ring (a hierarchical round's
+    /// group ring), 1 for a hierarchical round's ring across groups ([`crate::hier`]).
+    pub level: u8,
     pub phase: Phase,
     pub step: u16,
     pub chunk: u32,
@@ -522,6 +525,7 @@ impl RingStep {
         out.extend_from_slice(&run.0);
         out.extend_from_slice(&round.to_le_bytes());
         out.extend_from_slice(&attempt.to_le_bytes());
+        out.push(id.level);
         out.push(id.phase as u8);
         out.extend_from_slice(&id.step.to_le_bytes());
         out.extend_from_slice(&id.chunk.to_le_bytes());

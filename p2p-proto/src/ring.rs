@@ -98,7 +98,16 @@ pub struct RingAllReduce {
     data: Vec<i32>,
     chunks: Vec<Range<usize>>,
     own_segment_hashes: Vec<Hash>,
-    left_commit: Hash,
+    /// The left neighbour's committed hash of its own chunk (None: its step-0 segments are
+    /// partial sums no commit covers, as in a hierarchical round's ring across groups).
+    left_commit: Option<Hash>,
+    /// Which ring of the round this is ([`StepId::level`]).
+    level: u8,
+    /// A hierarchical round's group ring: the reduced chunk waits for the ring across groups
+    /// before the all-gather ([`Self::resume_gather`]); the number of contributions the
+    /// gathered values sum.
+    hold: Option<usize>,
+    resumed: bool,
     /// Received flags, by phase, step and segment.
     received: [Vec<Vec<bool>>; 2],
     remaining: usize,
@@ -123,7 +132,30 @@ impl RingAllReduce {
         own_segment_hashes: Vec<Hash>,
         left_commit: Hash,
     ) -> Result<Self, RingError> {
-        Self::build(p, data, own_segment_hashes, left_commit, None)
+        Self::build(p, data, own_segment_hashes, Some(left_commit), None)
+    }
+
+    /// A ring over partial sums no commit covers (a hierarchical round's ring across groups, at
+    /// `level`): this member's own segment hashes are computed here, and step-0 segments are
+    /// checked for range only.
+    pub fn over_sums(p: RingParams, data: Vec<i32>, level: u8) -> Result<Self, RingError> {
+        if p.n == 0 || p.pos >= p.n {
+            return Err(RingError::BadPosition { n: p.n, pos: p.pos });
+        }
+        let own = &crate::chunk::chunk_ranges(data.len(), p.n)[p.pos];
+        let own = (0..segment_count(own.len(), p.segment_elems))
+            .map(|s| crate::hash::hash_i32s(&data[segment_range(own, p.segment_elems, s)]))
+            .collect();
+        let mut ring = Self::build(p, data, own, None, None)?;
+        ring.level = level;
+        Ok(ring)
+    }
+
+    /// Holds the reduced chunk after the reduce-scatter until [`Self::resume_gather`] (a
+    /// hierarchical round's group ring); the gathered values then sum `total` contributions.
+    pub fn hold_gather(mut self, total: usize) -> Self {
+        self.hold = Some(total);
+        self
     }
 
     /// A ring that gathers every member's payload instead of reducing: `data` holds `n` equal
@@ -143,14 +175,14 @@ impl RingAllReduce {
             return Err(RingError::BadPosition { n: p.n, pos: p.pos });
         }
         let left = payload_hashes[(p.pos + p.n - 1) % p.n];
-        Self::build(p, data, own_segment_hashes, left, Some(payload_hashes))
+        Self::build(p, data, own_segment_hashes, Some(left), Some(payload_hashes))
     }
 
     fn build(
         p: RingParams,
         data: Vec<i32>,
         own_segment_hashes: Vec<Hash>,
-        left_commit: Hash,
+        left_commit: Option<Hash>,
         gather: Option<Vec<Hash>>,
     ) -> Result<Self, RingError> {
         if p.n == 0 || p.pos >= p.n {
@@ -195,6 +227,9 @@ impl RingAllReduce {
             chunks,
             own_segment_hashes,
             left_commit,
+            level: 0,
+            hold: None,
+            resumed: false,
             received,
             remaining,
             step0_hashes: step0,
@@ -219,7 +254,7 @@ impl RingAllReduce {
         payload: Vec<u8>,
     ) -> RingStep {
         let chunk = send_chunk(phase, step, self.p.pos, self.p.n);
-        let id = StepId { phase, step: step as u16, chunk: chunk as u32, segment: segment as u32 };
+        let id = StepId { level: self.level, phase, step: step as u16, chunk: chunk as u32, segment: segment as u32 };
         self.bytes_sent += payload.len() as u64;
         match hash {
             Some(hash) => RingStep {
@@ -264,6 +299,9 @@ impl RingAllReduce {
         }
         let id = msg.id;
         let (s, segment) = (id.step as usize, id.segment as usize);
+        if id.level != self.level {
+            return Err(RingError::Unexpected { id, reason: "segment of another ring of the round" });
+        }
         if s + 1 >= n {
             return Err(RingError::Unexpected { id, reason: "step beyond the ring's length" });
         }
@@ -284,7 +322,7 @@ impl RingAllReduce {
         }
         if self.p.max_units > 0 {
             // Reduce-scatter step s carries the sum of s + 1 members' values; all-gather the whole sum.
-            let contributions = if id.phase == Phase::ReduceScatter { s + 1 } else { n };
+            let contributions = if id.phase == Phase::ReduceScatter { s + 1 } else { self.hold.unwrap_or(n) };
             let limit = i64::from(self.p.max_units) * contributions as i64;
             // One branch-free pass for the largest magnitude; the offending value only on failure.
             let values = || msg.payload.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]));
@@ -325,7 +363,7 @@ impl RingAllReduce {
                     self.step0_hashes[segment] = Some(msg.hash);
                     if self.step0_hashes.iter().all(Option::is_some) {
                         let h = chunk_hash(self.step0_hashes.iter().flatten());
-                        if h != self.left_commit {
+                        if self.left_commit.is_some_and(|c| c != h) {
                             return Err(RingError::CommitMismatch { chunk });
                         }
                     }
@@ -336,6 +374,9 @@ impl RingAllReduce {
                 extend_le_bytes(&self.data[range], &mut payload);
                 let out = if s + 2 < n {
                     self.step_msg(Phase::ReduceScatter, s + 1, segment, None, payload)
+                } else if self.hold.is_some() {
+                    // The reduced segment waits for the ring across groups.
+                    return Ok(None);
                 } else {
                     self.step_msg(Phase::AllGather, 0, segment, None, payload)
                 };
@@ -367,7 +408,50 @@ impl RingAllReduce {
 
     /// Whether every segment of both phases has arrived.
     pub fn is_done(&self) -> bool {
-        self.started && self.remaining == 0
+        self.started && self.remaining == 0 && (self.hold.is_none() || self.resumed)
+    }
+
+    /// Whether the reduce-scatter is over: this member holds its chunk `pos + 1` reduced.
+    pub fn is_reduced(&self) -> bool {
+        self.started && self.received[Phase::ReduceScatter as usize].iter().flatten().all(|r| *r)
+    }
+
+    /// Whether a held ring's all-gather has resumed.
+    pub fn is_resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// The chunk this member reduced (meaningful once [`Self::is_reduced`]).
+    pub fn reduced_chunk(&self) -> &[i32] {
+        self.chunk((self.p.pos + 1) % self.p.n)
+    }
+
+    /// A held ring ([`Self::hold_gather`]): replaces the reduced chunk with `values` (its sum
+    /// across groups) and starts the all-gather with it. Empty for a ring of one.
+    pub fn resume_gather(&mut self, values: &[i32]) -> Vec<RingStep> {
+        let (n, pos) = (self.p.n, self.p.pos);
+        let c = (pos + 1) % n;
+        assert!(self.is_reduced() && !self.resumed, "the gather resumes once, after the reduce-scatter");
+        assert_eq!(values.len(), self.chunks[c].len(), "values for the reduced chunk");
+        self.resumed = true;
+        let range = self.chunks[c].clone();
+        self.data[range].copy_from_slice(values);
+        if n == 1 {
+            return Vec::new();
+        }
+        (0..self.sent_sums[n - 1].len())
+            .map(|segment| {
+                let payload = le_bytes(&self.data[self.seg(c, segment)]);
+                let out = self.step_msg(Phase::AllGather, 0, segment, None, payload);
+                self.sent_sums[n - 1][segment] = Some(out.hash);
+                out
+            })
+            .collect()
+    }
+
+    /// The values as they stand (the result once [`Self::is_done`]).
+    pub fn values(&self) -> &[i32] {
+        &self.data
     }
 
     /// Hashes of the partial sums this member sent: reduce-scatter steps

@@ -24,6 +24,7 @@
 use crate::chunk::chunk_ranges;
 use crate::compress::Compression;
 use crate::hash::{Hash, chunk_hash, hash_i32s, hex, segment_hashes};
+use crate::hier::{HierAllReduce, Layout, Place};
 use crate::membership::RingView;
 use crate::message::{
     Gossip, GradientCommit, PartialSums, PeerKey, RingStep, RoundChecked, RoundDone, RoundFailed, RunId, SegmentClaim,
@@ -65,6 +66,75 @@ pub struct RoundConfig {
     /// nothing (zeros, no samples) while its gradient is still being computed. 0: synchronous,
     /// every member commits the gradient of this round's parameters and its announced samples.
     pub max_staleness: u64,
+    /// Hierarchical rounds: rings of this many members, then rings across the groups
+    /// ([`crate::hier`]); 0: the plain ring.
+    pub group_size: usize,
+}
+
+impl RoundConfig {
+    /// The hierarchy of a ring of `n` (None: the plain ring). Compressed rounds gather
+    /// payloads and are never hierarchical.
+    pub fn layout(&self, n: usize) -> Option<Layout> {
+        if self.compression.is_none() { Layout::of(n, self.group_size) } else { None }
+    }
+
+    /// Chunks a member's commit covers in a ring of `n`: one per member of its ring, which in
+    /// a hierarchical round is its group.
+    pub fn chunks(&self, n: usize) -> usize {
+        self.layout(n).map_or(n, |l| l.g)
+    }
+}
+
+/// The all-reduce of an attempt: one ring, or a hierarchy of rings.
+#[derive(Debug)]
+enum Reducer {
+    Ring(RingAllReduce),
+    Hier(HierAllReduce),
+}
+
+impl Reducer {
+    fn is_done(&self) -> bool {
+        match self {
+            Self::Ring(r) => r.is_done(),
+            Self::Hier(h) => h.is_done(),
+        }
+    }
+
+    /// Applies a segment from the member at `from`; returns what to send, to whom (`right`:
+    /// the plain ring's right neighbour).
+    fn on_step(
+        &mut self,
+        from: usize,
+        right: usize,
+        step: VerifiedStep,
+    ) -> Result<Vec<(usize, RingStep)>, crate::ring::RingError> {
+        match self {
+            Self::Ring(r) => r.on_step(step).map(|s| s.into_iter().map(|s| (right, s)).collect()),
+            Self::Hier(h) => h.on_step(from, step),
+        }
+    }
+
+    fn bytes(&self) -> (u64, u64) {
+        match self {
+            Self::Ring(r) => (r.bytes_sent(), r.bytes_received()),
+            Self::Hier(h) => (h.bytes_sent(), h.bytes_received()),
+        }
+    }
+
+    /// Partial sums to gossip for the sum checks (a hierarchy's are not checked).
+    fn partial_sums(&self) -> Vec<crate::message::PartialSum> {
+        match self {
+            Self::Ring(r) => r.partial_sums(),
+            Self::Hier(_) => Vec::new(),
+        }
+    }
+
+    fn into_result(self) -> Vec<i32> {
+        match self {
+            Self::Ring(r) => r.into_result(),
+            Self::Hier(h) => h.into_result(),
+        }
+    }
 }
 
 /// What this member contributes to the round.
@@ -329,8 +399,8 @@ pub struct SumFault {
 pub enum RoundAction {
     /// Gossip this message (a [`Gossip::SumCheck`] is signed first).
     Publish(Gossip),
-    /// Sign and send to the right neighbour.
-    Send(RingStep),
+    /// Sign and send to this member (the right neighbour, in the plain ring).
+    Send(PeerKey, RingStep),
     /// Gossip this proof of a lie (the attempt fails too).
     Contradiction(Box<Contradiction>),
     /// Gossip this proof of a wrong partial sum (the attempt fails too).
@@ -378,8 +448,13 @@ pub struct Round {
     param_history: BTreeMap<u64, Hash>,
     rings: BTreeMap<u64, AsyncRing>,
     zero_hashes: Option<Vec<Hash>>,
-    ring: Option<RingAllReduce>,
-    early: Vec<VerifiedStep>,
+    ring: Option<Reducer>,
+    /// A hierarchical attempt's groups (None: the plain ring), and this member's segment
+    /// hashes of every chunk until its all-reduce starts.
+    layout: Option<Layout>,
+    hier_segments: Vec<Vec<Hash>>,
+    /// Segments that came before the last commit, with their senders' positions.
+    early: Vec<(usize, VerifiedStep)>,
     dones: Vec<Option<RoundDone>>,
     sum: Option<(Vec<i32>, Hash)>,
     next: Option<RingView>,
@@ -434,7 +509,12 @@ impl Round {
         let segs = input.segment_hashes;
         let gathered = input.values.is_some();
         assert_eq!(gathered, !cfg.compression.is_none(), "compressed contributions exactly in compressed rounds");
-        assert_eq!(segs.len(), if gathered { 1 } else { n }, "the contribution was hashed for a ring of this size");
+        let layout = cfg.layout(n);
+        assert_eq!(
+            segs.len(),
+            if gathered { 1 } else { cfg.chunks(n) },
+            "the contribution was hashed for a ring of this size"
+        );
         let commit = GradientCommit {
             run,
             peer: me.to_owned(),
@@ -464,7 +544,7 @@ impl Round {
             stage: Stage::Committing,
             commits,
             data: Some(input.data),
-            own_segments: segs[if gathered { 0 } else { pos }].clone(),
+            own_segments: if layout.is_some() { Vec::new() } else { segs[if gathered { 0 } else { pos }].clone() },
             values: input.values,
             decoded: Vec::new(),
             residual_history: input.residual_history,
@@ -474,6 +554,8 @@ impl Round {
             rings: input.rings,
             zero_hashes: None,
             ring: None,
+            layout,
+            hier_segments: if layout.is_some() { segs.clone() } else { Vec::new() },
             early: Vec::new(),
             dones: vec![None; n],
             sum: None,
@@ -519,14 +601,57 @@ impl Round {
         self.commits[self.pos].as_ref().expect("a member holds its own commit")
     }
 
-    /// The member this one sends ring traffic to.
+    /// The member this one sends ring traffic to (in a hierarchical attempt, the next in its
+    /// group; for an attached member, the first of its group).
     pub fn right(&self) -> &PeerKey {
-        self.view.right_of(self.pos)
+        let n = self.view.len();
+        &self.view.members[match self.layout.map(|l| (l, l.place(self.pos))) {
+            None => (self.pos + 1) % n,
+            Some((l, Place::Core { .. })) => l.right(self.pos, 0),
+            Some((l, Place::Extra { group })) => l.holder(group, 1),
+        }]
     }
 
-    /// The member this one accepts ring traffic from.
+    /// The member this one accepts ring traffic from (in a hierarchical attempt, the one
+    /// before it in its group; for an attached member, the first of its group).
     pub fn left(&self) -> &PeerKey {
-        self.view.left_of(self.pos)
+        &self.view.members[self.left_pos()]
+    }
+
+    fn left_pos(&self) -> usize {
+        let n = self.view.len();
+        match self.layout.map(|l| (l, l.place(self.pos))) {
+            None => (self.pos + n - 1) % n,
+            Some((l, Place::Core { .. })) => l.left(self.pos, 0),
+            Some((l, Place::Extra { group })) => l.holder(group, 1),
+        }
+    }
+
+    /// Every member this one sends segments to.
+    pub fn destinations(&self) -> Vec<PeerKey> {
+        match self.layout {
+            Some(l) => l.destinations(self.pos).into_iter().map(|p| self.view.members[p].clone()).collect(),
+            None if self.view.len() > 1 => vec![self.right().clone()],
+            None => Vec::new(),
+        }
+    }
+
+    /// Whether `peer` sends this member any segment in this attempt.
+    pub fn hears_from(&self, peer: &str) -> bool {
+        match (self.layout, self.view.position(peer)) {
+            (Some(l), Some(from)) => l.destinations(from).contains(&self.pos),
+            (None, _) => self.left() == peer,
+            _ => false,
+        }
+    }
+
+    /// Whether `peer` sends this member the segment `id` in this attempt.
+    pub fn hears(&self, peer: &str, id: &StepId) -> bool {
+        match (self.layout, self.view.position(peer)) {
+            (Some(l), Some(from)) => l.sends(from, self.pos, id),
+            (None, _) => self.left() == peer && id.level == 0,
+            _ => false,
+        }
     }
 
     /// Whether the attempt has ended, one way or the other.
@@ -720,7 +845,9 @@ impl Round {
         {
             self.auditing = true;
             // A gathered payload is checked whole against its commit; no partial sums to check.
-            self.sum_checking = self.values.is_none();
+            // A hierarchy's partial sums are not claimed: the recomputation still checks the
+            // target's commit.
+            self.sum_checking = self.values.is_none() && self.layout.is_none();
             self.audit_target = Some(target);
             out.push(RoundAction::Audit(Box::new(AuditJob {
                 view: self.view.clone(),
@@ -747,15 +874,27 @@ impl Round {
             let mut all = vec![0; n * len];
             all[self.pos * len..(self.pos + 1) * len].copy_from_slice(&data);
             RingAllReduce::gather(params, all, own, commits.iter().map(|c| c.chunk_hashes[0]).collect())
+                .map(Reducer::Ring)
+        } else if let Some(layout) = self.layout {
+            let all: Vec<Vec<Hash>> = commits.iter().map(|c| c.chunk_hashes.clone()).collect();
+            HierAllReduce::new(layout, params, data, std::mem::take(&mut self.hier_segments), &all).map(Reducer::Hier)
         } else {
             let left = (self.pos + n - 1) % n;
-            RingAllReduce::new(params, data, own, commits[left].chunk_hashes[left])
+            RingAllReduce::new(params, data, own, commits[left].chunk_hashes[left]).map(Reducer::Ring)
         };
         let mut ring = match ring {
             Ok(r) => r,
             Err(e) => return self.fail(e.to_string(), out),
         };
-        out.extend(ring.start().into_iter().map(RoundAction::Send));
+        let right = (self.pos + 1) % n;
+        let first = match &mut ring {
+            Reducer::Ring(r) => Ok(r.start().into_iter().map(|s| (right, s)).collect()),
+            Reducer::Hier(h) => h.start(),
+        };
+        match first {
+            Ok(steps) => out.extend(self.sends(steps)),
+            Err(e) => return self.fail(e.to_string(), out),
+        }
         self.ring = Some(ring);
         if !self.absorb_gathered(out) {
             return;
@@ -763,15 +902,28 @@ impl Round {
         self.stage = Stage::Reducing;
         self.reduce_started = now;
         self.deadline = now + self.cfg.step_timeout_us;
-        for s in std::mem::take(&mut self.early) {
-            out.extend(self.on_step(s, now));
+        for (from, s) in std::mem::take(&mut self.early) {
+            let from = self.view.members[from].clone();
+            out.extend(self.on_step_from(&from, s, now));
         }
         self.maybe_certify(now, out);
     }
 
+    fn sends(&self, steps: Vec<(usize, RingStep)>) -> impl Iterator<Item = RoundAction> + '_ {
+        steps.into_iter().map(|(to, s)| RoundAction::Send(self.view.members[to].clone(), s))
+    }
+
     /// A verified segment from the left neighbour (the caller checks the sender).
     pub fn on_step(&mut self, step: VerifiedStep, now: u64) -> Vec<RoundAction> {
+        let left = self.left().clone();
+        self.on_step_from(&left, step, now)
+    }
+
+    /// A verified segment from `from` (the caller checks that it sends this member this
+    /// segment: [`Self::hears`]).
+    pub fn on_step_from(&mut self, from: &str, step: VerifiedStep, now: u64) -> Vec<RoundAction> {
         let mut out = Vec::new();
+        let Some(from_pos) = self.view.position(from) else { return out };
         match self.stage {
             Stage::Committing => {
                 // The left neighbour may hold all commits before this member does.
@@ -783,17 +935,16 @@ impl Round {
                 {
                     self.fail("too many ring steps before the commits arrived".into(), &mut out);
                 } else {
-                    self.early.push(step);
+                    self.early.push((from_pos, step));
                 }
             }
             Stage::Reducing => {
                 let s = step.step();
-                if s.id.phase == Phase::ReduceScatter && s.id.step == 0 && self.values.is_none() {
+                if s.id.level == 0 && s.id.phase == Phase::ReduceScatter && s.id.step == 0 && self.values.is_none() {
                     self.left_step0.push(s.header());
                     // Part of the left neighbour's vector cannot have a larger norm than it all.
                     self.left_step0_sq += crate::fixed::sum_squares_le_bytes(&s.payload);
-                    let n = self.view.len();
-                    let claimed = self.commits[(self.pos + n - 1) % n].as_ref().map_or(0.0, |c| c.norm);
+                    let claimed = self.commits[self.left_pos()].as_ref().map_or(0.0, |c| c.norm);
                     if self.left_step0_sq.sqrt() > claimed * (1.0 + 1e-9) + 1.0 {
                         let left = self.left().clone();
                         let reason = format!(
@@ -807,10 +958,11 @@ impl Round {
                 if self.sum_checking && (s.id.phase == Phase::ReduceScatter || s.id.step == 0) {
                     self.held_in.insert(s.id, (s.hash, s.payload.clone()));
                 }
+                let right = (self.pos + 1) % self.view.len();
                 let ring = self.ring.as_mut().expect("ring while reducing");
-                match ring.on_step(step) {
+                match ring.on_step(from_pos, right, step) {
                     Ok(send) => {
-                        out.extend(send.map(RoundAction::Send));
+                        out.extend(self.sends(send));
                         self.deadline = now + self.cfg.step_timeout_us;
                         if self.absorb_gathered(&mut out) {
                             self.maybe_certify(now, &mut out);
@@ -820,8 +972,12 @@ impl Round {
                         // Every rejected step (values out of range or other than committed, a
                         // step out of place or twice) is the sender's doing: the stream is
                         // authenticated end to end.
-                        let blame = vec![self.left().clone()];
-                        if matches!(e, crate::ring::RingError::CommitMismatch { .. }) && self.values.is_none() {
+                        let sender = from.to_owned();
+                        let blame = vec![sender.clone()];
+                        if matches!(e, crate::ring::RingError::CommitMismatch { .. })
+                            && self.values.is_none()
+                            && self.layout.is_none()
+                        {
                             let accused = (self.pos + self.view.len() - 1) % self.view.len();
                             let mut steps = self.left_step0.clone();
                             steps.sort_by_key(|s| s.id.segment);
@@ -833,7 +989,7 @@ impl Round {
                                 steps,
                             })));
                         }
-                        let reason = format!("ring frame from {} rejected: {e}", self.left());
+                        let reason = format!("ring frame from {sender} rejected: {e}");
                         self.fail_with(reason, FailureKind::BadFrame, blame, &mut out)
                     }
                 }
@@ -897,15 +1053,15 @@ impl Round {
     }
 
     fn maybe_certify(&mut self, now: u64, out: &mut Vec<RoundAction>) {
-        if self.stage == Stage::Reducing && self.ring.as_ref().is_some_and(RingAllReduce::is_done) && self.auditing {
+        if self.stage == Stage::Reducing && self.ring.as_ref().is_some_and(Reducer::is_done) && self.auditing {
             // The sum is here; the Done waits for this member's audit (bounded by the step timeout).
             self.deadline = self.deadline.max(now + self.cfg.step_timeout_us);
             return;
         }
-        if self.stage == Stage::Reducing && self.ring.as_ref().is_some_and(RingAllReduce::is_done) {
+        if self.stage == Stage::Reducing && self.ring.as_ref().is_some_and(Reducer::is_done) {
             let ring = self.ring.take().expect("ring");
             let sums = ring.partial_sums();
-            self.bytes = (ring.bytes_sent(), ring.bytes_received());
+            self.bytes = ring.bytes();
             self.reduce_us = now - self.reduce_started;
             let sum = match self.values {
                 None => ring.into_result(),
@@ -991,7 +1147,7 @@ impl Round {
     /// decoded, or whose norm is not the one its commit states, fails the attempt naming its
     /// member; returns whether the attempt goes on.
     fn absorb_gathered(&mut self, out: &mut Vec<RoundAction>) -> bool {
-        let (Some(values), Some(ring)) = (self.values, self.ring.as_mut()) else { return true };
+        let (Some(values), Some(Reducer::Ring(ring))) = (self.values, self.ring.as_mut()) else { return true };
         let c = self.cfg.compression;
         let max_units = if self.cfg.max_units > 0 { self.cfg.max_units } else { i32::MAX / self.view.len() as i32 };
         for i in ring.take_gathered() {
@@ -1199,9 +1355,16 @@ impl Round {
     /// The left neighbour sent a frame that failed the checks before the state machine (its
     /// hash, its signature, a replay on this attempt's stream): the attempt fails, naming it.
     pub fn rejected_from_left(&mut self, reason: &str) -> Vec<RoundAction> {
+        let left = self.left().clone();
+        self.rejected_from(&left, reason)
+    }
+
+    /// As [`Self::rejected_from_left`], for a frame from `left`, a left neighbour of this member
+    /// in one of the attempt's rings.
+    pub fn rejected_from(&mut self, left: &str, reason: &str) -> Vec<RoundAction> {
         let mut out = Vec::new();
         if matches!(self.stage, Stage::Committing | Stage::Reducing) {
-            let left = self.left().clone();
+            let left = left.to_owned();
             self.fail_with(
                 format!("ring frame from {left} rejected: {reason}"),
                 FailureKind::BadFrame,
@@ -1238,9 +1401,11 @@ impl Round {
             };
             let (what, blame) = match self.stage {
                 Stage::Committing => ("commits", missing(self.commits.iter().map(Option::is_some).collect())),
-                Stage::Reducing if self.auditing && self.ring.as_ref().is_some_and(RingAllReduce::is_done) => {
+                Stage::Reducing if self.auditing && self.ring.as_ref().is_some_and(Reducer::is_done) => {
                     ("this member's audit", Vec::new())
                 }
+                // In a hierarchy any of several members may be the one behind.
+                Stage::Reducing if self.layout.is_some() => ("ring data from the members sending to it", Vec::new()),
                 Stage::Reducing => ("ring data", vec![self.left().clone()]),
                 Stage::Checking if self.checks.iter().any(Option::is_none) => {
                     ("sum checks", missing(self.checks.iter().map(Option::is_some).collect()))
@@ -1248,7 +1413,10 @@ impl Round {
                 Stage::Checking => ("their checks", missing(self.confirmed.clone())),
                 _ => ("Done", missing(self.dones.iter().map(Option::is_some).collect())),
             };
-            let reason = format!("timed out waiting for {what} from {}", blame.join(", "));
+            let reason = match blame.is_empty() {
+                true => format!("timed out waiting for {what}"),
+                false => format!("timed out waiting for {what} from {}", blame.join(", ")),
+            };
             self.fail_with(reason, FailureKind::Gone, blame, &mut out);
             return out;
         }
@@ -1296,6 +1464,7 @@ mod tests {
             max_norm_units: 0.0,
             compression: Compression::None,
             max_staleness: 0,
+            group_size: 0,
         }
     }
 
@@ -1323,7 +1492,20 @@ mod tests {
         liar: Option<usize>,
         comp: Compression,
     ) -> Vec<Vec<RoundAction>> {
-        let cfg = || RoundConfig { compression: comp, ..cfg() };
+        run_round_cfg(n, len, joiners, silent, liar, RoundConfig { compression: comp, ..cfg() })
+    }
+
+    /// As [`run_round_with`], under `base` (its compression, its groups).
+    fn run_round_cfg(
+        n: usize,
+        len: usize,
+        joiners: &[&str],
+        silent: &[usize],
+        liar: Option<usize>,
+        base: RoundConfig,
+    ) -> Vec<Vec<RoundAction>> {
+        let comp = base.compression;
+        let cfg = || base.clone();
         let run = RunId::from_name(RUN);
         let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
         let view = RingView::order(run, 4, 0, names.clone());
@@ -1334,7 +1516,7 @@ mod tests {
             let joiners = if i == 0 { joiners.iter().map(|s| s.to_string()).collect() } else { Vec::new() };
             let seg = cfg().segment_elems;
             let input = if comp.is_none() {
-                Contribution::new(member_data(i, len), 10 + i as u64, [1; 32], joiners, n, seg)
+                Contribution::new(member_data(i, len), 10 + i as u64, [1; 32], joiners, cfg().chunks(n), seg)
             } else {
                 let mut e = crate::compress::encode(comp, &member_data(i, len), None, cfg().max_units, 0.0);
                 if liar == Some(pos) {
@@ -1376,11 +1558,12 @@ mod tests {
                             out.push((to, acts));
                         }
                     }
-                    RoundAction::Send(step) => {
-                        let to = (from + 1) % n;
+                    RoundAction::Send(peer, step) => {
+                        let to = view.position(peer).unwrap();
+                        assert!(rounds[to].hears(&view.members[from], &step.id), "{from} may send {to} {:?}", step.id);
                         if !silent.contains(&to) {
                             let v = RingStep::clone(step).verify().unwrap();
-                            out.push((to, rounds[to].on_step(v, now)));
+                            out.push((to, rounds[to].on_step_from(&view.members[from], v, now)));
                         }
                     }
                     RoundAction::Audit(_)
@@ -1425,6 +1608,27 @@ mod tests {
                     assert_eq!(o.samples, (0..n as u64).map(|i| 10 + i).sum::<u64>());
                 }
             }
+        }
+    }
+
+    /// Hierarchical rounds: every member certifies the exact sum, whatever the groups (and a
+    /// ring no group size divides runs as the plain ring); a silent member fails the attempt
+    /// for all, across groups too.
+    #[test]
+    fn hierarchical_rounds_certify_the_exact_sum() {
+        for (n, g) in [(4, 2), (6, 2), (6, 3), (8, 4), (5, 2)] {
+            for len in [0, 1, 7, 40] {
+                let results = run_round_cfg(n, len, &[], &[], None, RoundConfig { group_size: g, ..cfg() });
+                let want: Vec<i32> = (0..len).map(|j| (0..n).map(|i| member_data(i, len)[j]).sum()).collect();
+                for r in &results {
+                    let RoundAction::Completed(o) = &r[0] else { panic!("n={n} g={g}: {:?}", r[0]) };
+                    assert_eq!(o.sum, want, "n={n} g={g} len={len}");
+                }
+            }
+        }
+        let results = run_round_cfg(6, 40, &[], &[4], None, RoundConfig { group_size: 3, ..cfg() });
+        for (pos, r) in results.iter().enumerate().filter(|(p, _)| *p != 4) {
+            assert!(matches!(r.last(), Some(RoundAction::Failed(_))), "member {pos}: {r:?}");
         }
     }
 
@@ -1680,7 +1884,7 @@ mod tests {
                 RoundAction::Publish(Gossip::SumCheck(c)) => rounds[to].on_sum_check((**c).clone(), 0),
                 RoundAction::Publish(Gossip::Checked(c)) => rounds[to].on_checked(c, 0),
                 RoundAction::Publish(_) => Vec::new(),
-                RoundAction::Send(step) => {
+                RoundAction::Send(_, step) => {
                     rounds[from].note_sent(step);
                     rounds[to].on_step(RingStep::clone(step).verify().unwrap(), 0)
                 }
@@ -1790,7 +1994,7 @@ mod tests {
                         out.push((to, acts));
                     }
                 }
-                RoundAction::Send(mut step) => {
+                RoundAction::Send(_, mut step) => {
                     tamper(from, &mut step);
                     rounds[from].note_sent(&step);
                     let to = (from + 1) % n;
@@ -1919,7 +2123,7 @@ mod tests {
             .on_commit(ca.clone(), 0)
             .into_iter()
             .filter_map(|x| match x {
-                RoundAction::Send(s) => Some(s),
+                RoundAction::Send(_, s) => Some(s),
                 _ => None,
             })
             .collect();

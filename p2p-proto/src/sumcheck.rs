@@ -87,6 +87,7 @@ pub fn claimed_ids(n: usize, pos: usize, len: usize, segment_elems: usize) -> (V
     let chunks = chunk_ranges(len, n);
     let ids = |phase: Phase, step: usize, chunk: usize| {
         (0..segment_count(chunks[chunk].len(), segment_elems)).map(move |segment| StepId {
+            level: 0,
             phase,
             step: step as u16,
             chunk: chunk as u32,

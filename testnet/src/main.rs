@@ -71,6 +71,10 @@ enum Cmd {
         /// (testnet built with `--features fault-injection` only).
         #[arg(long)]
         slow_peer_ms: Option<u64>,
+        /// Hierarchical rounds: rings of this many peers, then rings across the groups (the
+        /// largest divisor of the ring's size up to it; absent: one ring).
+        #[arg(long)]
+        group_size: Option<usize>,
     },
     /// A local chain with the ledger and N peers on loopback that all-reduce a deterministic
     /// demonstration vector (exact sums anyone can recompute); prints every round and what
@@ -183,6 +187,7 @@ fn main() -> anyhow::Result<()> {
             async_threshold_ms,
             max_staleness,
             slow_peer_ms,
+            group_size,
         } => train::run(&train::TrainOpts {
             nodes,
             rounds,
@@ -202,6 +207,7 @@ fn main() -> anyhow::Result<()> {
             async_threshold_ms,
             max_staleness,
             slow_peer_ms,
+            group_size,
         }),
         Cmd::Cluster { nodes, rounds, vector_len, run, no_chain, epoch_rounds } => {
             cluster::run(&cluster::ClusterOpts { nodes, rounds, vector_len, run, chain: !no_chain, epoch_rounds })

@@ -47,6 +47,8 @@ pub struct TrainOpts {
     /// Make the last peer this many milliseconds slower per gradient, as a slower device
     /// (needs the node's test hooks: a build with the `fault-injection` feature).
     pub slow_peer_ms: Option<u64>,
+    /// Hierarchical rounds' group size (one ring when absent).
+    pub group_size: Option<usize>,
 }
 
 /// What a node logs once its HTTP endpoint is up.
@@ -101,6 +103,9 @@ pub fn run(o: &TrainOpts) -> anyhow::Result<()> {
     }
     if let Some(s) = o.max_staleness {
         config_text += &format!("max_staleness = {s}\n");
+    }
+    if let Some(g) = o.group_size {
+        config_text += &format!("group_size = {g}\n");
     }
     if o.slow_peer_ms.is_some() && !cfg!(feature = "fault-injection") {
         bail!("--slow-peer-ms needs the node's test hooks: build testnet with --features fault-injection");

@@ -34,7 +34,7 @@ fn attacks(run: RunId, key: &libp2p::identity::Keypair) -> Vec<(&'static str, Ve
             key.sign(&RingStep::signing_bytes(step.run, step.round, step.attempt, &step.id, &step.hash)).unwrap();
         step
     };
-    let id = StepId { phase: Phase::ReduceScatter, step: 0, chunk: 0, segment: 0 };
+    let id = StepId { level: 0, phase: Phase::ReduceScatter, step: 0, chunk: 0, segment: 0 };
     let mut wrong = RingStep::new(run, 0, 0, id, vec![7u8; 64]);
     wrong.hash[0] ^= 1;
     let wrong = sign(wrong);
@@ -160,7 +160,7 @@ async fn attack(target: Multiaddr, run: RunId, mode: Mode) {
                 run,
                 0,
                 0,
-                StepId { phase: Phase::ReduceScatter, step: 0, chunk: 0, segment: 0 },
+                StepId { level: 0, phase: Phase::ReduceScatter, step: 0, chunk: 0, segment: 0 },
                 vec![1u8; 64],
             ))))
             .await;

@@ -267,3 +267,63 @@ fn asynchronous_run(name: &str, local_steps: u64) {
         assert_eq!(mine["peers"][0]["samples"], own[i], "{}: on-chain samples", n.name);
     }
 }
+
+/// Five peers train in hierarchical rounds, groups of two: every round runs in two groups,
+/// the fifth peer attached to the first (it sends its chunks to their holders and receives the
+/// sum from them); all peers hold the same parameters after every round, the loss falls,
+/// every gradient is audited by recomputation and holds, each peer moves what the hierarchy
+/// should (its group ring's share, its ring across groups', its attached peer's copies), and
+/// the chain records every peer's rounds and samples exactly.
+#[test]
+fn hierarchical_peers_stay_identical_learn_and_the_chain_counts_every_round() {
+    let anvil = Anvil::start();
+    let contract = deploy(&anvil);
+    let dir = TempDir::new("hier");
+    let (rounds, batch, k, peers, g) = (10u64, 32u64, 5u64, 5usize, 2u64);
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"it-hier\"\nmodel = \"mlp\"\nbatch = {batch}\nrounds = {rounds}\nepoch_rounds = {k}\n\
+             min_peers = {peers}\nlr = 0.003\neval_every = {rounds}\naudit_every = 1\ngroup_size = {g}\n"
+        ),
+    )
+    .unwrap();
+    let nodes = run_peers("hier", &config, peers, |i| anvil.peer_flags(&contract, i + 1));
+    let per_node = identical_every_round(&nodes, rounds);
+    let loss = |r: u64| per_node.iter().map(|t| t[&r]["loss"].as_f64().unwrap()).sum::<f64>() / peers as f64;
+    let (first, last) = ((0..3).map(loss).sum::<f64>(), (rounds - 3..rounds).map(loss).sum::<f64>());
+    assert!(last < first * 0.8, "the loss did not fall: {first} -> {last}");
+
+    let groups = peers as u64 / g;
+    for n in &nodes {
+        let done = n.events("round complete");
+        assert_eq!(done.len() as u64, rounds, "{}: one complete attempt a round", n.name);
+        assert!(done.iter().all(|e| e["groups"] == groups), "{}: every round in {groups} groups", n.name);
+        assert!(done.iter().all(|e| !e["audited"].as_str().unwrap_or_default().is_empty()), "{}: audited", n.name);
+        assert!(n.events_containing("audit failed").is_empty(), "{}", n.name);
+        // In its group ring a peer sends 2(g-1)/g of the vector; across groups, 2(L-1)/L of
+        // its 1/g of it; to the attached peer (the fifth, with the first group) its 1/g. The
+        // attached peer sends its vector once.
+        let params = n.events("training run")[0]["params"].as_u64().unwrap();
+        let vector = 4 * params;
+        let core = vector * 2 * (g - 1) / g + vector / g * 2 * (groups - 1) / groups;
+        for e in &done {
+            let expected = match e["position"].as_u64().unwrap() {
+                4 => vector,
+                p if p < g => core + vector / g,
+                _ => core,
+            };
+            let sent = e["bytes_sent"].as_u64().unwrap();
+            assert!(sent.abs_diff(expected) <= 64, "{}: {sent} bytes a round, expected about {expected}", n.name);
+        }
+    }
+
+    let run_id = nodes[0].events("training run")[0]["run_id"].as_str().unwrap().to_owned();
+    for (i, n) in nodes.iter().enumerate() {
+        let address = &anvil.accounts[i + 1].address;
+        let mine = ledger_json(&anvil, &contract, &["contributions", "--run", &run_id, "--peer", address]);
+        assert_eq!(mine["peers"][0]["rounds"], rounds, "{}: on-chain rounds", n.name);
+        assert_eq!(mine["peers"][0]["samples"], rounds * batch, "{}: on-chain samples", n.name);
+    }
+}

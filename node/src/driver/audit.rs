@@ -297,7 +297,9 @@ impl Driver {
             }
             _ => Ok(spec.worker.gradient(self.cursor + offset, batch as usize, weight)),
         };
-        let (fixed, n, seg, tx) = (self.cfg.fixed, view.len(), self.cfg.round.segment_elems, self.internal.clone());
+        // The commit's chunks: one per member of the target's ring (its group, in a hierarchy).
+        let n = self.cfg.round.chunks(view.len());
+        let (fixed, seg, tx) = (self.cfg.fixed, self.cfg.round.segment_elems, self.internal.clone());
         let tolerance = self.cfg.audit_tolerance;
         let comp = self.cfg.round.compression;
         let compressed = (!comp.is_none()).then(|| (comp, self.cfg.round.max_norm_units * f64::from(weight)));

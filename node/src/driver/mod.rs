@@ -232,7 +232,8 @@ struct Driver {
     epoch: Instant,
     membership: Membership,
     round: Option<Round>,
-    writer: Option<mpsc::UnboundedSender<RingStep>>,
+    /// One writer per member this peer sends ring traffic to (two in a hierarchical round).
+    writers: Vec<(PeerKey, mpsc::UnboundedSender<RingStep>)>,
     pending: VecDeque<Gossip>,
     internal: mpsc::UnboundedSender<Internal>,
     /// Work after a training round (logs, ledger, evaluation, checkpoint), in round order.
@@ -369,7 +370,7 @@ pub async fn run(
         me,
         epoch: Instant::now(),
         round: None,
-        writer: None,
+        writers: Vec::new(),
         pending: VecDeque::new(),
         summary: Summary::default(),
         finished: false,
@@ -673,9 +674,9 @@ impl Driver {
         }
         let now = self.now();
         let from = msg.from.to_string();
-        let Some(round) = self.round.as_mut().filter(|r| *r.left() == from) else {
+        let Some(round) = self.round.as_mut().filter(|r| r.hears_from(&from)) else {
             if msg.step.is_ok() {
-                warn!(peer = %from, "rejected ring frame: the sender is not this peer's left neighbour in the ring");
+                warn!(peer = %from, "rejected ring frame: the sender sends this peer nothing in its current ring");
             }
             msg.close.notify_one();
             return;
@@ -686,7 +687,7 @@ impl Driver {
                 // The left neighbour sent a bad frame on this attempt's stream: the attempt cannot
                 // complete, and the sender is to blame (the stream is authenticated end to end).
                 if msg.attempt.is_some_and(|(r, a)| round.is_for(r, a)) {
-                    let acts = round.rejected_from_left(reason);
+                    let acts = round.rejected_from(&from, reason);
                     self.on_round_actions(acts);
                 }
                 return;
@@ -697,9 +698,16 @@ impl Driver {
             msg.close.notify_one();
             return;
         }
+        if !round.hears(&from, &step.id) {
+            // A hierarchical round's member sent a segment it does not send this peer.
+            let reason = format!("segment {:?} from a peer that does not send it to this one", step.id);
+            let acts = round.rejected_from(&from, &reason);
+            self.on_round_actions(acts);
+            return;
+        }
         FaultMode::received(self.cfg.fault, step, &mut self.fault_state);
         let Ok(step) = msg.step else { return };
-        let acts = round.on_step(step, now);
+        let acts = round.on_step_from(&from, step, now);
         self.on_round_actions(acts);
     }
 
@@ -892,7 +900,7 @@ impl Driver {
         };
         Packer {
             comp,
-            n: view.len(),
+            n: self.cfg.round.chunks(view.len()),
             seg: self.cfg.round.segment_elems,
             max_units: self.cfg.fixed.max_units(),
             // An honest member's payload stays within the norm its weight allows.
@@ -918,12 +926,7 @@ impl Driver {
         let now = self.now();
         let (round, acts) =
             Round::new(self.cfg.run, &self.me, view, input, self.cfg.round.clone(), now, &self.signer());
-        self.writer = (round.view().len() > 1).then(|| {
-            let right = round.right().clone();
-            // A peer that keeps its payloads on libp2p streams sends them there too.
-            let ip = self.net.direct_ip.and_then(|_| right.parse().ok().and_then(|p| self.net.remote_ip(&p)));
-            ring_io::spawn_writer(self.net.control(), right, ip, self.cfg.open_timeout, self.unreachable.clone())
-        });
+        self.writers = round.destinations().into_iter().map(|to| (to.clone(), self.writer_to(to))).collect();
         let (r, a) = (round.view().round, round.view().attempt);
         if let Some(ledger) = self.cfg.ledger.clone() {
             // Noted while the all-reduce runs; this peer's Done waits for it (see `credit_note`).
@@ -982,6 +985,13 @@ impl Driver {
         }
     }
 
+    /// A writer of ring segments to `to`.
+    fn writer_to(&self, to: PeerKey) -> mpsc::UnboundedSender<RingStep> {
+        // A peer that keeps its payloads on libp2p streams sends them there too.
+        let ip = self.net.direct_ip.and_then(|_| to.parse().ok().and_then(|p| self.net.remote_ip(&p)));
+        ring_io::spawn_writer(self.net.control(), to, ip, self.cfg.open_timeout, self.unreachable.clone())
+    }
+
     fn on_round_actions(&mut self, acts: Vec<RoundAction>) {
         for a in acts {
             if self.frozen {
@@ -1000,14 +1010,14 @@ impl Driver {
                     self.publish(&Gossip::SumCheck(check));
                 }
                 RoundAction::Publish(g) => self.publish(&g),
-                RoundAction::Send(step) => {
+                RoundAction::Send(to, step) => {
                     if self.cfg.pause_in_round == Some(step.round) && step.id.step >= 1 {
                         // The test hook: this peer hangs mid all-reduce (its step-0 chunk went out).
                         warn!(round = step.round, "test hook: pausing in the middle of the all-reduce");
                         self.frozen = true;
                         return;
                     }
-                    if let Some(w) = &self.writer {
+                    if let Some((_, w)) = self.writers.iter().find(|(p, _)| *p == to) {
                         let mut step = step;
                         FaultMode::tamper(self.cfg.fault, &mut step, &mut self.fault_state);
                         self.signer.sign_step(&mut step);
@@ -1028,7 +1038,7 @@ impl Driver {
                     let Some(r) = self.round.take() else { continue };
                     let (round, attempt) = (r.view().round, r.view().attempt);
                     warn!(round, attempt, reason = %f.reason, "round failed");
-                    self.writer = None;
+                    self.writers.clear();
                     if let Some(a) = self.asy.as_mut() {
                         a.attempt_failed();
                     }
@@ -1062,7 +1072,7 @@ impl Driver {
 
     fn on_completed(&mut self, o: p2p_proto::round::Outcome) {
         let now = self.now();
-        self.writer = None;
+        self.writers.clear();
         self.round = None;
         self.summary.rounds_completed += 1;
         self.summary.last_round = Some(o.view.round);
@@ -1147,6 +1157,8 @@ impl Driver {
             round = o.view.round,
             attempt = o.view.attempt,
             ring_size = o.view.len(),
+            // Rings across which the round's groups reduced (1: one ring).
+            groups = self.cfg.round.layout(o.view.len()).map_or(1, |l| l.groups()),
             position = o.position,
             members = %o.view.members.join(","),
             len = o.sum.len(),

@@ -348,7 +348,8 @@ impl Driver {
         let (_, _, weight) = micro_batch(&w.batches, pos);
         let history = asy.params.clone();
         let rings = asy.slots.iter().map(|(r, s)| (*r, (s.members.clone(), s.batches.clone()))).collect();
-        let (fixed, n, seg, len) = (self.cfg.fixed, view.len(), self.cfg.round.segment_elems, spec.worker.params);
+        let (fixed, n, seg, len) =
+            (self.cfg.fixed, self.cfg.round.chunks(view.len()), self.cfg.round.segment_elems, spec.worker.params);
         let own_params = history.get(&view.round).or_else(|| history.values().next_back()).copied().unwrap_or_default();
         let tx = self.internal.clone();
         let (joiners, excluded, batches) = (w.joiners, w.excluded, w.batches);

@@ -121,6 +121,15 @@ pub struct RunConfig {
     /// [`DEFAULT_MAX_STALENESS`]); an older one is dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_staleness: Option<u64>,
+    /// Hierarchical rounds: the ring is cut into groups of this many consecutive members (the
+    /// ring's order is a stable hash), each group reduces its vectors in its own ring, member
+    /// `j` of every group all-reduces the group sums' chunk `j` in a ring across groups, and
+    /// the groups gather the result: `2(g - 1) + 2(n/g - 1)` steps rather than `2(n - 1)`
+    /// ([`p2p_proto::hier`]). The group size used is the largest divisor of the ring's size
+    /// up to this one; a ring it leaves one group, or groups of one, runs as the plain ring.
+    /// Absent: the plain ring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_size: Option<usize>,
 }
 
 /// Asynchronous rounds' default bound on staleness.
@@ -262,6 +271,16 @@ impl RunConfig {
             }
             if !(1..=MAX_STALENESS).contains(&s) {
                 return Err(format!("max_staleness {s} is not in 1..={MAX_STALENESS}"));
+            }
+        }
+        if let Some(g) = self.group_size {
+            if g < 2 {
+                return Err(format!("group_size {g} is below 2: leave it out for the plain ring"));
+            }
+            if !compression.is_none() || self.async_threshold_ms.is_some() {
+                return Err("group_size cannot be combined with compression or async_threshold_ms yet: \
+                            choose one of them"
+                    .into());
             }
         }
         if self.async_threshold_ms.is_some() && !compression.is_none() {
@@ -443,6 +462,21 @@ mod tests {
         let local = RunConfig::load(&write("o.toml", &format!("{BASE}\nlocal_steps = 8"))).unwrap();
         assert_eq!(local.local_sgd(), Some(LocalSgd { steps: 8, outer_lr: 1.0, outer_momentum: 0.0 }));
         assert_ne!(plain.run_id(), local.run_id());
+    }
+
+    #[test]
+    fn hierarchical_rounds_are_off_by_default_checked_and_key_the_run_id() {
+        let plain = RunConfig::load(&write("h1.toml", BASE)).unwrap();
+        assert!(!String::from_utf8(serde_json::to_vec(&plain).unwrap()).unwrap().contains("group_size"));
+        let hier = RunConfig::load(&write("h2.toml", &format!("{BASE}\ngroup_size = 4"))).unwrap();
+        assert_eq!(hier.group_size, Some(4));
+        assert_ne!(plain.run_id(), hier.run_id());
+        let err = RunConfig::load(&write("h3.toml", &format!("{BASE}\ngroup_size = 1"))).unwrap_err();
+        assert!(err.to_string().contains("group_size 1 is below 2"), "{err}");
+        for other in ["compression = \"topk\"", "async_threshold_ms = 100"] {
+            let err = RunConfig::load(&write("h4.toml", &format!("{BASE}\ngroup_size = 2\n{other}"))).unwrap_err();
+            assert!(err.to_string().contains("cannot be combined"), "{other}: {err}");
+        }
     }
 
     #[test]
