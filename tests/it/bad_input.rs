@@ -224,9 +224,13 @@ fn a_hostile_peer_cannot_crash_a_node_or_corrupt_a_round() {
     let rejected = victim.events_containing("rejected ring frame");
     let reasons: Vec<String> =
         rejected.iter().map(|e| format!("{} {}", e["message"], e["reason"].as_str().unwrap_or_default())).collect();
-    for want in
-        ["signature does not verify", "hash mismatch", "oversize", "malformed", "not this peer's left neighbour"]
-    {
+    for want in [
+        "signature does not verify",
+        "hash mismatch",
+        "oversize",
+        "malformed",
+        "sends this peer nothing in its current ring",
+    ] {
         // Once on a stream, once on a direct connection.
         let n = reasons.iter().filter(|r| r.contains(want)).count();
         assert!(n >= 2, "{n} rejections for '{want}' in {reasons:?}");
