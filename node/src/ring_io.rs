@@ -102,6 +102,8 @@ const TOKEN_TIMEOUT: Duration = Duration::from_secs(2);
 const ACK: u8 = 0xac;
 /// Connections to the data port that may be sending their token at once.
 const MAX_HANDSHAKES: usize = 64;
+/// How many times a writer opens a ring stream the receiver dropped before its offer.
+const OPEN_TRIES: u32 = 4;
 /// A ring stream that carries no frame for this long is closed: far beyond any round's
 /// timeouts, so only a stream nobody writes to any more is.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -410,26 +412,6 @@ async fn connect_direct(
     }
 }
 
-/// `fut`'s value, or `None` (logged, naming `what` was being done) on its error or timeout.
-async fn within<T, E: std::fmt::Display>(
-    timeout: Duration,
-    fut: impl Future<Output = Result<T, E>>,
-    peer: &PeerKey,
-    what: &str,
-) -> Option<T> {
-    match tokio::time::timeout(timeout, fut).await {
-        Ok(Ok(v)) => Some(v),
-        Ok(Err(e)) => {
-            warn!(%peer, error = %e, "right neighbour: failed {what}");
-            None
-        }
-        Err(_) => {
-            warn!(%peer, "right neighbour: timed out {what}");
-            None
-        }
-    }
-}
-
 /// Opens a stream to `peer` (reached at `ip`, when known) and writes every step sent on the
 /// returned channel, in order, until the sender is dropped: over direct TCP when the
 /// neighbour offers it and its port can be reached, otherwise on the stream.
@@ -446,10 +428,36 @@ pub fn spawn_writer(
             warn!(%peer, "ring neighbour has an invalid peer id");
             return;
         };
-        let opened = within(open_timeout, control.open_stream(peer_id, protocol()), &peer, "opening a ring stream");
-        let Some(mut stream) = opened.await else { return };
-        let offered = within(open_timeout, read_offer(&mut stream), &peer, "reading the offer on the ring stream");
-        let Some(offer) = offered.await else { return };
+        // A receiver busy with several new streams at once (a hierarchical round opens up to
+        // three a peer) may drop one before offering anything: open it again, within the
+        // timeout, while the frames wait in the channel.
+        let deadline = tokio::time::Instant::now() + open_timeout;
+        let mut tries = 0;
+        let (stream, offer) = loop {
+            tries += 1;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let last = tries == OPEN_TRIES || left.is_zero();
+            let opened = tokio::time::timeout(left, async {
+                let mut stream = control.open_stream(peer_id, protocol()).await.map_err(|e| e.to_string())?;
+                let offer = read_offer(&mut stream).await.map_err(|e| e.to_string())?;
+                Ok::<_, String>((stream, offer))
+            });
+            match opened.await {
+                Ok(Ok(v)) => break v,
+                Ok(Err(e)) if !last => {
+                    debug!(%peer, error = %e, tries, "ring stream refused before its offer; opening it again");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(Err(e)) => {
+                    warn!(%peer, error = %e, tries, "right neighbour: failed opening a ring stream and reading its offer");
+                    return;
+                }
+                Err(_) => {
+                    warn!(%peer, tries, "right neighbour: timed out opening a ring stream and reading its offer");
+                    return;
+                }
+            }
+        };
         let skip =
             unreachable.lock().expect("never poisoned").get(&peer).is_some_and(|t| *t > std::time::Instant::now());
         let direct = match (offer, ip) {

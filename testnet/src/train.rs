@@ -310,6 +310,25 @@ fn fill_report(report: &mut Value, nodes: &[Node], codes: &[Option<i32>], every:
         "median_round_s": secs.get(secs.len() / 2).copied().unwrap_or(0.0),
         "mib_per_peer_round": mean(&|e| e["bytes_sent"].as_f64().unwrap_or(0.0)) / f64::from(1 << 20),
     });
+    // Warnings, by message and how many times each peer logged it.
+    let mut warnings: BTreeMap<String, u64> = BTreeMap::new();
+    for n in nodes {
+        for e in n.events_containing("") {
+            if e["level"] == "WARN" {
+                *warnings.entry(e["message"].as_str().unwrap_or_default().to_owned()).or_default() += 1;
+            }
+        }
+    }
+    report["warnings"] = serde_json::json!(warnings);
+    // Attempts that failed and were redone, as each peer saw them.
+    report["failed_attempts"] = nodes
+        .iter()
+        .flat_map(|n| {
+            n.events("round failed").into_iter().map(move |e| {
+                serde_json::json!({"seen_by": n.name, "round": e["round"], "attempt": e["attempt"], "reason": e["reason"]})
+            })
+        })
+        .collect();
     report["faults"] = nodes
         .iter()
         .flat_map(|n| {

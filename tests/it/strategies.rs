@@ -45,6 +45,40 @@ fn trained(n: &Node) -> BTreeMap<u64, Value> {
     n.events("round trained").into_iter().map(|e| (e["round"].as_u64().unwrap(), e)).collect()
 }
 
+/// A local chain with the ledger, and `peers` training peers of the run `it-{name}` with
+/// `settings` (TOML lines) recording on it (peer `i` with `flags(i)` added), run to the end.
+fn chain_run(
+    name: &str,
+    settings: &str,
+    peers: usize,
+    flags: impl Fn(usize) -> Vec<String>,
+) -> (Anvil, String, Vec<Node>) {
+    let anvil = Anvil::start();
+    let contract = deploy(&anvil);
+    let dir = TempDir::new(name);
+    let config = dir.path().join("run.toml");
+    std::fs::write(&config, format!("name = \"it-{name}\"\nmodel = \"mlp\"\nmin_peers = {peers}\n{settings}\n"))
+        .unwrap();
+    let nodes = run_peers(name, &config, peers, |i| {
+        let mut f = anvil.peer_flags(&contract, i + 1);
+        f.extend(flags(i));
+        f
+    });
+    (anvil, contract, nodes)
+}
+
+/// The chain records for every peer of `nodes` (peer `i` on the chain's account `i + 1`)
+/// `rounds` rounds and `samples(i)` samples.
+fn chain_counts(anvil: &Anvil, contract: &str, nodes: &[Node], rounds: u64, samples: impl Fn(usize) -> u64) {
+    let run_id = nodes[0].events("training run")[0]["run_id"].as_str().unwrap().to_owned();
+    for (i, n) in nodes.iter().enumerate() {
+        let address = &anvil.accounts[i + 1].address;
+        let mine = ledger_json(anvil, contract, &["contributions", "--run", &run_id, "--peer", address]);
+        assert_eq!(mine["peers"][0]["rounds"], rounds, "{}: on-chain rounds", n.name);
+        assert_eq!(mine["peers"][0]["samples"], samples(i), "{}: on-chain samples", n.name);
+    }
+}
+
 /// Each peer's `round trained` events, by round, after checking that every peer trained all
 /// `rounds` and held the same parameters after each.
 fn identical_every_round(nodes: &[Node], rounds: u64) -> Vec<BTreeMap<u64, Value>> {
@@ -62,21 +96,12 @@ fn identical_every_round(nodes: &[Node], rounds: u64) -> Vec<BTreeMap<u64, Value
 
 #[test]
 fn local_sgd_peers_stay_identical_learn_and_the_chain_counts_every_local_step() {
-    let anvil = Anvil::start();
-    let contract = deploy(&anvil);
-    let dir = TempDir::new("local-sgd");
     let (rounds, batch, steps, k, peers) = (8u64, 32u64, 4u64, 4u64, 3usize);
-    let config = dir.path().join("run.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "name = \"it-local-sgd\"\nmodel = \"mlp\"\nbatch = {batch}\nrounds = {rounds}\nepoch_rounds = {k}\n\
-             min_peers = {peers}\nlr = 0.003\neval_every = {rounds}\nlocal_steps = {steps}\nouter_lr = 0.8\n\
-             outer_momentum = 0.5\n"
-        ),
-    )
-    .unwrap();
-    let nodes = run_peers("local", &config, peers, |i| anvil.peer_flags(&contract, i + 1));
+    let settings = format!(
+        "batch = {batch}\nrounds = {rounds}\nepoch_rounds = {k}\nlr = 0.003\neval_every = {rounds}\n\
+         local_steps = {steps}\nouter_lr = 0.8\nouter_momentum = 0.5"
+    );
+    let (anvil, contract, nodes) = chain_run("local-sgd", &settings, peers, |_| Vec::new());
 
     let per_node: Vec<BTreeMap<u64, Value>> = nodes.iter().map(trained).collect();
     let ring_samples = peers as u64 * steps * batch;
@@ -113,13 +138,7 @@ fn local_sgd_peers_stay_identical_learn_and_the_chain_counts_every_local_step() 
     }
 
     // The chain: rounds, and the samples of every local step.
-    let run_id = nodes[0].events("training run")[0]["run_id"].as_str().unwrap().to_owned();
-    for (i, n) in nodes.iter().enumerate() {
-        let address = &anvil.accounts[i + 1].address;
-        let mine = ledger_json(&anvil, &contract, &["contributions", "--run", &run_id, "--peer", address]);
-        assert_eq!(mine["peers"][0]["rounds"], rounds, "{}: on-chain rounds", n.name);
-        assert_eq!(mine["peers"][0]["samples"], rounds * steps * batch, "{}: on-chain samples", n.name);
-    }
+    chain_counts(&anvil, &contract, &nodes, rounds, |_| rounds * steps * batch);
 }
 
 /// Three peers train with `compression` (extra run settings in `extra`), audited every round,
@@ -200,29 +219,18 @@ fn asynchronous_local_sgd_counts_a_slow_peers_stale_deltas_exactly() {
 /// its stale and empty commits are audited and hold, and the chain counts exactly the samples
 /// every peer's commits carried.
 fn asynchronous_run(name: &str, local_steps: u64) {
-    let anvil = Anvil::start();
-    let contract = deploy(&anvil);
-    let dir = TempDir::new(name);
     let (rounds, peers) = (12u64, 3usize);
     let batch = 32 * local_steps;
-    let config = dir.path().join("run.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "name = \"it-{name}\"\nmodel = \"mlp\"\nbatch = 32\nrounds = {rounds}\nepoch_rounds = 4\n\
-             min_peers = {peers}\nlr = 0.003\neval_every = {rounds}\naudit_every = 1\nasync_threshold_ms = 100\n\
-             local_steps = {local_steps}\n"
-        ),
-    )
-    .unwrap();
+    let settings = format!(
+        "batch = 32\nrounds = {rounds}\nepoch_rounds = 4\nlr = 0.003\neval_every = {rounds}\naudit_every = 1\n\
+         async_threshold_ms = 100\nlocal_steps = {local_steps}"
+    );
     // The last peer takes 700 ms longer for every gradient than the others, as a slower device.
-    let nodes = run_peers(name, &config, peers, |i| {
-        let mut f = anvil.peer_flags(&contract, i + 1);
-        if i + 1 == peers {
-            f.extend(["--fault-slow-compute-ms".to_owned(), "700".to_owned()]);
-        }
-        f
-    });
+    let slow_flags = |i: usize| match i + 1 == peers {
+        true => vec!["--fault-slow-compute-ms".to_owned(), "700".to_owned()],
+        false => Vec::new(),
+    };
+    let (anvil, contract, nodes) = chain_run(name, &settings, peers, slow_flags);
     let slow = &nodes[peers - 1];
 
     let per_node = identical_every_round(&nodes, rounds);
@@ -259,13 +267,7 @@ fn asynchronous_run(name: &str, local_steps: u64) {
     assert!(last < first * 0.8, "the loss did not fall: {first} -> {last}");
 
     // The chain counts every peer's rounds, and exactly the samples its commits carried.
-    let run_id = nodes[0].events("training run")[0]["run_id"].as_str().unwrap().to_owned();
-    for (i, n) in nodes.iter().enumerate() {
-        let address = &anvil.accounts[i + 1].address;
-        let mine = ledger_json(&anvil, &contract, &["contributions", "--run", &run_id, "--peer", address]);
-        assert_eq!(mine["peers"][0]["rounds"], rounds, "{}: on-chain rounds", n.name);
-        assert_eq!(mine["peers"][0]["samples"], own[i], "{}: on-chain samples", n.name);
-    }
+    chain_counts(&anvil, &contract, &nodes, rounds, |i| own[i]);
 }
 
 /// Five peers train in hierarchical rounds, groups of two: every round runs in two groups,
@@ -276,20 +278,12 @@ fn asynchronous_run(name: &str, local_steps: u64) {
 /// the chain records every peer's rounds and samples exactly.
 #[test]
 fn hierarchical_peers_stay_identical_learn_and_the_chain_counts_every_round() {
-    let anvil = Anvil::start();
-    let contract = deploy(&anvil);
-    let dir = TempDir::new("hier");
     let (rounds, batch, k, peers, g) = (10u64, 32u64, 5u64, 5usize, 2u64);
-    let config = dir.path().join("run.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "name = \"it-hier\"\nmodel = \"mlp\"\nbatch = {batch}\nrounds = {rounds}\nepoch_rounds = {k}\n\
-             min_peers = {peers}\nlr = 0.003\neval_every = {rounds}\naudit_every = 1\ngroup_size = {g}\n"
-        ),
-    )
-    .unwrap();
-    let nodes = run_peers("hier", &config, peers, |i| anvil.peer_flags(&contract, i + 1));
+    let settings = format!(
+        "batch = {batch}\nrounds = {rounds}\nepoch_rounds = {k}\nlr = 0.003\neval_every = {rounds}\naudit_every = 1\n\
+         group_size = {g}"
+    );
+    let (anvil, contract, nodes) = chain_run("hier", &settings, peers, |_| Vec::new());
     let per_node = identical_every_round(&nodes, rounds);
     let loss = |r: u64| per_node.iter().map(|t| t[&r]["loss"].as_f64().unwrap()).sum::<f64>() / peers as f64;
     let (first, last) = ((0..3).map(loss).sum::<f64>(), (rounds - 3..rounds).map(loss).sum::<f64>());
@@ -318,12 +312,5 @@ fn hierarchical_peers_stay_identical_learn_and_the_chain_counts_every_round() {
             assert!(sent.abs_diff(expected) <= 64, "{}: {sent} bytes a round, expected about {expected}", n.name);
         }
     }
-
-    let run_id = nodes[0].events("training run")[0]["run_id"].as_str().unwrap().to_owned();
-    for (i, n) in nodes.iter().enumerate() {
-        let address = &anvil.accounts[i + 1].address;
-        let mine = ledger_json(&anvil, &contract, &["contributions", "--run", &run_id, "--peer", address]);
-        assert_eq!(mine["peers"][0]["rounds"], rounds, "{}: on-chain rounds", n.name);
-        assert_eq!(mine["peers"][0]["samples"], rounds * batch, "{}: on-chain samples", n.name);
-    }
+    chain_counts(&anvil, &contract, &nodes, rounds, |_| rounds * batch);
 }
