@@ -328,15 +328,7 @@ impl HierAllReduce {
                         return Err(RingError::Unexpected { id, reason: "not an extra of this group" });
                     };
                     let s = id.segment as usize;
-                    let range = check_segment(
-                        &id,
-                        &msg.payload,
-                        held,
-                        seg,
-                        &x.seen.iter().map(Option::is_some).collect::<Vec<_>>(),
-                        max_units,
-                        1,
-                    )?;
+                    let range = check_segment(&id, &msg.payload, held, seg, &|i| x.seen[i].is_some(), max_units, 1)?;
                     let local = range.start - held.start..range.end - held.start;
                     add_assign_le_bytes(&mut extra_sum[local], &msg.payload);
                     self.bytes.1 += msg.payload.len() as u64;
@@ -349,7 +341,7 @@ impl HierAllReduce {
             Role::Extra { data, received, remaining, .. } => {
                 let c = id.chunk as usize;
                 let flags = &received[c];
-                let range = check_segment(&id, &msg.payload, &self.chunks[c], seg, flags, max_units, layout.n)?;
+                let range = check_segment(&id, &msg.payload, &self.chunks[c], seg, &|i| flags[i], max_units, layout.n)?;
                 read_le_bytes(&msg.payload, &mut data[range]);
                 received[c][id.segment as usize] = true;
                 *remaining -= 1;
@@ -444,35 +436,29 @@ impl HierAllReduce {
     }
 }
 
-/// Checks a level-2 segment of `chunk` (segment index, length, not seen before, values within
-/// `contributions` times `max_units`) and returns its range in the vector.
+/// Checks a level-2 segment of `chunk` (segment index, length, not `seen` before, values
+/// within `contributions` times `max_units`) and returns its range in the vector.
 fn check_segment(
     id: &StepId,
     payload: &[u8],
     chunk: &Range<usize>,
     seg: usize,
-    seen: &[bool],
+    seen: &dyn Fn(usize) -> bool,
     max_units: i32,
     contributions: usize,
 ) -> Result<Range<usize>, RingError> {
     let s = id.segment as usize;
-    if s >= seen.len() {
+    if s >= segment_count(chunk.len(), seg) {
         return Err(RingError::Unexpected { id: *id, reason: "segment index past the chunk's end" });
     }
-    if seen[s] {
+    if seen(s) {
         return Err(RingError::Duplicate { id: *id });
     }
     let range = segment_range(chunk, seg, s);
     if payload.len() != range.len() * 4 {
         return Err(RingError::WrongLength { id: *id, expected: range.len() * 4, got: payload.len() });
     }
-    if max_units > 0 {
-        let limit = i64::from(max_units) * contributions as i64;
-        let values = payload.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-        if let Some(value) = values.into_iter().find(|v| i64::from(*v).abs() > limit) {
-            return Err(RingError::OutOfRange { id: *id, value, contributions, limit });
-        }
-    }
+    crate::ring::check_range(id, payload, max_units, contributions)?;
     Ok(range)
 }
 

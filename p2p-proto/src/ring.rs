@@ -67,6 +67,23 @@ pub enum RingError {
     OutOfRange { id: StepId, value: i32, contributions: usize, limit: i64 },
 }
 
+/// Refuses a segment holding a value beyond what `contributions` members' values can sum to,
+/// at most `max_units` each (0: not checked).
+pub fn check_range(id: &StepId, payload: &[u8], max_units: i32, contributions: usize) -> Result<(), RingError> {
+    if max_units <= 0 {
+        return Ok(());
+    }
+    let limit = i64::from(max_units) * contributions as i64;
+    // One branch-free pass for the largest magnitude; the offending value only on failure.
+    let values = || payload.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let largest = values().fold(0u32, |m, v| m.max(v.unsigned_abs()));
+    if i64::from(largest) > limit {
+        let value = values().find(|v| i64::from(*v).abs() > limit).expect("the largest is beyond");
+        return Err(RingError::OutOfRange { id: *id, value, contributions, limit });
+    }
+    Ok(())
+}
+
 /// Where a member stands in a ring and what it all-reduces.
 #[derive(Debug, Clone)]
 pub struct RingParams {
@@ -142,10 +159,8 @@ impl RingAllReduce {
         if p.n == 0 || p.pos >= p.n {
             return Err(RingError::BadPosition { n: p.n, pos: p.pos });
         }
-        let own = &crate::chunk::chunk_ranges(data.len(), p.n)[p.pos];
-        let own = (0..segment_count(own.len(), p.segment_elems))
-            .map(|s| crate::hash::hash_i32s(&data[segment_range(own, p.segment_elems, s)]))
-            .collect();
+        let own = crate::chunk::chunk_ranges(data.len(), p.n)[p.pos].clone();
+        let own = crate::hash::segment_hashes(&data, &[own], p.segment_elems).remove(0);
         let mut ring = Self::build(p, data, own, None, None)?;
         ring.level = level;
         Ok(ring)
@@ -320,21 +335,9 @@ impl RingAllReduce {
         if msg.payload.len() != range.len() * 4 {
             return Err(RingError::WrongLength { id, expected: range.len() * 4, got: msg.payload.len() });
         }
-        if self.p.max_units > 0 {
-            // Reduce-scatter step s carries the sum of s + 1 members' values; all-gather the whole sum.
-            let contributions = if id.phase == Phase::ReduceScatter { s + 1 } else { self.hold.unwrap_or(n) };
-            let limit = i64::from(self.p.max_units) * contributions as i64;
-            // One branch-free pass for the largest magnitude; the offending value only on failure.
-            let values = || msg.payload.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-            let mut largest = 0u32;
-            for v in values() {
-                largest = largest.max(v.unsigned_abs());
-            }
-            if i64::from(largest) > limit {
-                let value = values().find(|v| i64::from(*v).abs() > limit).expect("the largest is beyond");
-                return Err(RingError::OutOfRange { id, value, contributions, limit });
-            }
-        }
+        // Reduce-scatter step s carries the sum of s + 1 members' values; all-gather the whole sum.
+        let contributions = if id.phase == Phase::ReduceScatter { s + 1 } else { self.hold.unwrap_or(n) };
+        check_range(&id, &msg.payload, self.p.max_units, contributions)?;
         self.received[id.phase as usize][s][segment] = true;
         self.remaining -= 1;
         self.bytes_received += msg.payload.len() as u64;
