@@ -93,12 +93,29 @@ impl Anvil {
     }
 
     /// Starts Anvil whose state is loaded from and dumped to `state` (the file is written on
-    /// a clean stop and every second), on `port` (0: any).
+    /// a clean stop and every second), on `port` (0: a free port below the ephemeral range, so
+    /// that while the chain is down for a restart no outgoing connection, not even a client's
+    /// retry connecting to itself, can take the port).
     pub fn start_with_state(state: &Path, port: u16) -> Self {
-        Self::spawn(Some(state.to_owned()), port, TempDir::new("anvil"))
+        if port != 0 {
+            return Self::spawn(Some(state.to_owned()), port, TempDir::new("anvil"));
+        }
+        let mut last = Vec::new();
+        for _ in 0..20 {
+            match Self::try_spawn(Some(state.to_owned()), restartable_port(), TempDir::new("anvil")) {
+                Ok(anvil) => return anvil,
+                Err((log, _)) => last = log,
+            }
+        }
+        panic!("anvil found no free port below the ephemeral range: {last:?}")
     }
 
     fn spawn(state: Option<PathBuf>, port: u16, dir: TempDir) -> Self {
+        Self::try_spawn(state, port, dir).unwrap_or_else(|(log, _)| panic!("anvil did not start listening: {log:?}"))
+    }
+
+    /// Starts Anvil, or returns what it printed when it exited or never listened (and `dir`).
+    fn try_spawn(state: Option<PathBuf>, port: u16, dir: TempDir) -> Result<Self, (Vec<String>, TempDir)> {
         let tools = ensure_tools();
         let config = dir.path().join("anvil.json");
         let mut cmd = Command::new(&tools.anvil);
@@ -120,15 +137,30 @@ impl Anvil {
                 }
             });
         }
-        let port = wait_until(Duration::from_secs(30), || {
-            log.lock()
+        let listening = wait_until(Duration::from_secs(30), || {
+            let port = log
+                .lock()
                 .unwrap()
                 .iter()
-                .find_map(|l| l.strip_prefix("Listening on 127.0.0.1:").and_then(|p| p.trim().parse::<u16>().ok()))
+                .find_map(|l| l.strip_prefix("Listening on 127.0.0.1:").and_then(|p| p.trim().parse::<u16>().ok()));
+            match port {
+                Some(p) => Some(Some(p)),
+                // Exited (a port in use, a bad state file): give the pipes a moment to drain.
+                None if child.try_wait().ok().flatten().is_some() => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    Some(None)
+                }
+                None => None,
+            }
         })
-        .unwrap_or_else(|| panic!("anvil did not start listening: {:?}", log.lock().unwrap()));
+        .flatten();
+        let Some(port) = listening else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err((log.lock().unwrap().clone(), dir));
+        };
         let accounts = read_accounts(&config);
-        Self { child: Some(child), port, url: format!("http://127.0.0.1:{port}"), accounts, state, dir, log }
+        Ok(Self { child: Some(child), port, url: format!("http://127.0.0.1:{port}"), accounts, state, dir, log })
     }
 
     /// Writes dev account `i`'s key to a file (mode 0600) and returns its path.
@@ -201,9 +233,25 @@ impl Anvil {
     pub fn restart(&mut self) {
         let state = self.state.clone().expect("restart needs a chain started with a state file");
         self.stop();
-        let dir = std::mem::replace(&mut self.dir, TempDir::new("anvil-old"));
-        let again = Self::spawn(Some(state), self.port, dir);
-        *self = again;
+        let mut dir = std::mem::replace(&mut self.dir, TempDir::new("anvil-old"));
+        // The port is normally free at once; whatever holds it briefly (a socket closing) gets
+        // a minute to let go.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match Self::try_spawn(Some(state.clone()), self.port, dir) {
+                Ok(again) => {
+                    *self = again;
+                    return;
+                }
+                Err((log, back))
+                    if std::time::Instant::now() < deadline && log.iter().any(|l| l.contains("in use")) =>
+                {
+                    dir = back;
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err((log, _)) => panic!("anvil did not restart on port {}: {log:?}", self.port),
+            }
+        }
     }
 
     /// Everything Anvil printed.
@@ -219,6 +267,29 @@ impl Drop for Anvil {
             let _ = child.wait();
         }
     }
+}
+
+/// A port that is free now and lies below the kernel's ephemeral range (where no outgoing
+/// connection takes its local port from).
+fn restartable_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()))
+        .unwrap_or(32768)
+        .clamp(12000, 65535);
+    let span = (low - 10000).min(12000);
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let mut x = (seed as u64) ^ (u64::from(std::process::id()) << 32);
+    for _ in 0..1000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = (low - span + (x % u64::from(span)) as u32) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {}..{low}", low - span)
 }
 
 fn read_accounts(config: &Path) -> Vec<Account> {
@@ -256,4 +327,22 @@ pub fn ledger_json(anvil: &Anvil, contract: &str, args: &[&str]) -> serde_json::
     let out = node_command(&all);
     assert!(out.status.success(), "node {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("ledger JSON")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chain that restarts gets a port no outgoing connection can be given meanwhile.
+    #[test]
+    fn a_restartable_port_is_free_and_below_the_ephemeral_range() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .map(|s| s.split_whitespace().next().unwrap().parse().unwrap())
+            .unwrap_or(32768);
+        for _ in 0..20 {
+            let port = restartable_port();
+            assert!((10000..low.max(12000)).contains(&port), "{port} is below {low}");
+            std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+        }
+    }
 }
