@@ -95,6 +95,12 @@ impl Layout {
         (self.core()..self.n).filter(|p| (p - self.core()) % self.groups() == group).collect()
     }
 
+    /// Extra `pos`'s rank among its group's extras: the step of the segments it sends (so each
+    /// segment a holder receives has its own [`StepId`]).
+    pub fn extra_rank(&self, pos: usize) -> usize {
+        (pos - self.core()) / self.groups()
+    }
+
     /// The member of `group` that holds chunk `chunk`.
     pub fn holder(&self, group: usize, chunk: usize) -> usize {
         self.at(group, (chunk + self.g - 1) % self.g)
@@ -122,10 +128,13 @@ impl Layout {
             (0, Place::Core { .. }, Place::Core { .. }) => self.left(to, 0) == from,
             (1, Place::Core { .. }, Place::Core { .. }) => self.left(to, 1) == from,
             (2, Place::Extra { group }, Place::Core { group: k, j }) => {
-                id.phase == Phase::ReduceScatter && group == k && id.chunk as usize == (j + 1) % self.g
+                id.phase == Phase::ReduceScatter
+                    && group == k
+                    && id.chunk as usize == (j + 1) % self.g
+                    && usize::from(id.step) == self.extra_rank(from)
             }
             (2, Place::Core { group: k, j }, Place::Extra { group }) => {
-                id.phase == Phase::AllGather && group == k && id.chunk as usize == (j + 1) % self.g
+                id.phase == Phase::AllGather && id.step == 0 && group == k && id.chunk as usize == (j + 1) % self.g
             }
             _ => false,
         }
@@ -249,8 +258,16 @@ impl HierAllReduce {
         Ok(Self { layout, p, chunks, role, early_limit, bytes: (0, 0) })
     }
 
-    fn msg(&mut self, phase: Phase, chunk: usize, segment: usize, hash: Option<Hash>, payload: Vec<u8>) -> RingStep {
-        let id = StepId { level: 2, phase, step: 0, chunk: chunk as u32, segment: segment as u32 };
+    fn msg(
+        &mut self,
+        phase: Phase,
+        step: usize,
+        chunk: usize,
+        segment: usize,
+        hash: Option<Hash>,
+        payload: Vec<u8>,
+    ) -> RingStep {
+        let id = StepId { level: 2, phase, step: step as u16, chunk: chunk as u32, segment: segment as u32 };
         self.bytes.0 += payload.len() as u64;
         let (run, round, attempt) = (self.p.run, self.p.round, self.p.attempt);
         match hash {
@@ -273,6 +290,7 @@ impl HierAllReduce {
             Role::Extra { data, own, started, .. } => {
                 *started = true;
                 let Place::Extra { group } = layout.place(pos) else { unreachable!("an extra's place") };
+                let rank = layout.extra_rank(pos);
                 let mut sends = Vec::new();
                 for (c, range) in self.chunks.iter().enumerate() {
                     for (s, hash) in own[c].iter().enumerate() {
@@ -282,7 +300,7 @@ impl HierAllReduce {
                 Ok(sends
                     .into_iter()
                     .map(|(c, s, hash, payload)| {
-                        (layout.holder(group, c), self.msg(Phase::ReduceScatter, c, s, Some(hash), payload))
+                        (layout.holder(group, c), self.msg(Phase::ReduceScatter, rank, c, s, Some(hash), payload))
                     })
                     .collect())
             }
@@ -393,7 +411,7 @@ impl HierAllReduce {
                 for s in 0..segment_count(held.len(), seg) {
                     let r = segment_range(&held, seg, s);
                     let payload = le_bytes(&sum[r.start - held.start..r.end - held.start]);
-                    let step = self.msg(Phase::AllGather, c, s, None, payload);
+                    let step = self.msg(Phase::AllGather, 0, c, s, None, payload);
                     out.push((x, step));
                 }
             }
@@ -486,6 +504,12 @@ mod tests {
         assert_eq!((l.left(0, 0), l.right(2, 0), l.left(1, 1), l.right(7, 1), l.holder(1, 0)), (2, 0, 7, 1, 5));
         assert_eq!(l.destinations(9), vec![0, 1, 2]);
         assert_eq!(l.destinations(3), vec![4, 6, 10]);
+        // Extras 8 and 10 of group 0 send chunk 1 to its holder 0 as steps 0 and 1.
+        let l = Layout::of(11, 4).unwrap();
+        let to_holder = |step| StepId { level: 2, phase: Phase::ReduceScatter, step, chunk: 1, segment: 0 };
+        assert_eq!((l.extras_of(0), l.extra_rank(8), l.extra_rank(10)), (vec![8, 10], 0, 1));
+        assert!(l.sends(8, 0, &to_holder(0)) && l.sends(10, 0, &to_holder(1)));
+        assert!(!l.sends(8, 0, &to_holder(1)) && !l.sends(10, 0, &to_holder(0)));
     }
 
     /// Runs every member's machine over in-memory links and returns each member's result.
@@ -532,6 +556,8 @@ mod tests {
             (5, 2, 40, 3),
             (11, 3, 31, 4),
             (7, 3, 9, 9),
+            // Two extras in group 0 (ranks 0 and 1), one in group 1.
+            (11, 4, 30, 3),
         ] {
             let inputs: Vec<Vec<i32>> =
                 (0..n).map(|p| (0..len).map(|i| ((p * 31 + i * 7) % 201) as i32 - 100).collect()).collect();

@@ -845,9 +845,7 @@ impl Round {
         {
             self.auditing = true;
             // A gathered payload is checked whole against its commit; no partial sums to check.
-            // A hierarchy's partial sums are not claimed: the recomputation still checks the
-            // target's commit.
-            self.sum_checking = self.values.is_none() && self.layout.is_none();
+            self.sum_checking = self.values.is_none();
             self.audit_target = Some(target);
             out.push(RoundAction::Audit(Box::new(AuditJob {
                 view: self.view.clone(),
@@ -955,7 +953,7 @@ impl Round {
                         return out;
                     }
                 }
-                if self.sum_checking && (s.id.phase == Phase::ReduceScatter || s.id.step == 0) {
+                if self.sum_checking && sumcheck::claimed(self.layout, &s.id) {
                     self.held_in.insert(s.id, (s.hash, s.payload.clone()));
                 }
                 let right = (self.pos + 1) % self.view.len();
@@ -1001,10 +999,7 @@ impl Round {
 
     /// What this member actually sent (after signing): kept for its sum check.
     pub fn note_sent(&mut self, step: &RingStep) {
-        if self.sum_checking
-            && self.is_for(step.round, step.attempt)
-            && (step.id.phase == Phase::ReduceScatter || step.id.step == 0)
-        {
+        if self.sum_checking && self.is_for(step.round, step.attempt) && sumcheck::claimed(self.layout, &step.id) {
             self.held_out.insert(step.id, (step.hash, step.payload.clone()));
         }
     }
@@ -1215,29 +1210,31 @@ impl Round {
     /// Checks member `i`'s sum check: its shape, the claims about segments this member holds
     /// and, if this member audited it, its partial sums against its recomputed values.
     fn verify_check(&mut self, i: usize, out: &mut Vec<RoundAction>) {
-        let n = self.view.len();
-        let (left, right) = ((self.pos + n - 1) % n, (self.pos + 1) % n);
+        let (n, me, layout) = (self.view.len(), self.pos, self.layout);
+        // Whether `from` sends `to` the segment (in a plain ring, to its right neighbour).
+        let sends = |from: usize, to: usize, id: &StepId| match layout {
+            Some(l) => l.sends(from, to, id),
+            None => (from + 1) % n == to,
+        };
         let check = self.checks[i].as_ref().expect("a check to verify");
+        let to_me: Vec<SegmentClaim> = check.sent.iter().filter(|c| sends(i, me, &c.id)).copied().collect();
+        let from_me: Vec<SegmentClaim> = check.received.iter().filter(|c| sends(me, i, &c.id)).copied().collect();
         let peer = check.peer.clone();
         let len = self.own_commit().len as usize;
         let sum = self.sum.as_ref().expect("sum while checking").1;
         let wrong = if check.sum != sum {
             Err("its sum check is for another sum".to_owned())
         } else {
-            sumcheck::check_shape(check, n, i, len, self.cfg.segment_elems)
-                .and_then(|()| if i == left { sumcheck::check_held(&check.sent, &self.claims_in) } else { Ok(()) })
-                .and_then(
-                    |()| {
-                        if i == right { sumcheck::check_held(&check.received, &self.claims_out) } else { Ok(()) }
-                    },
-                )
+            sumcheck::check_shape(check, layout, n, i, len, self.cfg.segment_elems)
+                .and_then(|()| sumcheck::check_held(&to_me, &self.claims_in))
+                .and_then(|()| sumcheck::check_held(&from_me, &self.claims_out))
         };
         if let Err(why) = wrong {
             return self.fail_with(format!("peer {peer}: {why}"), FailureKind::BadMessage, vec![peer], out);
         }
         if self.audit_target == Some(i)
             && let Some(data) = &self.audited_data
-            && let Err(why) = sumcheck::check_own(check, n, data, self.cfg.segment_elems, self.points)
+            && let Err(why) = sumcheck::check_own(check, layout, n, i, data, self.cfg.segment_elems, self.points)
         {
             out.push(RoundAction::SumFault(Box::new(SumFault {
                 view: self.view.clone(),
@@ -1949,26 +1946,29 @@ mod tests {
     /// What each member ended with, the proofs gossiped (by whom), and the ring.
     type AuditedRound = (Vec<Option<RoundAction>>, Vec<(usize, Box<SumFault>)>, RingView);
 
-    /// Runs one audited attempt of `n` members over `len` values with a perfect network; each
-    /// audit passes with the target's true values. `tamper` may change a segment its sender
-    /// sends (after it was noted as sent, so the sender's claims describe what it sent),
-    /// `lie` a member's sum check. Returns what each member ended with, and any proof gossiped.
+    /// Runs one audited attempt of `n` members over `len` values with a perfect network, in
+    /// groups of `group_size` (0: the plain ring); each audit passes with the target's true
+    /// values. `tamper` may change a segment its sender sends (before it is noted as sent, so
+    /// the sender's claims describe what it sent), `lie` a member's sum check. Returns what each
+    /// member ended with, and any proof gossiped.
     fn audited_round(
         n: usize,
         len: usize,
+        group_size: usize,
         tamper: impl Fn(usize, &mut RingStep),
         lie: impl Fn(usize, &mut SumCheck),
     ) -> AuditedRound {
         let run = RunId::from_name(RUN);
         let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
         let view = RingView::order(run, 7, 0, names);
-        let audited = RoundConfig { audit_every: 1, ..cfg() };
+        let audited = RoundConfig { audit_every: 1, group_size, ..cfg() };
+        let chunks = audited.chunks(n);
         let data = |pos: usize| member_data(pos, len);
         let mut rounds = Vec::new();
         let mut queue: VecDeque<(usize, RoundAction)> = VecDeque::new();
         for (pos, name) in view.members.iter().enumerate() {
-            let input =
-                Contribution::new(data(pos), 4, [5; 32], vec![], n, cfg().segment_elems).with_ring_batches(vec![4; n]);
+            let input = Contribution::new(data(pos), 4, [5; 32], vec![], chunks, cfg().segment_elems)
+                .with_ring_batches(vec![4; n]);
             let (r, acts) = Round::new(run, name, view.clone(), input, audited.clone(), 0, &no_sign);
             rounds.push(r);
             queue.extend(acts.into_iter().map(|a| (pos, a)));
@@ -1994,11 +1994,11 @@ mod tests {
                         out.push((to, acts));
                     }
                 }
-                RoundAction::Send(_, mut step) => {
+                RoundAction::Send(peer, mut step) => {
                     tamper(from, &mut step);
                     rounds[from].note_sent(&step);
-                    let to = (from + 1) % n;
-                    out.push((to, rounds[to].on_step(step.verify().unwrap(), 0)));
+                    let to = view.position(&peer).unwrap();
+                    out.push((to, rounds[to].on_step_from(&view.members[from], step.verify().unwrap(), 0)));
                 }
                 RoundAction::Audit(job) => out.push((from, rounds[from].audit_passed(0, Some(data(job.target))))),
                 RoundAction::SumFault(f) => proofs.push((from, f)),
@@ -2014,10 +2014,13 @@ mod tests {
 
     #[test]
     fn honest_members_pass_every_sum_check_and_certify_the_exact_sum() {
-        for n in 2..6 {
+        let rings = (2..6).map(|n| (n, 0));
+        // Hierarchies: groups of 2 and 3, with and without extras (two in one group at 11 / 4).
+        let hierarchies = [(4, 2), (5, 2), (6, 3), (7, 3), (11, 4)];
+        for (n, g) in rings.chain(hierarchies) {
             for len in [1, 5, 17] {
-                let (ended, proofs, _) = audited_round(n, len, |_, _| {}, |_, _| {});
-                assert!(proofs.is_empty(), "n {n} len {len}: an honest member was accused: {proofs:?}");
+                let (ended, proofs, _) = audited_round(n, len, g, |_, _| {}, |_, _| {});
+                assert!(proofs.is_empty(), "n {n} g {g} len {len}: an honest member was accused: {proofs:?}");
                 let want: Vec<i32> = (0..len).map(|j| (0..n).map(|i| member_data(i, len)[j]).sum()).collect();
                 for e in ended {
                     let Some(RoundAction::Completed(o)) = e else { panic!("n {n} len {len}: {e:?}") };
@@ -2036,6 +2039,7 @@ mod tests {
                 let (ended, proofs, view) = audited_round(
                     n,
                     20,
+                    0,
                     |from, step| {
                         if from == liar && step.id.phase == Phase::ReduceScatter && step.id.step == 1 {
                             let mut v: Vec<i32> = step
@@ -2079,6 +2083,7 @@ mod tests {
             let (ended, proofs, view) = audited_round(
                 n,
                 12,
+                0,
                 |_, _| {},
                 |from, c| {
                     if from == liar {
@@ -2094,6 +2099,85 @@ mod tests {
             let Some(RoundAction::Failed(f)) = &ended[holder] else { panic!("{:?}", ended[holder]) };
             assert_eq!(f.blame, vec![view.members[liar].clone()], "{f:?}");
             assert!(f.reason.contains("does not match"), "{f:?}");
+            assert!(ended.iter().all(|e| matches!(e, Some(RoundAction::Failed(_)))), "nobody certifies: {ended:?}");
+        }
+    }
+
+    /// Adds one to the first value of every segment `liar` sends that `at` selects.
+    fn add_one(liar: usize, at: impl Fn(&StepId) -> bool) -> impl Fn(usize, &mut RingStep) {
+        move |from, step| {
+            if from == liar && at(&step.id) {
+                let mut v: Vec<i32> =
+                    step.payload.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect();
+                v[0] += 1;
+                *step = RingStep::new(step.run, step.round, step.attempt, step.id, crate::hash::le_bytes(&v));
+            }
+        }
+    }
+
+    /// In a hierarchy a member that changes a partial sum is proven by its auditor, whichever
+    /// ring it lies in: its group ring, or the ring across groups, where what it puts in (its
+    /// group's sum of the chunk it holds, with its extras' chunks) is checked whole.
+    #[test]
+    fn a_member_whose_partial_sum_lies_in_a_hierarchy_is_proven_by_its_auditor() {
+        // (n, g, the ring and the reduce-scatter step it lies in): the first step across groups
+        // (its group's sum going out), a later one, and a later step in its group ring.
+        for (n, g, level, step) in [(4, 2, 1, 0), (5, 2, 1, 0), (6, 2, 1, 1), (7, 3, 0, 1), (7, 3, 1, 0)] {
+            let at = move |id: &StepId| id.level == level && id.phase == Phase::ReduceScatter && id.step == step;
+            let layout = crate::hier::Layout::of(n, g).unwrap();
+            let core = (0..n).filter(|p| matches!(layout.place(*p), crate::hier::Place::Core { .. }));
+            for liar in core {
+                let (ended, proofs, view) = audited_round(n, 20, g, add_one(liar, at), |_, _| {});
+                assert_eq!(proofs.len(), 1, "n {n} g {g} liar {liar}: {proofs:?}");
+                let (auditor, proof) = &proofs[0];
+                assert_eq!((proof.accused, &proof.check.peer), (liar, &view.members[liar]));
+                for (pos, e) in ended.iter().enumerate() {
+                    let Some(RoundAction::Failed(f)) = e else { panic!("member {pos} certified a wrong sum: {e:?}") };
+                    if pos == *auditor {
+                        assert_eq!((f.kind, f.blame.clone()), (FailureKind::Fault, vec![view.members[liar].clone()]));
+                    }
+                }
+            }
+        }
+    }
+
+    /// In a hierarchy a claim about a segment is checked by whoever holds it: the member across
+    /// groups, or the extra whose chunk a holder claims to have received.
+    #[test]
+    fn a_hierarchy_member_lying_about_a_segment_is_named_by_the_member_holding_it() {
+        // 5 in groups of 2: groups [0 1] [2 3], extra 4 attached to group 0.
+        let (n, g) = (5, 2);
+        let layout = crate::hier::Layout::of(n, g).unwrap();
+        for (liar, level, sent) in [(1, 1, true), (2, 1, false), (0, 2, false), (4, 2, true)] {
+            let (ended, proofs, view) = audited_round(
+                n,
+                12,
+                g,
+                |_, _| {},
+                |from, c| {
+                    if from == liar {
+                        let claims = if sent { &mut c.sent } else { &mut c.received };
+                        let claim = claims.iter_mut().find(|c| c.id.level == level).unwrap();
+                        claim.eval[1] = (claim.eval[1] + 1) % sumcheck::P;
+                    }
+                },
+            );
+            assert!(proofs.iter().all(|(_, p)| p.accused == liar), "{proofs:?}");
+            let holders: Vec<usize> = (0..n)
+                .filter(|h| {
+                    let c = ended[*h].as_ref();
+                    // Its own finding, not another member's failure passed on.
+                    matches!(c, Some(RoundAction::Failed(f))
+                        if f.reason.contains("does not match") && !f.reason.contains("failed the round"))
+                })
+                .collect();
+            assert!(!holders.is_empty(), "liar {liar}: nobody holding the segment named it: {ended:?}");
+            for h in holders {
+                let (from, to) = if sent { (liar, h) } else { (h, liar) };
+                assert!(layout.destinations(from).contains(&to), "{h} holds what {liar} claims");
+                let Some(RoundAction::Failed(f)) = &ended[h] else { unreachable!() };
+                assert_eq!(f.blame, vec![view.members[liar].clone()], "{f:?}");
+            }
             assert!(ended.iter().all(|e| matches!(e, Some(RoundAction::Failed(_)))), "nobody certifies: {ended:?}");
         }
     }

@@ -18,9 +18,19 @@
 //! recomputed gradient and checks the difference: a member that dropped,
 //! changed or added values is caught in that attempt by its own signed claims,
 //! and anyone who recomputes its gradient can check the proof.
+//!
+//! A hierarchical round ([`crate::hier`]) is checked the same way, ring by ring: a member's
+//! claims cover the reduce-scatter of its group ring, the reduce-scatter and reduced chunk of
+//! its ring across groups and, for a holder, the chunks its group's extras sent it (an extra
+//! claims those it sent). What went into the ring across groups is the group's sum of the
+//! chunk it holds, which never travels alone, so that chunk is checked whole: evaluations
+//! shifted to their place in the chunk (`x^offset`) add up across segments of any size, and
+//! what it put into the ring across groups must equal the partial sum it received last in its
+//! group ring plus its extras' chunks plus its own values.
 
 use crate::chunk::{chunk_ranges, segment_count, segment_range};
 use crate::hash::Hash;
+use crate::hier::{Layout, Place};
 use crate::message::{RunId, SegmentClaim, StepId, SumCheck};
 use crate::ring::{Phase, recv_chunk, send_chunk};
 use std::collections::BTreeMap;
@@ -41,6 +51,32 @@ fn add(a: u64, b: u64) -> u64 {
 
 fn sub(a: u64, b: u64) -> u64 {
     if a >= b { a - b } else { a + P - b }
+}
+
+fn mul(a: u64, b: u64) -> u64 {
+    reduce(u128::from(a) * u128::from(b))
+}
+
+fn pow(mut x: u64, mut e: u64) -> u64 {
+    let mut acc = 1;
+    while e > 0 {
+        if e & 1 == 1 {
+            acc = mul(acc, x);
+        }
+        x = mul(x, x);
+        e >>= 1;
+    }
+    acc
+}
+
+/// The evaluation of a segment that starts `offset` values into a longer vector, as part of
+/// that vector's evaluation (`x^offset` times the segment's own).
+fn shifted(e: [u64; 2], offset: usize, points: [u64; 2]) -> [u64; 2] {
+    [0, 1].map(|j| mul(e[j], pow(points[j], offset as u64)))
+}
+
+fn add2(a: [u64; 2], b: [u64; 2]) -> [u64; 2] {
+    [add(a[0], b[0]), add(a[1], b[1])]
 }
 
 fn to_field(v: i32) -> u64 {
@@ -80,14 +116,21 @@ pub fn eval_le_bytes(bytes: &[u8], points: [u64; 2]) -> [u64; 2] {
     eval(bytes.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]])), points)
 }
 
-/// The segments a member at `pos` of a ring of `n` sends and receives over a vector of `len`
-/// values, in the order its [`SumCheck`] lists them: reduce-scatter steps, then the fully
-/// reduced chunk it sends in all-gather step 0 (sent) or receives in reduce-scatter (received).
-pub fn claimed_ids(n: usize, pos: usize, len: usize, segment_elems: usize) -> (Vec<StepId>, Vec<StepId>) {
+/// Whether members claim segment `id` in their sum checks: reduce-scatter segments and a
+/// ring's reduced chunk (all-gather step 0). In a hierarchy the group ring's all-gather and
+/// the holders' copies to extras carry the certified sum itself, and are not claimed.
+pub fn claimed(layout: Option<Layout>, id: &StepId) -> bool {
+    id.phase == Phase::ReduceScatter || (id.step == 0 && (layout.is_none() || id.level == 1))
+}
+
+/// The segments a member at `pos` of a ring of `n` sends and receives in the ring of `level`
+/// over a vector of `len` values: reduce-scatter steps, then the fully reduced chunk it sends in
+/// all-gather step 0 (sent) or receives in reduce-scatter (received).
+fn ring_ids(n: usize, pos: usize, len: usize, segment_elems: usize, level: u8) -> (Vec<StepId>, Vec<StepId>) {
     let chunks = chunk_ranges(len, n);
     let ids = |phase: Phase, step: usize, chunk: usize| {
         (0..segment_count(chunks[chunk].len(), segment_elems)).map(move |segment| StepId {
-            level: 0,
+            level,
             phase,
             step: step as u16,
             chunk: chunk as u32,
@@ -107,9 +150,56 @@ pub fn claimed_ids(n: usize, pos: usize, len: usize, segment_elems: usize) -> (V
     (sent, received)
 }
 
+/// The segments a member at `pos` of a round of `n` (hierarchical with `layout`) claims to have
+/// sent and received, in the order its [`SumCheck`] lists them.
+pub fn claimed_ids(
+    layout: Option<Layout>,
+    n: usize,
+    pos: usize,
+    len: usize,
+    segment_elems: usize,
+) -> (Vec<StepId>, Vec<StepId>) {
+    let Some(l) = layout else { return ring_ids(n, pos, len, segment_elems, 0) };
+    let chunks = chunk_ranges(len, l.g);
+    let level2 = |rank: usize, chunk: usize| {
+        (0..segment_count(chunks[chunk].len(), segment_elems)).map(move |segment| StepId {
+            level: 2,
+            phase: Phase::ReduceScatter,
+            step: rank as u16,
+            chunk: chunk as u32,
+            segment: segment as u32,
+        })
+    };
+    let (mut sent, mut received) = match l.place(pos) {
+        Place::Core { group, j } => {
+            let c = (j + 1) % l.g;
+            let (mut sent, mut received) = ring_ids(l.g, j, len, segment_elems, 0);
+            sent.retain(|id| id.phase == Phase::ReduceScatter);
+            let (across_sent, across_received) = ring_ids(l.groups(), group, chunks[c].len(), segment_elems, 1);
+            sent.extend(across_sent);
+            received.extend(across_received);
+            for x in l.extras_of(group) {
+                received.extend(level2(l.extra_rank(x), c));
+            }
+            (sent, received)
+        }
+        Place::Extra { .. } => ((0..l.g).flat_map(|c| level2(l.extra_rank(pos), c)).collect(), Vec::new()),
+    };
+    sent.sort();
+    received.sort();
+    (sent, received)
+}
+
 /// Checks that `check` lists exactly the segments a member at `pos` handles.
-pub fn check_shape(check: &SumCheck, n: usize, pos: usize, len: usize, segment_elems: usize) -> Result<(), String> {
-    let (sent, received) = claimed_ids(n, pos, len, segment_elems);
+pub fn check_shape(
+    check: &SumCheck,
+    layout: Option<Layout>,
+    n: usize,
+    pos: usize,
+    len: usize,
+    segment_elems: usize,
+) -> Result<(), String> {
+    let (sent, received) = claimed_ids(layout, n, pos, len, segment_elems);
     let ids = |c: &[SegmentClaim]| c.iter().map(|c| c.id).collect::<Vec<_>>();
     if ids(&check.sent) != sent || ids(&check.received) != received {
         return Err("its sum check does not list the segments its place in the ring handles".into());
@@ -120,15 +210,19 @@ pub fn check_shape(check: &SumCheck, n: usize, pos: usize, len: usize, segment_e
     Ok(())
 }
 
-/// What the claims of a member at `pos` say about its own values, by (chunk, segment): what it
-/// sent minus what it received for that chunk (its own chunk goes out unchanged at step 0).
-/// The check must have passed [`check_shape`].
-pub fn own_evals(check: &SumCheck, n: usize) -> BTreeMap<(u32, u32), [u64; 2]> {
+/// What a member's claims about one ring (of `n`) say about its own values, by (chunk,
+/// segment): what it sent minus what it received for that chunk (its own chunk goes out
+/// unchanged at step 0). The claims must have passed [`check_shape`].
+fn own_evals<'a>(
+    sent: impl Iterator<Item = &'a SegmentClaim>,
+    received: impl Iterator<Item = &'a SegmentClaim>,
+    n: usize,
+) -> BTreeMap<(u32, u32), [u64; 2]> {
     let mut own: BTreeMap<(u32, u32), [u64; 2]> = BTreeMap::new();
-    for c in &check.sent {
+    for c in sent {
         own.insert((c.id.chunk, c.id.segment), c.eval);
     }
-    for c in &check.received {
+    for c in received {
         // What arrived at reduce-scatter step s for a chunk went out at step s + 1 (or, after
         // the last step, as the reduced chunk in all-gather step 0), with this member's values.
         if usize::from(c.id.step) + 1 < n
@@ -140,29 +234,85 @@ pub fn own_evals(check: &SumCheck, n: usize) -> BTreeMap<(u32, u32), [u64; 2]> {
     own
 }
 
-/// Checks the claims of the member at `pos` against its own values `data` (recomputed by an
-/// auditor, matching its commit): `Err` names the first segment where what it sent is not
-/// what it received plus its own values.
-pub fn check_own(
-    check: &SumCheck,
-    n: usize,
+/// Checks a ring's per-segment claims about a member's own values against `data`.
+fn check_ring_own(
+    own: BTreeMap<(u32, u32), [u64; 2]>,
+    chunks: &[std::ops::Range<usize>],
     data: &[i32],
     segment_elems: usize,
     points: [u64; 2],
 ) -> Result<(), String> {
-    let chunks = chunk_ranges(data.len(), n);
-    for ((chunk, segment), claimed) in own_evals(check, n) {
+    for ((chunk, segment), claimed) in own {
         let Some(c) = chunks.get(chunk as usize) else {
             return Err(format!("its sum check names chunk {chunk}, past the ring's"));
         };
         let range = segment_range(c, segment_elems, segment as usize);
-        let real = eval(data[range].iter().copied(), points);
-        if real != claimed {
+        if eval(data[range].iter().copied(), points) != claimed {
             return Err(format!(
                 "what it sent for chunk {chunk} segment {segment} is not what it received plus its committed values: \
                  its partial sum dropped, changed or added values"
             ));
         }
+    }
+    Ok(())
+}
+
+/// Checks the claims of the member at `pos` of a round of `n` (hierarchical with `layout`)
+/// against its own values `data` (recomputed by an auditor, matching its commit): `Err` names
+/// the first place where what it sent is not what it received plus its own values. The check
+/// must have passed [`check_shape`].
+pub fn check_own(
+    check: &SumCheck,
+    layout: Option<Layout>,
+    n: usize,
+    pos: usize,
+    data: &[i32],
+    segment_elems: usize,
+    points: [u64; 2],
+) -> Result<(), String> {
+    let Some(l) = layout else {
+        let own = own_evals(check.sent.iter(), check.received.iter(), n);
+        return check_ring_own(own, &chunk_ranges(data.len(), n), data, segment_elems, points);
+    };
+    let chunks = chunk_ranges(data.len(), l.g);
+    let at = |level: u8| move |c: &&SegmentClaim| c.id.level == level;
+    let Place::Core { j, .. } = l.place(pos) else {
+        // An extra's chunks go to their holders unchanged.
+        return check_ring_own(
+            check.sent.iter().map(|c| ((c.id.chunk, c.id.segment), c.eval)).collect(),
+            &chunks,
+            data,
+            segment_elems,
+            points,
+        );
+    };
+    // The group ring, but for the chunk this member holds.
+    let own = own_evals(check.sent.iter().filter(at(0)), check.received.iter().filter(at(0)), l.g);
+    check_ring_own(own, &chunks, data, segment_elems, points)?;
+    // The held chunk: what went into the ring across groups, against the group's last partial
+    // sum, the extras' chunks and its own values.
+    let c = (j + 1) % l.g;
+    let held = 0..chunks[c].len();
+    let across = chunk_ranges(held.len(), l.groups());
+    let mut put_in = [0; 2];
+    for ((chunk, s), e) in own_evals(check.sent.iter().filter(at(1)), check.received.iter().filter(at(1)), l.groups()) {
+        let Some(a) = across.get(chunk as usize) else {
+            return Err(format!("its sum check names chunk {chunk} across groups, past the ring's"));
+        };
+        put_in = add2(put_in, shifted(e, segment_range(a, segment_elems, s as usize).start, points));
+    }
+    let mut came_in = eval(data[chunks[c].clone()].iter().copied(), points);
+    for r in &check.received {
+        if (r.id.level == 0 && usize::from(r.id.step) + 2 == l.g) || r.id.level == 2 {
+            let start = segment_range(&held, segment_elems, r.id.segment as usize).start;
+            came_in = add2(came_in, shifted(r.eval, start, points));
+        }
+    }
+    if put_in != came_in {
+        return Err(format!(
+            "what it put into the ring across groups for chunk {c} is not its group's partial sum plus its extras' \
+             chunks plus its committed values: its partial sum dropped, changed or added values"
+        ));
     }
     Ok(())
 }
@@ -223,7 +373,7 @@ mod tests {
     fn every_segment_is_claimed_once_by_each_end() {
         for n in 2..6 {
             for len in [0, 1, 7, 40] {
-                let all: Vec<_> = (0..n).map(|p| claimed_ids(n, p, len, 3)).collect();
+                let all: Vec<_> = (0..n).map(|p| claimed_ids(None, n, p, len, 3)).collect();
                 for p in 0..n {
                     // What p receives in reduce-scatter is what p - 1 sends there.
                     let left = &all[(p + n - 1) % n].0;

@@ -9,7 +9,8 @@
 //! peers that refused its frames report that on chain (an attestation, once). And honest peers with audits on never accuse one another. Audits within
 //! a tolerance (for backends that are not bit-exact) catch the same lies from
 //! the values the liar reveals, and never accuse a peer whose gradient is only
-//! a little off. Compressed runs catch a liar the same way, from its payload.
+//! a little off. Compressed runs catch a liar the same way, from its payload,
+//! and hierarchical runs a liar whose partial sums drop its group's.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -74,34 +75,33 @@ fn stop_all(nodes: &mut [Node]) {
     }
 }
 
-/// Starts four honest peers and one in `mode` (named `{mode}-{tag}`) on Anvil accounts
-/// `account_base..account_base + 5`; returns them (the one in `mode` last) and its peer id.
+/// Starts `honest` honest peers and one in `mode` (named `{mode}-{tag}`) on Anvil accounts
+/// `account_base..=account_base + honest`; returns them (the one in `mode` last) and its peer id.
 fn start_with_liar(
     mode: &str,
     tag: &str,
     cfg: &str,
-    anvil: &Anvil,
-    contract: &str,
-    account_base: usize,
+    (anvil, contract, account_base): (&Anvil, &str, usize),
+    honest: usize,
 ) -> (Vec<Node>, String) {
     let chain = |i: usize| Some((anvil, contract, account_base + i));
     let a = start(&format!("{mode}-a"), cfg, chain(0), None, &[]);
     let boot = a.address();
     let mut nodes = vec![a];
-    for i in 1..4 {
+    for i in 1..honest {
         nodes.push(start(&format!("{mode}-{i}"), cfg, chain(i), Some(&boot), &[]));
     }
-    let liar = start(&format!("{mode}-{tag}"), cfg, chain(4), Some(&boot), &["--fault-mode", mode]);
+    let liar = start(&format!("{mode}-{tag}"), cfg, chain(honest), Some(&boot), &["--fault-mode", mode]);
     let id = liar.peer_id();
     nodes.push(liar);
     (nodes, id)
 }
 
-/// The first four logs (the honest peers) hold the same parameters every round, and the loss
+/// All logs but the last (the honest peers) hold the same parameters every round, and the loss
 /// falls from the first 5 rounds to the last 5; returns the rounds.
 fn honest_agree_and_learn(mode: &str, logs: &[BTreeMap<u64, (String, f64, String)>]) -> usize {
     for r in logs[0].keys() {
-        let hs: Vec<&String> = logs[..4].iter().filter_map(|t| t.get(r).map(|x| &x.0)).collect();
+        let hs: Vec<&String> = logs[..logs.len() - 1].iter().filter_map(|t| t.get(r).map(|x| &x.0)).collect();
         assert!(hs.iter().all(|h| *h == hs[0]), "{mode}: honest peers diverged at round {r}");
     }
     let rounds = logs[0].len();
@@ -122,15 +122,25 @@ fn a_liar_is_caught(mode: &str, account_base: usize, anvil: &Anvil, contract: &s
 
 /// [`a_liar_is_caught`] with `extra` in the run's configuration.
 fn a_liar_is_caught_with(mode: &str, extra: &str, account_base: usize, anvil: &Anvil, contract: &str) {
+    a_liar_among_honest_is_caught(mode, extra, 4, (anvil, contract, account_base));
+}
+
+/// [`a_liar_is_caught_with`] with `h` honest peers.
+fn a_liar_among_honest_is_caught(
+    mode: &str,
+    extra: &str,
+    h: usize,
+    (anvil, contract, account_base): (&Anvil, &str, usize),
+) {
     let name =
         format!("byzantine-{mode}-{}", blake3::hash(extra.as_bytes()).to_hex().chars().take(6).collect::<String>());
     let dir = TempDir::new(&name);
     // 300 rounds set the learning-rate schedule (15 rounds of warm-up); the peers are stopped
     // long before.
-    let cfg = config_with(&dir, &format!("it-{name}"), 300, 5, extra);
-    let (nodes, liar_id) = start_with_liar(mode, "liar", &cfg, anvil, contract, account_base);
+    let cfg = config_with(&dir, &format!("it-{name}"), 300, h + 1, extra);
+    let (nodes, liar_id) = start_with_liar(mode, "liar", &cfg, (anvil, contract, account_base), h);
     let all: Vec<&Node> = nodes.iter().collect();
-    let honest = &nodes[..4];
+    let honest = &nodes[..h];
     // Every honest peer proves the fault itself, then trains on without the liar.
     let proven = wait_until(Duration::from_secs(180), || {
         honest
@@ -170,6 +180,14 @@ fn a_liar_is_caught_with(mode: &str, extra: &str, account_base: usize, anvil: &A
     };
     let catchers: Vec<&Node> = honest.iter().filter(|n| n.events(caught).iter().any(in_first)).collect();
     assert_eq!(catchers.len(), by, "{mode}: caught by {by} honest peer(s) in that attempt");
+    if extra.contains("group_size") {
+        // A hierarchical attempt: the lie is in what the liar put into the ring across groups.
+        let across = honest
+            .iter()
+            .flat_map(|n| n.events("round failed"))
+            .any(|e| e["reason"].as_str().unwrap_or_default().contains("what it put into the ring across groups"));
+        assert!(across, "{mode}: caught by the check of the chunk it holds, across groups");
+    }
     if extra.contains("audit_tolerance") {
         // Judged on the values it revealed, against the run's tolerance.
         let reason = catchers[0].events(caught)[0]["reason"].as_str().unwrap_or_default().to_owned();
@@ -191,12 +209,12 @@ fn a_liar_is_caught_with(mode: &str, extra: &str, account_base: usize, anvil: &A
     let liar_row = ledger_json(
         anvil,
         contract,
-        &["contributions", "--run", &run_id, "--peer", &anvil.accounts[account_base + 4].address],
+        &["contributions", "--run", &run_id, "--peer", &anvil.accounts[account_base + h].address],
     );
     assert_eq!(liar_row["peers"][0]["faults"], 1, "{mode}: the fault is on chain once: {liar_row}");
     assert_eq!(liar_row["peers"][0]["rounds"], 0, "{mode}: the liar's rounds are not credited");
-    assert!(logs[4].is_empty(), "{mode}: the liar never completed a round");
-    for (i, t) in logs[..4].iter().enumerate() {
+    assert!(logs[h].is_empty(), "{mode}: the liar never completed a round");
+    for (i, t) in logs[..h].iter().enumerate() {
         let row = ledger_json(
             anvil,
             contract,
@@ -225,6 +243,10 @@ fn a_peer_committing_to_anything_but_its_gradient_is_caught_excluded_and_reporte
     // Commits to its gradient, sends it, but its partial sums leave out what it received: its
     // auditor proves it from its signed sum check.
     a_liar_is_caught("drop-contribution", 1, &anvil, &contract);
+    // The same in hierarchical rounds (two groups of two): what it puts into the ring across
+    // groups leaves out its group's partial sum; its auditor proves it from the chunk it holds,
+    // checked whole, and every honest peer checks the proof against the run's groups.
+    a_liar_among_honest_is_caught("drop-contribution", "audit_every = 1\ngroup_size = 2\n", 3, (&anvil, &contract, 1));
 }
 
 #[test]
@@ -248,7 +270,7 @@ fn bad_frames_are_refused(mode: &str, reason: &str, extra: &str, anvil: &Anvil, 
     let dir = TempDir::new(&format!("bad-frames-{mode}"));
     let cfg = config_with(&dir, &format!("it-bad-frames-{mode}"), 300, 5, extra);
     let account_base = 1;
-    let (nodes, bad_id) = start_with_liar(mode, "bad", &cfg, anvil, contract, account_base);
+    let (nodes, bad_id) = start_with_liar(mode, "bad", &cfg, (anvil, contract, account_base), 4);
     let honest = &nodes[..4];
     let trained_on =
         wait_until(Duration::from_secs(240), || honest.iter().all(|n| trained(n).len() >= 40).then_some(()));
@@ -447,7 +469,7 @@ fn a_withholder_is_kept_out(extra: &str, anvil: &Anvil, contract: &str) {
     let mode = "withhold";
     let dir = TempDir::new("tolerance-withhold");
     let cfg = config_with(&dir, "it-tolerance-withhold", 300, 5, extra);
-    let (nodes, id) = start_with_liar(mode, "liar", &cfg, anvil, contract, 1);
+    let (nodes, id) = start_with_liar(mode, "liar", &cfg, (anvil, contract, 1), 4);
     let honest = &nodes[..4];
     let trained_on =
         wait_until(Duration::from_secs(240), || honest.iter().all(|n| trained(n).len() >= 30).then_some(()));

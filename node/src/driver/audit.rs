@@ -53,7 +53,8 @@ pub enum FaultMode {
     Nan,
     /// Commits to its gradient, then sends (and signs) other values for its own chunk.
     CommitMismatch,
-    /// Sends (and signs) partial sums of its own values only, dropping what it received.
+    /// Sends (and signs) partial sums of its own values only, dropping what it received (in a
+    /// hierarchical round, what goes across groups leaves out its group ring's partial sum).
     DropContribution,
     /// Commits to (and sends) a gradient of norm 4.5 (below the default norm clipping of 5) all
     /// in one coordinate, weighted like any other, ignoring the run's coordinate-wise clipping.
@@ -73,10 +74,12 @@ pub enum FaultMode {
 /// What a test-only liar remembers between messages.
 #[derive(Debug, Default)]
 pub struct FaultState {
-    /// Reduce-scatter segments received in the current attempt, by (chunk, segment).
-    received: std::collections::HashMap<(u32, u32), Vec<u8>>,
+    /// Reduce-scatter segments received in the current attempt, by (level, chunk, segment).
+    received: std::collections::HashMap<(u8, u32, u32), Vec<u8>>,
     /// The attempt they belong to.
     attempt: (u64, u32),
+    /// The chunk and step of the latest group-ring (level 0) segment received.
+    group_last: Option<(u32, u32)>,
     /// A signed partial sum of an earlier round, to replay.
     old: Option<p2p_proto::message::RingStep>,
 }
@@ -539,7 +542,7 @@ impl Driver {
         info!(round = c.round, accused = %evidence.accused, reporter = %evidence.reporter, "checking fault evidence");
         let batches = evidence.batches.clone();
         let commit = evidence.commit.clone();
-        let (n, seg) = (view.len(), self.cfg.round.segment_elems);
+        let (n, seg, layout) = (view.len(), self.cfg.round.segment_elems, self.cfg.round.layout(view.len()));
         // With audits within a tolerance: the committed values, from the reporter (who fetched
         // them) or the accused.
         let holders: Vec<PeerId> =
@@ -549,7 +552,7 @@ impl Driver {
             let check = evidence.sum_check.as_deref().filter(|s| {
                 (s.run, s.peer.as_str(), s.round, s.attempt) == (c.run, evidence.accused.as_str(), c.round, c.attempt)
                     && crate::sign::sum_check_is_signed(s)
-                    && p2p_proto::sumcheck::check_shape(s, n, target, c.len as usize, seg).is_ok()
+                    && p2p_proto::sumcheck::check_shape(s, layout, n, target, c.len as usize, seg).is_ok()
             });
             let Some(check) = check.cloned() else {
                 warn!(accused = %evidence.accused, reporter = %evidence.reporter, "fault evidence refused: its sum check is not the accused's, signed, for that ring");
@@ -560,7 +563,7 @@ impl Driver {
                 let verdict = match verdict {
                     Verdict::Holds(Some(d)) => {
                         let points = p2p_proto::sumcheck::points(check.run, check.round, check.attempt, &check.sum);
-                        match p2p_proto::sumcheck::check_own(&check, n, &d, seg, points) {
+                        match p2p_proto::sumcheck::check_own(&check, layout, n, target, &d, seg, points) {
                             Ok(()) => Verdict::Holds(None),
                             Err(why) => Verdict::Lie(why),
                         }
@@ -656,8 +659,38 @@ impl FaultMode {
     /// What a peer in this mode does to a ring segment before it signs it: its own chunk goes
     /// out with other values (and their hash), against its commit; or its partial sums go out
     /// without what it received.
-    pub(super) fn tamper(mode: Option<Self>, step: &mut p2p_proto::message::RingStep, st: &mut FaultState) {
+    /// `hier` is the attempt's hierarchy, the vector's length and the segment size.
+    pub(super) fn tamper(
+        mode: Option<Self>,
+        step: &mut p2p_proto::message::RingStep,
+        st: &mut FaultState,
+        hier: Option<(p2p_proto::hier::Layout, usize, usize)>,
+    ) {
         let rs = step.id.phase == p2p_proto::ring::Phase::ReduceScatter;
+        if mode == Some(Self::DropContribution)
+            && rs
+            && step.id.level == 1
+            && step.id.step == 0
+            && st.attempt == (step.round, step.attempt)
+            && let Some((layout, len, seg)) = hier
+        {
+            // What goes across groups is the group ring's last partial sum plus its own values
+            // (and its extras'): leave out the partial sum.
+            let last = (layout.g - 2) as u32;
+            let Some((held, _)) = st.group_last.filter(|(_, s)| *s == last) else { return };
+            let held_len = p2p_proto::chunk::chunk_ranges(len, layout.g)[held as usize].len();
+            let across = p2p_proto::chunk::chunk_ranges(held_len, layout.groups());
+            let range = p2p_proto::chunk::segment_range(&across[step.id.chunk as usize], seg, step.id.segment as usize);
+            for (i, out) in range.zip(step.payload.chunks_exact_mut(4)) {
+                let Some(got) = st.received.get(&(0, held, (i / seg) as u32)) else { return };
+                let inb = &got[(i % seg) * 4..(i % seg) * 4 + 4];
+                let v = i32::from_le_bytes([out[0], out[1], out[2], out[3]])
+                    .wrapping_sub(i32::from_le_bytes([inb[0], inb[1], inb[2], inb[3]]));
+                out.copy_from_slice(&v.to_le_bytes());
+            }
+            step.hash = *blake3::hash(&step.payload).as_bytes();
+            return;
+        }
         if mode == Some(Self::CommitMismatch) && rs && step.id.step == 0 && step.payload.len() >= 4 {
             step.payload[0] ^= 0x10;
             step.hash = *blake3::hash(&step.payload).as_bytes();
@@ -666,7 +699,7 @@ impl FaultMode {
             && rs
             && step.id.step >= 1
             && st.attempt == (step.round, step.attempt)
-            && let Some(got) = st.received.get(&(step.id.chunk, step.id.segment))
+            && let Some(got) = st.received.get(&(step.id.level, step.id.chunk, step.id.segment))
         {
             for (out, inb) in step.payload.chunks_exact_mut(4).zip(got.chunks_exact(4)) {
                 let v = i32::from_le_bytes([out[0], out[1], out[2], out[3]])
@@ -682,9 +715,17 @@ impl FaultMode {
         if mode == Some(Self::DropContribution) && step.id.phase == p2p_proto::ring::Phase::ReduceScatter {
             if st.attempt != (step.round, step.attempt) {
                 st.received.clear();
+                st.group_last = None;
                 st.attempt = (step.round, step.attempt);
             }
-            st.received.insert((step.id.chunk, step.id.segment), step.payload.clone());
+            if step.id.level == 0 {
+                // The group ring's steps: the last one brings the partial sum of the held chunk.
+                let later = st.group_last.is_none_or(|(_, s)| u32::from(step.id.step) > s);
+                if later {
+                    st.group_last = Some((step.id.chunk, u32::from(step.id.step)));
+                }
+            }
+            st.received.insert((step.id.level, step.id.chunk, step.id.segment), step.payload.clone());
         }
     }
 

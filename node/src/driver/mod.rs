@@ -1019,7 +1019,11 @@ impl Driver {
                     }
                     if let Some((_, w)) = self.writers.iter().find(|(p, _)| *p == to) {
                         let mut step = step;
-                        FaultMode::tamper(self.cfg.fault, &mut step, &mut self.fault_state);
+                        let hier = self.round.as_ref().and_then(|r| {
+                            let layout = self.cfg.round.layout(r.view().len())?;
+                            Some((layout, r.own_commit().len as usize, self.cfg.round.segment_elems))
+                        });
+                        FaultMode::tamper(self.cfg.fault, &mut step, &mut self.fault_state, hier);
                         self.signer.sign_step(&mut step);
                         if let Some(r) = self.round.as_mut() {
                             r.note_sent(&step);
