@@ -107,24 +107,39 @@ pub fn norm_exceeds(commit: &GradientCommit, batches: &[u64], pos: usize, max_no
     })
 }
 
-/// Whether `steps` (signed step-0 segments of the committing member's own chunk, at position
-/// `pos` of the ring) contradict `commit`: their hashes make another chunk hash than it
-/// committed to. The caller checks the signatures; this checks the shape and the hashes.
-pub fn contradicts(commit: &GradientCommit, pos: usize, steps: &[crate::message::SignedStep]) -> Result<(), String> {
+/// Whether `steps` (signed segments of one chunk of the committing member's own values, the
+/// member at position `pos` of a ring of `n`, hierarchical with `layout`) contradict `commit`:
+/// their hashes make another chunk hash than it committed to. Own values travel at step 0 of
+/// the (group) ring, chunk `pos` (in a group, the member's place in it), or, from an attached
+/// member of a hierarchy, to the holders of each chunk. The caller checks the signatures; this
+/// checks the shape and the hashes.
+pub fn contradicts(
+    commit: &GradientCommit,
+    layout: Option<crate::hier::Layout>,
+    pos: usize,
+    steps: &[crate::message::SignedStep],
+) -> Result<(), String> {
+    use crate::hier::Place;
     use crate::ring::Phase;
-    if steps.is_empty() {
-        return Err("no signed segment".into());
-    }
+    let Some(first) = steps.first() else { return Err("no signed segment".into()) };
+    let (level, step, chunk) = match layout.map(|l| (l, l.place(pos))) {
+        None => (0, 0, pos),
+        Some((_, Place::Core { j, .. })) => (0, 0, j),
+        Some((l, Place::Extra { .. })) => (2, l.extra_rank(pos), first.id.chunk as usize),
+    };
     for (i, s) in steps.iter().enumerate() {
-        if s.id.phase != Phase::ReduceScatter
-            || s.id.step != 0
-            || s.id.chunk as usize != pos
+        if s.id.level != level
+            || s.id.phase != Phase::ReduceScatter
+            || usize::from(s.id.step) != step
+            || s.id.chunk as usize != chunk
             || s.id.segment as usize != i
         {
-            return Err(format!("segment {i} is not step 0 of the member's own chunk {pos}"));
+            return Err(format!("segment {i} is not one of the member's own chunk {chunk}"));
         }
     }
-    let Some(committed) = commit.chunk_hashes.get(pos) else { return Err("the commit has no such chunk".into()) };
+    let Some(committed) = commit.chunk_hashes.get(chunk) else {
+        return Err("the commit has no such chunk".into());
+    };
     if chunk_hash(steps.iter().map(|s| &s.hash)) == *committed {
         return Err("the signed segments make the committed chunk hash: no contradiction".into());
     }
@@ -354,17 +369,17 @@ mod tests {
                 .collect()
         };
         // The honest segments of chunk 1 make its committed hash: no contradiction.
-        assert!(contradicts(&commit, 1, &steps(1, &segs[1])).is_err());
+        assert!(contradicts(&commit, None, 1, &steps(1, &segs[1])).is_err());
         // One altered segment: a contradiction.
         let mut altered = segs[1].clone();
         altered[2][0] ^= 1;
-        assert_eq!(contradicts(&commit, 1, &steps(1, &altered)), Ok(()));
+        assert_eq!(contradicts(&commit, None, 1, &steps(1, &altered)), Ok(()));
         // Segments of another chunk, or out of order, prove nothing.
-        assert!(contradicts(&commit, 0, &steps(1, &altered)).is_err());
+        assert!(contradicts(&commit, None, 0, &steps(1, &altered)).is_err());
         let mut shuffled = steps(1, &altered);
         shuffled.swap(0, 1);
-        assert!(contradicts(&commit, 1, &shuffled).is_err());
-        assert!(contradicts(&commit, 1, &[]).is_err());
+        assert!(contradicts(&commit, None, 1, &shuffled).is_err());
+        assert!(contradicts(&commit, None, 1, &[]).is_err());
     }
 
     #[test]

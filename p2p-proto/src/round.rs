@@ -466,6 +466,9 @@ pub struct Round {
     left_step0: Vec<SignedStep>,
     /// Sum of squares of the left neighbour's own values seen so far (step 0).
     left_step0_sq: f64,
+    /// In a hierarchical attempt, the signed segments of its own chunk each attached member
+    /// sent this one, by position.
+    extra_steps: BTreeMap<usize, Vec<SignedStep>>,
     /// Whether this attempt's partial sums are checked ([`crate::sumcheck`]): audited ones.
     sum_checking: bool,
     /// Segments received (reduce-scatter and all-gather step 0) and sent, kept for the checks.
@@ -564,6 +567,7 @@ impl Round {
             audit_target: None,
             left_step0: Vec::new(),
             left_step0_sq: 0.0,
+            extra_steps: BTreeMap::new(),
             sum_checking: false,
             held_in: BTreeMap::new(),
             held_out: BTreeMap::new(),
@@ -938,6 +942,10 @@ impl Round {
             }
             Stage::Reducing => {
                 let s = step.step();
+                let level = s.id.level;
+                if level == 2 && s.id.phase == Phase::ReduceScatter {
+                    self.extra_steps.entry(from_pos).or_default().push(s.header());
+                }
                 if s.id.level == 0 && s.id.phase == Phase::ReduceScatter && s.id.step == 0 && self.values.is_none() {
                     self.left_step0.push(s.header());
                     // Part of the left neighbour's vector cannot have a larger norm than it all.
@@ -972,12 +980,12 @@ impl Round {
                         // authenticated end to end.
                         let sender = from.to_owned();
                         let blame = vec![sender.clone()];
-                        if matches!(e, crate::ring::RingError::CommitMismatch { .. })
-                            && self.values.is_none()
-                            && self.layout.is_none()
-                        {
-                            let accused = (self.pos + self.view.len() - 1) % self.view.len();
-                            let mut steps = self.left_step0.clone();
+                        if matches!(e, crate::ring::RingError::CommitMismatch { .. }) && self.values.is_none() {
+                            // Its own chunk: step 0 of the (group) ring, or an attached member's.
+                            let (accused, mut steps) = match level {
+                                2 => (from_pos, self.extra_steps.remove(&from_pos).unwrap_or_default()),
+                                _ => (self.left_pos(), self.left_step0.clone()),
+                            };
                             steps.sort_by_key(|s| s.id.segment);
                             out.push(RoundAction::Contradiction(Box::new(Contradiction {
                                 view: self.view.clone(),
@@ -1943,8 +1951,10 @@ mod tests {
         start(true);
     }
 
-    /// What each member ended with, the proofs gossiped (by whom), and the ring.
-    type AuditedRound = (Vec<Option<RoundAction>>, Vec<(usize, Box<SumFault>)>, RingView);
+    /// What each member ended with, the proofs gossiped (by whom), and the ring; then the
+    /// contradictions found (by whom).
+    type AuditedRound =
+        (Vec<Option<RoundAction>>, Vec<(usize, Box<SumFault>)>, RingView, Vec<(usize, Box<Contradiction>)>);
 
     /// Runs one audited attempt of `n` members over `len` values with a perfect network, in
     /// groups of `group_size` (0: the plain ring); each audit passes with the target's true
@@ -1975,6 +1985,7 @@ mod tests {
         }
         let mut ended: Vec<Option<RoundAction>> = vec![None; n];
         let mut proofs = Vec::new();
+        let mut contradictions = Vec::new();
         while let Some((from, a)) = queue.pop_front() {
             let mut out: Vec<(usize, Vec<RoundAction>)> = Vec::new();
             match a {
@@ -2003,13 +2014,14 @@ mod tests {
                 RoundAction::Audit(job) => out.push((from, rounds[from].audit_passed(0, Some(data(job.target))))),
                 RoundAction::SumFault(f) => proofs.push((from, f)),
                 a @ (RoundAction::Completed(_) | RoundAction::Failed(_)) => ended[from] = Some(a),
-                RoundAction::Contradiction(_) | RoundAction::BadCommit(_) => {}
+                RoundAction::Contradiction(c) => contradictions.push((from, c)),
+                RoundAction::BadCommit(_) => {}
             }
             for (to, acts) in out {
                 queue.extend(acts.into_iter().map(|a| (to, a)));
             }
         }
-        (ended, proofs, view)
+        (ended, proofs, view, contradictions)
     }
 
     #[test]
@@ -2019,7 +2031,7 @@ mod tests {
         let hierarchies = [(4, 2), (5, 2), (6, 3), (7, 3), (11, 4)];
         for (n, g) in rings.chain(hierarchies) {
             for len in [1, 5, 17] {
-                let (ended, proofs, _) = audited_round(n, len, g, |_, _| {}, |_, _| {});
+                let (ended, proofs, _, _) = audited_round(n, len, g, |_, _| {}, |_, _| {});
                 assert!(proofs.is_empty(), "n {n} g {g} len {len}: an honest member was accused: {proofs:?}");
                 let want: Vec<i32> = (0..len).map(|j| (0..n).map(|i| member_data(i, len)[j]).sum()).collect();
                 for e in ended {
@@ -2036,7 +2048,7 @@ mod tests {
         for liar in 0..n {
             for change in [i32::MIN, 1] {
                 // i32::MIN stands for "drop what came in": the liar sends only its own values.
-                let (ended, proofs, view) = audited_round(
+                let (ended, proofs, view, _) = audited_round(
                     n,
                     20,
                     0,
@@ -2080,7 +2092,7 @@ mod tests {
     fn a_member_lying_about_a_segment_it_sent_or_received_is_named_by_the_neighbour_holding_it() {
         let n = 3;
         for (sent, liar) in [(true, 0), (false, 0), (true, 2), (false, 1)] {
-            let (ended, proofs, view) = audited_round(
+            let (ended, proofs, view, _) = audited_round(
                 n,
                 12,
                 0,
@@ -2127,7 +2139,7 @@ mod tests {
             let layout = crate::hier::Layout::of(n, g).unwrap();
             let core = (0..n).filter(|p| matches!(layout.place(*p), crate::hier::Place::Core { .. }));
             for liar in core {
-                let (ended, proofs, view) = audited_round(n, 20, g, add_one(liar, at), |_, _| {});
+                let (ended, proofs, view, _) = audited_round(n, 20, g, add_one(liar, at), |_, _| {});
                 assert_eq!(proofs.len(), 1, "n {n} g {g} liar {liar}: {proofs:?}");
                 let (auditor, proof) = &proofs[0];
                 assert_eq!((proof.accused, &proof.check.peer), (liar, &view.members[liar]));
@@ -2141,6 +2153,33 @@ mod tests {
         }
     }
 
+    /// In a hierarchy a member whose own values contradict its commit, in its group ring or as
+    /// an attached member sending a chunk to its holder, is refused by the member receiving
+    /// them, whose proof (its signed segments) anyone can check against the run's groups.
+    #[test]
+    fn own_values_against_the_commit_in_a_hierarchy_are_proven_by_their_receiver() {
+        // 5 in groups of 2: groups [0 1] [2 3], extra 4 attached to group 0.
+        let (n, g) = (5, 2);
+        let layout = crate::hier::Layout::of(n, g).unwrap();
+        for (liar, level) in [(0, 0), (3, 0), (4, 2)] {
+            let at = move |id: &StepId| id.level == level && id.phase == Phase::ReduceScatter && id.step == 0;
+            let (ended, proofs, view, contradictions) = audited_round(n, 20, g, add_one(liar, at), |_, _| {});
+            assert!(proofs.is_empty(), "{proofs:?}");
+            // An attached member altered what it sent both holders: each proves it.
+            let receivers = if level == 2 { g } else { 1 };
+            assert_eq!(contradictions.len(), receivers, "liar {liar}: {contradictions:?}");
+            for (by, c) in &contradictions {
+                assert!(layout.destinations(liar).contains(by), "{by} received the liar's values");
+                assert_eq!(c.accused, liar);
+                assert_eq!(crate::audit::contradicts(&c.commit, Some(layout), liar, &c.steps), Ok(()));
+                // Checked against another place, the same segments prove nothing.
+                assert!(crate::audit::contradicts(&c.commit, Some(layout), (liar + 1) % n, &c.steps).is_err());
+                let Some(RoundAction::Failed(f)) = &ended[*by] else { panic!("{:?}", ended[*by]) };
+                assert_eq!(f.blame, vec![view.members[liar].clone()]);
+            }
+        }
+    }
+
     /// In a hierarchy a claim about a segment is checked by whoever holds it: the member across
     /// groups, or the extra whose chunk a holder claims to have received.
     #[test]
@@ -2149,7 +2188,7 @@ mod tests {
         let (n, g) = (5, 2);
         let layout = crate::hier::Layout::of(n, g).unwrap();
         for (liar, level, sent) in [(1, 1, true), (2, 1, false), (0, 2, false), (4, 2, true)] {
-            let (ended, proofs, view) = audited_round(
+            let (ended, proofs, view, _) = audited_round(
                 n,
                 12,
                 g,

@@ -180,7 +180,7 @@ fn a_liar_among_honest_is_caught(
     };
     let catchers: Vec<&Node> = honest.iter().filter(|n| n.events(caught).iter().any(in_first)).collect();
     assert_eq!(catchers.len(), by, "{mode}: caught by {by} honest peer(s) in that attempt");
-    if extra.contains("group_size") {
+    if extra.contains("group_size") && mode == "drop-contribution" {
         // A hierarchical attempt: the lie is in what the liar put into the ring across groups.
         let across = honest
             .iter()
@@ -246,7 +246,11 @@ fn a_peer_committing_to_anything_but_its_gradient_is_caught_excluded_and_reporte
     // The same in hierarchical rounds (two groups of two): what it puts into the ring across
     // groups leaves out its group's partial sum; its auditor proves it from the chunk it holds,
     // checked whole, and every honest peer checks the proof against the run's groups.
-    a_liar_among_honest_is_caught("drop-contribution", "audit_every = 1\ngroup_size = 2\n", 3, (&anvil, &contract, 1));
+    let groups = "audit_every = 1\ngroup_size = 2\n";
+    a_liar_among_honest_is_caught("drop-contribution", groups, 3, (&anvil, &contract, 1));
+    // And one whose own values in its group ring contradict its commit: the next member of its
+    // group proves it with its signed segments.
+    a_liar_among_honest_is_caught("commit-mismatch", groups, 3, (&anvil, &contract, 1));
 }
 
 #[test]

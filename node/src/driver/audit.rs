@@ -510,7 +510,7 @@ impl Driver {
             let verdict = if !signed {
                 Verdict::Holds(None)
             } else {
-                match audit::contradicts(c, target, &evidence.steps) {
+                match audit::contradicts(c, self.cfg.round.layout(view.len()), target, &evidence.steps) {
                     Ok(()) => Verdict::Lie("it signed a chunk other than the one it committed to".to_owned()),
                     Err(why) => {
                         warn!(accused = %evidence.accused, why, "fault evidence refused");
@@ -691,7 +691,9 @@ impl FaultMode {
             step.hash = *blake3::hash(&step.payload).as_bytes();
             return;
         }
-        if mode == Some(Self::CommitMismatch) && rs && step.id.step == 0 && step.payload.len() >= 4 {
+        // Its own values: step 0 of the (group) ring, or an attached member's chunks to holders.
+        let own = step.id.level == 2 || (step.id.level == 0 && step.id.step == 0);
+        if mode == Some(Self::CommitMismatch) && rs && own && step.payload.len() >= 4 {
             step.payload[0] ^= 0x10;
             step.hash = *blake3::hash(&step.payload).as_bytes();
         }
