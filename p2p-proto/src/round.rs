@@ -784,10 +784,10 @@ impl Round {
     /// that ring gave it.
     fn refuse_async(&mut self, c: &GradientCommit) -> Option<(String, FailureKind)> {
         if c.samples == 0 {
-            let n = self.view.len();
-            let zeros = self
-                .zero_hashes
-                .get_or_insert_with(|| crate::audit::chunk_hashes(&vec![0; c.len as usize], n, self.cfg.segment_elems));
+            let chunks = self.cfg.chunks(self.view.len());
+            let zeros = self.zero_hashes.get_or_insert_with(|| {
+                crate::audit::chunk_hashes(&vec![0; c.len as usize], chunks, self.cfg.segment_elems)
+            });
             return (c.computed_at != c.round || c.norm != 0.0 || c.chunk_hashes != *zeros)
                 .then(|| ("committed no samples but not to zeros of this round".to_owned(), FailureKind::BadMessage));
         }

@@ -206,24 +206,31 @@ fn topk_compressed_peers_stay_identical_and_learn() {
 
 #[test]
 fn asynchronous_rounds_go_on_without_a_slow_peer_and_count_its_stale_gradients_exactly() {
-    asynchronous_run("async", 1);
+    asynchronous_run("async", 1, 3, "");
 }
 
 #[test]
 fn asynchronous_local_sgd_counts_a_slow_peers_stale_deltas_exactly() {
-    asynchronous_run("async-local", 2);
+    asynchronous_run("async-local", 2, 3, "");
 }
 
-/// Three peers train asynchronously (with `local_steps` steps a round), the last one 700 ms
-/// slower per gradient: all stay identical and learn, the ring goes on without the slow peer,
-/// its stale and empty commits are audited and hold, and the chain counts exactly the samples
-/// every peer's commits carried.
-fn asynchronous_run(name: &str, local_steps: u64) {
-    let (rounds, peers) = (12u64, 3usize);
+/// Asynchronous rounds in a hierarchy (two groups of two): the same, and every round that had
+/// all four peers ran in groups.
+#[test]
+fn asynchronous_hierarchical_rounds_count_a_slow_peers_stale_gradients_exactly() {
+    asynchronous_run("async-hier", 1, 4, "\ngroup_size = 2");
+}
+
+/// `peers` peers train asynchronously (with `local_steps` steps a round, and `extra` in the
+/// run's settings), the last one 700 ms slower per gradient: all stay identical and learn, the
+/// ring goes on without the slow peer, its stale and empty commits are audited and hold, and
+/// the chain counts exactly the samples every peer's commits carried.
+fn asynchronous_run(name: &str, local_steps: u64, peers: usize, extra: &str) {
+    let rounds = 12u64;
     let batch = 32 * local_steps;
     let settings = format!(
         "batch = 32\nrounds = {rounds}\nepoch_rounds = 4\nlr = 0.003\neval_every = {rounds}\naudit_every = 1\n\
-         async_threshold_ms = 100\nlocal_steps = {local_steps}"
+         async_threshold_ms = 100\nlocal_steps = {local_steps}{extra}"
     );
     // The last peer takes 700 ms longer for every gradient than the others, as a slower device.
     let slow_flags = |i: usize| match i + 1 == peers {
@@ -265,6 +272,13 @@ fn asynchronous_run(name: &str, local_steps: u64) {
     let loss = |r: u64| per_node[..peers - 1].iter().map(|t| t[&r]["loss"].as_f64().unwrap()).sum::<f64>();
     let (first, last) = (loss(0) + loss(1), loss(rounds - 2) + loss(rounds - 1));
     assert!(last < first * 0.8, "the loss did not fall: {first} -> {last}");
+
+    if extra.contains("group_size") {
+        for n in &nodes {
+            let done = n.events("round complete");
+            assert!(!done.is_empty() && done.iter().all(|e| e["groups"] == 2), "{}: every round in two groups", n.name);
+        }
+    }
 
     // The chain counts every peer's rounds, and exactly the samples its commits carried.
     chain_counts(&anvil, &contract, &nodes, rounds, |i| own[i]);
