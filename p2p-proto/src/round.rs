@@ -12,11 +12,14 @@
 //!    the same hash. A member that dies mid-round thus makes the round fail for
 //!    everyone (within the timeouts) instead of counting for some.
 //!
-//! 4. **Check.** In an audited attempt every member then gossips its signed
-//!    [`SumCheck`] ([`crate::sumcheck`]): neighbours check the claims about the
-//!    segments they hold, the auditor checks that its target's partial sums
-//!    added exactly its committed gradient. A member whose checks all passed
-//!    gossips `Checked`, and the round counts once every member did.
+//! 4. **Check.** In an audited attempt every member gossips its signed
+//!    [`SumCheck`] ([`crate::sumcheck`]) with its `Done` (its evaluation points
+//!    come from the sum, which nobody knew while the ring ran): neighbours check
+//!    the claims about the segments they hold, the auditor checks that its
+//!    target's partial sums added exactly its committed gradient. A member whose
+//!    checks all passed, once every `Done` is in, gossips `Checked`, and the
+//!    round counts once every member did: one gossip exchange after the
+//!    certificate, not two.
 //!
 //! Any timeout, any inconsistent message from a member, or a member's
 //! `Failed` fails the attempt; membership then forms the next one.
@@ -1005,11 +1008,16 @@ impl Round {
         out
     }
 
-    /// What this member actually sent (after signing): kept for its sum check.
-    pub fn note_sent(&mut self, step: &RingStep) {
+    /// What this member actually sent (after signing): kept for its sum check, which goes out
+    /// once the sum is here and every segment it claims was noted.
+    pub fn note_sent(&mut self, step: &RingStep, now: u64) -> Vec<RoundAction> {
+        let mut out = Vec::new();
         if self.sum_checking && self.is_for(step.round, step.attempt) && sumcheck::claimed(self.layout, &step.id) {
             self.held_out.insert(step.id, (step.hash, step.payload.clone()));
+            self.maybe_publish_check(&mut out);
+            self.maybe_certify(now, &mut out);
         }
+        out
     }
 
     /// This member's audit found the target's commit to be its gradient, recomputed as `data`
@@ -1095,6 +1103,7 @@ impl Round {
             self.stage = Stage::Certifying;
             self.deadline = now + self.cfg.done_timeout_us;
             self.last_publish = now;
+            self.maybe_publish_check(out);
             // Dones that came early.
             for i in 0..self.dones.len() {
                 if let Some(d) = &self.dones[i]
@@ -1109,7 +1118,10 @@ impl Round {
             }
         }
         if self.stage == Stage::Certifying && self.dones.iter().all(Option::is_some) && self.sum_checking {
-            self.start_checks(now, out);
+            // Every member certified the same sum: the checks decide.
+            self.stage = Stage::Checking;
+            self.deadline = now + self.cfg.done_timeout_us;
+            self.maybe_confirm(out);
         }
         if (self.stage == Stage::Certifying && self.dones.iter().all(Option::is_some))
             || (self.stage == Stage::Checking && self.confirmed.iter().all(|c| *c))
@@ -1176,8 +1188,18 @@ impl Round {
         true
     }
 
-    /// Every member certified the sum: gossip this member's claims and check those already in.
-    fn start_checks(&mut self, now: u64, out: &mut Vec<RoundAction>) {
+    /// Once this member holds the sum and noted every segment it claims to have sent, gossips
+    /// its claims (with its `Done`) and checks those already in.
+    fn maybe_publish_check(&mut self, out: &mut Vec<RoundAction>) {
+        if !self.sum_checking || self.sum.is_none() || self.checks[self.pos].is_some() || self.stage == Stage::Finished
+        {
+            return;
+        }
+        let (n, len) = (self.view.len(), self.own_commit().len as usize);
+        let sent = sumcheck::claimed_ids(self.layout, n, self.pos, len, self.cfg.segment_elems).0;
+        if sent.iter().any(|id| !self.held_out.contains_key(id)) {
+            return;
+        }
         let sum = self.sum.as_ref().expect("sum").1;
         self.points = sumcheck::points(self.run, self.view.round, self.view.attempt, &sum);
         let points = self.points;
@@ -1204,11 +1226,8 @@ impl Round {
         out.push(RoundAction::Publish(Gossip::SumCheck(Box::new(check.clone()))));
         self.checks[self.pos] = Some(check);
         self.checked[self.pos] = true;
-        self.stage = Stage::Checking;
-        self.deadline = now + self.cfg.done_timeout_us;
-        self.last_publish = now;
         for i in 0..self.checks.len() {
-            if i != self.pos && self.checks[i].is_some() && self.stage == Stage::Checking {
+            if i != self.pos && self.checks[i].is_some() && self.stage != Stage::Finished {
                 self.verify_check(i, out);
             }
         }
@@ -1230,13 +1249,14 @@ impl Round {
         let peer = check.peer.clone();
         let len = self.own_commit().len as usize;
         let sum = self.sum.as_ref().expect("sum while checking").1;
-        let wrong = if check.sum != sum {
-            Err("its sum check is for another sum".to_owned())
-        } else {
-            sumcheck::check_shape(check, layout, n, i, len, self.cfg.segment_elems)
-                .and_then(|()| sumcheck::check_held(&to_me, &self.claims_in))
-                .and_then(|()| sumcheck::check_held(&from_me, &self.claims_out))
-        };
+        if check.sum != sum {
+            // As a Done with another sum (its check may come first): the ring diverged.
+            let reason = format!("peer {peer} holds another sum {}: the ring diverged", &hex(&check.sum)[..16]);
+            return self.fail(reason, out);
+        }
+        let wrong = sumcheck::check_shape(check, layout, n, i, len, self.cfg.segment_elems)
+            .and_then(|()| sumcheck::check_held(&to_me, &self.claims_in))
+            .and_then(|()| sumcheck::check_held(&from_me, &self.claims_out));
         if let Err(why) = wrong {
             return self.fail_with(format!("peer {peer}: {why}"), FailureKind::BadMessage, vec![peer], out);
         }
@@ -1308,7 +1328,9 @@ impl Round {
             Some(_) => return out,
             None => self.checks[i] = Some(check),
         }
-        if self.stage == Stage::Checking {
+        // Checked once this member published its own claims (those that came earlier are
+        // checked then).
+        if matches!(self.stage, Stage::Certifying | Stage::Checking) && self.checks[self.pos].is_some() {
             self.verify_check(i, &mut out);
             self.maybe_certify(now, &mut out);
         }
@@ -1433,10 +1455,16 @@ impl Round {
                 }
                 Stage::Certifying => {
                     out.push(RoundAction::Publish(Gossip::Done(self.dones[self.pos].clone().expect("own done"))));
+                    if let Some(check) = self.checks[self.pos].clone() {
+                        out.push(RoundAction::Publish(Gossip::SumCheck(Box::new(check))));
+                    }
                 }
                 Stage::Checking => {
-                    let check = self.checks[self.pos].clone().expect("own check");
-                    out.push(RoundAction::Publish(Gossip::SumCheck(Box::new(check))));
+                    // A member still waiting for Dones may have missed this one.
+                    out.push(RoundAction::Publish(Gossip::Done(self.dones[self.pos].clone().expect("own done"))));
+                    if let Some(check) = self.checks[self.pos].clone() {
+                        out.push(RoundAction::Publish(Gossip::SumCheck(Box::new(check))));
+                    }
                     if self.confirmed[self.pos] {
                         out.push(RoundAction::Publish(Gossip::Checked(self.own_checked())));
                     }
@@ -1890,7 +1918,8 @@ mod tests {
                 RoundAction::Publish(Gossip::Checked(c)) => rounds[to].on_checked(c, 0),
                 RoundAction::Publish(_) => Vec::new(),
                 RoundAction::Send(_, step) => {
-                    rounds[from].note_sent(step);
+                    let noted = rounds[from].note_sent(step, 0);
+                    queue.extend(noted.into_iter().map(|x| (from, x)));
                     rounds[to].on_step(RingStep::clone(step).verify().unwrap(), 0)
                 }
                 _ => {
@@ -2007,7 +2036,8 @@ mod tests {
                 }
                 RoundAction::Send(peer, mut step) => {
                     tamper(from, &mut step);
-                    rounds[from].note_sent(&step);
+                    let noted = rounds[from].note_sent(&step, 0);
+                    out.push((from, noted));
                     let to = view.position(&peer).unwrap();
                     out.push((to, rounds[to].on_step_from(&view.members[from], step.verify().unwrap(), 0)));
                 }
@@ -2022,6 +2052,79 @@ mod tests {
             }
         }
         (ended, proofs, view, contradictions)
+    }
+
+    /// A member's sum check goes out with its Done: with every Done held back, each member of
+    /// an audited attempt has still published its check (and the checks pass once the Dones
+    /// arrive: one gossip exchange after the certificate, the verdicts).
+    #[test]
+    fn the_sum_check_goes_out_with_the_done() {
+        for (n, g) in [(3, 0), (4, 2)] {
+            let run = RunId::from_name(RUN);
+            let view = RingView::order(run, 7, 0, (0..n).map(|i| format!("m{i}")).collect::<Vec<_>>());
+            let audited = RoundConfig { audit_every: 1, group_size: g, ..cfg() };
+            let mut rounds = Vec::new();
+            let mut queue: VecDeque<(usize, RoundAction)> = VecDeque::new();
+            for (pos, name) in view.members.iter().enumerate() {
+                let input = Contribution::new(member_data(pos, 12), 4, [5; 32], vec![], audited.chunks(n), 3)
+                    .with_ring_batches(vec![4; n]);
+                let (r, acts) = Round::new(run, name, view.clone(), input, audited.clone(), 0, &no_sign);
+                rounds.push(r);
+                queue.extend(acts.into_iter().map(|a| (pos, a)));
+            }
+            let (mut held_dones, mut checks) = (Vec::new(), vec![0; n]);
+            while let Some((from, a)) = queue.pop_front() {
+                let mut out: Vec<(usize, Vec<RoundAction>)> = Vec::new();
+                match a {
+                    RoundAction::Publish(Gossip::Done(d)) => held_dones.push(d),
+                    RoundAction::Publish(g) => {
+                        checks[from] += usize::from(matches!(g, Gossip::SumCheck(_)));
+                        for to in (0..n).filter(|t| *t != from) {
+                            out.push((
+                                to,
+                                match &g {
+                                    Gossip::Commit(c) => rounds[to].on_commit(c.clone(), 0),
+                                    Gossip::SumCheck(c) => rounds[to].on_sum_check((**c).clone(), 0),
+                                    Gossip::Checked(c) => rounds[to].on_checked(c, 0),
+                                    _ => Vec::new(),
+                                },
+                            ));
+                        }
+                    }
+                    RoundAction::Send(peer, step) => {
+                        out.push((from, rounds[from].note_sent(&step, 0)));
+                        let to = view.position(&peer).unwrap();
+                        out.push((to, rounds[to].on_step_from(&view.members[from], step.verify().unwrap(), 0)));
+                    }
+                    RoundAction::Audit(job) => {
+                        out.push((from, rounds[from].audit_passed(0, Some(member_data(job.target, 12)))))
+                    }
+                    other => panic!("n {n} g {g}: member {from} ended before any Done arrived: {other:?}"),
+                }
+                for (to, acts) in out {
+                    queue.extend(acts.into_iter().map(|a| (to, a)));
+                }
+            }
+            assert_eq!(checks, vec![1; n], "n {n} g {g}: every member published its check before any Done arrived");
+            for d in held_dones {
+                for to in (0..n).filter(|t| view.members[*t] != d.peer) {
+                    queue.extend(rounds[to].on_done(d.clone(), 0).into_iter().map(|a| (to, a)));
+                }
+            }
+            let mut completed = 0;
+            while let Some((from, a)) = queue.pop_front() {
+                match a {
+                    RoundAction::Publish(Gossip::Checked(c)) => {
+                        for to in (0..n).filter(|t| *t != from) {
+                            queue.extend(rounds[to].on_checked(&c, 0).into_iter().map(|a| (to, a)));
+                        }
+                    }
+                    RoundAction::Completed(_) => completed += 1,
+                    other => panic!("n {n} g {g}: only the verdicts are left to exchange, not {other:?}"),
+                }
+            }
+            assert_eq!(completed, n, "n {n} g {g}: every member completed");
+        }
     }
 
     #[test]

@@ -1025,11 +1025,12 @@ impl Driver {
                         });
                         FaultMode::tamper(self.cfg.fault, &mut step, &mut self.fault_state, hier);
                         self.signer.sign_step(&mut step);
-                        if let Some(r) = self.round.as_mut() {
-                            r.note_sent(&step);
-                        }
+                        let now = self.now();
+                        let noted = self.round.as_mut().map(|r| r.note_sent(&step, now)).unwrap_or_default();
                         FaultMode::in_transit(self.cfg.fault, &mut step, &mut self.fault_state);
                         let _ = w.send(step);
+                        // This member's sum check, once the last segment it claims went out.
+                        self.on_round_actions(noted);
                     }
                 }
                 RoundAction::Audit(job) => self.audit(job),
