@@ -2145,6 +2145,26 @@ mod tests {
         }
     }
 
+    /// Exactly one proof was gossiped, naming `liar`, by another member (its auditor), which
+    /// failed the attempt for that fault; no member certified the wrong sum.
+    fn proven_by_its_auditor(
+        ended: &[Option<RoundAction>],
+        proofs: &[(usize, Box<SumFault>)],
+        view: &RingView,
+        liar: usize,
+    ) {
+        assert_eq!(proofs.len(), 1, "liar {liar}: {proofs:?}");
+        let (auditor, proof) = &proofs[0];
+        assert_eq!((proof.accused, &proof.check.peer), (liar, &view.members[liar]));
+        assert_ne!(*auditor, liar);
+        for (pos, e) in ended.iter().enumerate() {
+            let Some(RoundAction::Failed(f)) = e else { panic!("member {pos} certified a wrong sum: {e:?}") };
+            if pos == *auditor {
+                assert_eq!((f.kind, f.blame.clone()), (FailureKind::Fault, vec![view.members[liar].clone()]));
+            }
+        }
+    }
+
     #[test]
     fn a_member_whose_partial_sum_drops_or_changes_values_is_proven_by_its_auditor() {
         let n = 4;
@@ -2176,17 +2196,19 @@ mod tests {
                     },
                     |_, _| {},
                 );
-                assert_eq!(proofs.len(), 1, "liar {liar}: {proofs:?}");
-                let (auditor, proof) = &proofs[0];
-                assert_eq!(proof.accused, liar);
-                assert_eq!(proof.check.peer, view.members[liar]);
-                assert_ne!(*auditor, liar);
-                for (pos, e) in ended.iter().enumerate() {
-                    let Some(RoundAction::Failed(f)) = e else { panic!("member {pos} certified a wrong sum: {e:?}") };
-                    if pos == *auditor {
-                        assert_eq!((f.kind, f.blame.clone()), (FailureKind::Fault, vec![view.members[liar].clone()]));
-                    }
-                }
+                proven_by_its_auditor(&ended, &proofs, &view, liar);
+            }
+        }
+    }
+
+    /// `liar` misstates the checksum of the first segment of the ring of `level` it claims to
+    /// have sent (or received).
+    fn misclaim(liar: usize, sent: bool, level: u8) -> impl Fn(usize, &mut SumCheck) {
+        move |from, c| {
+            if from == liar {
+                let claims = if sent { &mut c.sent } else { &mut c.received };
+                let claim = claims.iter_mut().find(|c| c.id.level == level).unwrap();
+                claim.eval[1] = (claim.eval[1] + 1) % sumcheck::P;
             }
         }
     }
@@ -2195,18 +2217,7 @@ mod tests {
     fn a_member_lying_about_a_segment_it_sent_or_received_is_named_by_the_neighbour_holding_it() {
         let n = 3;
         for (sent, liar) in [(true, 0), (false, 0), (true, 2), (false, 1)] {
-            let (ended, proofs, view, _) = audited_round(
-                n,
-                12,
-                0,
-                |_, _| {},
-                |from, c| {
-                    if from == liar {
-                        let claims = if sent { &mut c.sent } else { &mut c.received };
-                        claims[0].eval[1] = (claims[0].eval[1] + 1) % sumcheck::P;
-                    }
-                },
-            );
+            let (ended, proofs, view, _) = audited_round(n, 12, 0, |_, _| {}, misclaim(liar, sent, 0));
             // The lie also breaks what its claims say about its own values, which its auditor may
             // prove; whoever is named, it is the liar.
             assert!(proofs.iter().all(|(_, p)| p.accused == liar), "{proofs:?}");
@@ -2243,15 +2254,7 @@ mod tests {
             let core = (0..n).filter(|p| matches!(layout.place(*p), crate::hier::Place::Core { .. }));
             for liar in core {
                 let (ended, proofs, view, _) = audited_round(n, 20, g, add_one(liar, at), |_, _| {});
-                assert_eq!(proofs.len(), 1, "n {n} g {g} liar {liar}: {proofs:?}");
-                let (auditor, proof) = &proofs[0];
-                assert_eq!((proof.accused, &proof.check.peer), (liar, &view.members[liar]));
-                for (pos, e) in ended.iter().enumerate() {
-                    let Some(RoundAction::Failed(f)) = e else { panic!("member {pos} certified a wrong sum: {e:?}") };
-                    if pos == *auditor {
-                        assert_eq!((f.kind, f.blame.clone()), (FailureKind::Fault, vec![view.members[liar].clone()]));
-                    }
-                }
+                proven_by_its_auditor(&ended, &proofs, &view, liar);
             }
         }
     }
@@ -2291,19 +2294,7 @@ mod tests {
         let (n, g) = (5, 2);
         let layout = crate::hier::Layout::of(n, g).unwrap();
         for (liar, level, sent) in [(1, 1, true), (2, 1, false), (0, 2, false), (4, 2, true)] {
-            let (ended, proofs, view, _) = audited_round(
-                n,
-                12,
-                g,
-                |_, _| {},
-                |from, c| {
-                    if from == liar {
-                        let claims = if sent { &mut c.sent } else { &mut c.received };
-                        let claim = claims.iter_mut().find(|c| c.id.level == level).unwrap();
-                        claim.eval[1] = (claim.eval[1] + 1) % sumcheck::P;
-                    }
-                },
-            );
+            let (ended, proofs, view, _) = audited_round(n, 12, g, |_, _| {}, misclaim(liar, sent, level));
             assert!(proofs.iter().all(|(_, p)| p.accused == liar), "{proofs:?}");
             let holders: Vec<usize> = (0..n)
                 .filter(|h| {
