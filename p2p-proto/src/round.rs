@@ -1870,6 +1870,29 @@ mod tests {
         assert!(judge(cfg(), commit(cfg(), 5, 5, 0)).is_some());
     }
 
+    /// Asynchronous hierarchical rounds: a member's empty commit is to zeros chunked as its
+    /// group ring chunks (G chunks, not one per member), and is taken; one to anything else is not.
+    #[test]
+    fn an_empty_commit_in_a_hierarchy_is_to_zeros_in_group_chunks() {
+        let run = RunId::from_name(RUN);
+        let view = RingView::order(run, 5, 0, (0..4).map(|i| format!("m{i}")).collect::<Vec<_>>());
+        let hier = RoundConfig { max_staleness: 2, group_size: 2, ..cfg() };
+        let input = |data: Vec<i32>, samples: u64| {
+            Contribution::new(data, samples, [5; 32], vec![], hier.chunks(4), 3)
+                .with_ring_batches(vec![4; 4])
+                .with_async(5, BTreeMap::new(), BTreeMap::new())
+        };
+        for (data, taken) in [(vec![0; 8], true), (vec![0, 0, 0, 1, 0, 0, 0, 0], false)] {
+            let (_, acts) = Round::new(run, &view.members[1], view.clone(), input(data, 0), hier.clone(), 0, &no_sign);
+            let RoundAction::Publish(Gossip::Commit(empty)) = &acts[0] else { panic!("{acts:?}") };
+            assert_eq!(empty.chunk_hashes.len(), 2, "one chunk per member of a group");
+            let (mut a, _) =
+                Round::new(run, &view.members[0], view.clone(), input(vec![1; 8], 4), hier.clone(), 0, &no_sign);
+            let failed = a.on_commit(empty.clone(), 0).into_iter().any(|x| matches!(x, RoundAction::Failed(_)));
+            assert_eq!(failed, !taken, "an empty commit to zeros is taken, to anything else refused");
+        }
+    }
+
     #[test]
     fn members_disagreeing_on_batches_or_committing_other_counts_fail_the_round() {
         let run = RunId::from_name(RUN);
