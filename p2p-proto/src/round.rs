@@ -847,19 +847,26 @@ impl Round {
         }
         self.next = Some(next);
         let seed = crate::audit::seed(self.run, self.view.round, self.view.attempt, self.commits.iter().flatten());
+        // Asynchronous runs: a member behind the ring (its commit empty or stale) audits nobody,
+        // as its compute is busy or slow and the ring goes on without waiting for it; its target
+        // goes unaudited in this attempt. Every member still decides the sum checks alike.
+        let own = self.commits[self.pos].as_ref().expect("own commit");
+        let behind = self.cfg.max_staleness > 0 && (own.samples == 0 || own.computed_at < own.round);
         if let Some(target) = crate::audit::target(&seed, n, self.pos, self.cfg.audit_every)
             && !self.ring_batches.is_empty()
         {
-            self.auditing = true;
             // A gathered payload is checked whole against its commit; no partial sums to check.
             self.sum_checking = self.values.is_none();
-            self.audit_target = Some(target);
-            out.push(RoundAction::Audit(Box::new(AuditJob {
-                view: self.view.clone(),
-                target,
-                commit: self.commits[target].clone().expect("all commits"),
-                batches: self.ring_batches.clone(),
-            })));
+            if !behind {
+                self.auditing = true;
+                self.audit_target = Some(target);
+                out.push(RoundAction::Audit(Box::new(AuditJob {
+                    view: self.view.clone(),
+                    target,
+                    commit: self.commits[target].clone().expect("all commits"),
+                    batches: self.ring_batches.clone(),
+                })));
+            }
         }
         let params = RingParams {
             run: self.run,
