@@ -123,19 +123,22 @@ pub fn claimed(layout: Option<Layout>, id: &StepId) -> bool {
     id.phase == Phase::ReduceScatter || (id.step == 0 && (layout.is_none() || id.level == 1))
 }
 
+/// The ids of every segment of a chunk of `chunk_len` values, `first`'s but for the segment.
+fn segment_ids(first: StepId, chunk_len: usize, segment_elems: usize) -> impl Iterator<Item = StepId> {
+    (0..segment_count(chunk_len, segment_elems)).map(move |segment| StepId { segment: segment as u32, ..first })
+}
+
 /// The segments a member at `pos` of a ring of `n` sends and receives in the ring of `level`
 /// over a vector of `len` values: reduce-scatter steps, then the fully reduced chunk it sends in
 /// all-gather step 0 (sent) or receives in reduce-scatter (received).
 fn ring_ids(n: usize, pos: usize, len: usize, segment_elems: usize, level: u8) -> (Vec<StepId>, Vec<StepId>) {
     let chunks = chunk_ranges(len, n);
     let ids = |phase: Phase, step: usize, chunk: usize| {
-        (0..segment_count(chunks[chunk].len(), segment_elems)).map(move |segment| StepId {
-            level,
-            phase,
-            step: step as u16,
-            chunk: chunk as u32,
-            segment: segment as u32,
-        })
+        segment_ids(
+            StepId { level, phase, step: step as u16, chunk: chunk as u32, segment: 0 },
+            chunks[chunk].len(),
+            segment_elems,
+        )
     };
     let mut sent = Vec::new();
     let mut received = Vec::new();
@@ -162,13 +165,9 @@ pub fn claimed_ids(
     let Some(l) = layout else { return ring_ids(n, pos, len, segment_elems, 0) };
     let chunks = chunk_ranges(len, l.g);
     let level2 = |rank: usize, chunk: usize| {
-        (0..segment_count(chunks[chunk].len(), segment_elems)).map(move |segment| StepId {
-            level: 2,
-            phase: Phase::ReduceScatter,
-            step: rank as u16,
-            chunk: chunk as u32,
-            segment: segment as u32,
-        })
+        let first =
+            StepId { level: 2, phase: Phase::ReduceScatter, step: rank as u16, chunk: chunk as u32, segment: 0 };
+        segment_ids(first, chunks[chunk].len(), segment_elems)
     };
     let (mut sent, mut received) = match l.place(pos) {
         Place::Core { group, j } => {

@@ -93,13 +93,10 @@ impl Anvil {
     }
 
     /// Starts Anvil whose state is loaded from and dumped to `state` (the file is written on
-    /// a clean stop and every second), on `port` (0: a free port below the ephemeral range, so
-    /// that while the chain is down for a restart no outgoing connection, not even a client's
-    /// retry connecting to itself, can take the port).
-    pub fn start_with_state(state: &Path, port: u16) -> Self {
-        if port != 0 {
-            return Self::spawn(Some(state.to_owned()), port, TempDir::new("anvil"));
-        }
+    /// a clean stop and every second), on a free port below the ephemeral range, so that while
+    /// the chain is down for a restart no outgoing connection, not even a client's retry
+    /// connecting to itself, can take the port.
+    pub fn start_with_state(state: &Path) -> Self {
         let mut last = Vec::new();
         for _ in 0..20 {
             match Self::try_spawn(Some(state.to_owned()), restartable_port(), TempDir::new("anvil")) {

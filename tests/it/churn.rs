@@ -256,7 +256,7 @@ fn a_peer_killed_mid_all_reduce_is_survived_resyncs_on_restart_and_a_fifth_joins
 fn the_chain_going_down_and_up_during_training_loses_and_duplicates_nothing() {
     let state_dir = TempDir::new("anvil-state");
     let state = state_dir.path().join("state.json");
-    let mut anvil = Anvil::start_with_state(&state, 0);
+    let mut anvil = Anvil::start_with_state(&state);
     let contract = deploy(&anvil);
     let dir = TempDir::new("chain-outage");
     let rounds = 48;

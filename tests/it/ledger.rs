@@ -167,7 +167,7 @@ fn peers_record_contributions_and_finalize_checkpoints_on_anvil() {
 fn a_chain_outage_loses_no_record_and_duplicates_none() {
     let state_dir = TempDir::new("anvil-state");
     let state = state_dir.path().join("state.json");
-    let mut anvil = Anvil::start_with_state(&state, 0);
+    let mut anvil = Anvil::start_with_state(&state);
     let contract = deploy(&anvil);
     let run = "it-ledger-outage";
     let rounds = 8;
@@ -221,7 +221,7 @@ fn a_chain_outage_loses_no_record_and_duplicates_none() {
 fn records_left_in_the_outbox_are_sent_when_the_node_restarts() {
     let state_dir = TempDir::new("anvil-state");
     let state = state_dir.path().join("state.json");
-    let mut anvil = Anvil::start_with_state(&state, 0);
+    let mut anvil = Anvil::start_with_state(&state);
     let contract = deploy(&anvil);
     // The chain is down for the whole run; the peers give up waiting for it after 2 s.
     anvil.stop();

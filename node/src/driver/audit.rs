@@ -71,6 +71,13 @@ pub enum FaultMode {
     Withhold,
 }
 
+/// `out -= inb`, both one little-endian `i32` (wrapping): a liar leaving a value out.
+fn subtract_le(out: &mut [u8], inb: &[u8]) {
+    let v = i32::from_le_bytes([out[0], out[1], out[2], out[3]])
+        .wrapping_sub(i32::from_le_bytes([inb[0], inb[1], inb[2], inb[3]]));
+    out.copy_from_slice(&v.to_le_bytes());
+}
+
 /// What a test-only liar remembers between messages.
 #[derive(Debug, Default)]
 pub struct FaultState {
@@ -683,10 +690,7 @@ impl FaultMode {
             let range = p2p_proto::chunk::segment_range(&across[step.id.chunk as usize], seg, step.id.segment as usize);
             for (i, out) in range.zip(step.payload.chunks_exact_mut(4)) {
                 let Some(got) = st.received.get(&(0, held, (i / seg) as u32)) else { return };
-                let inb = &got[(i % seg) * 4..(i % seg) * 4 + 4];
-                let v = i32::from_le_bytes([out[0], out[1], out[2], out[3]])
-                    .wrapping_sub(i32::from_le_bytes([inb[0], inb[1], inb[2], inb[3]]));
-                out.copy_from_slice(&v.to_le_bytes());
+                subtract_le(out, &got[(i % seg) * 4..(i % seg) * 4 + 4]);
             }
             step.hash = *blake3::hash(&step.payload).as_bytes();
             return;
@@ -704,9 +708,7 @@ impl FaultMode {
             && let Some(got) = st.received.get(&(step.id.level, step.id.chunk, step.id.segment))
         {
             for (out, inb) in step.payload.chunks_exact_mut(4).zip(got.chunks_exact(4)) {
-                let v = i32::from_le_bytes([out[0], out[1], out[2], out[3]])
-                    .wrapping_sub(i32::from_le_bytes([inb[0], inb[1], inb[2], inb[3]]));
-                out.copy_from_slice(&v.to_le_bytes());
+                subtract_le(out, inb);
             }
             step.hash = *blake3::hash(&step.payload).as_bytes();
         }

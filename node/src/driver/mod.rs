@@ -1019,7 +1019,7 @@ impl Driver {
                     }
                     if let Some((_, w)) = self.writers.iter().find(|(p, _)| *p == to) {
                         let mut step = step;
-                        let hier = self.round.as_ref().and_then(|r| {
+                        let hier = self.round.as_ref().filter(|_| self.cfg.fault.is_some()).and_then(|r| {
                             let layout = self.cfg.round.layout(r.view().len())?;
                             Some((layout, r.own_commit().len as usize, self.cfg.round.segment_elems))
                         });
