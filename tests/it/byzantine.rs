@@ -97,19 +97,28 @@ fn start_with_liar(
     (nodes, id)
 }
 
-/// All logs but the last (the honest peers) hold the same parameters every round, and the loss
-/// falls from the first 5 rounds to the last 5; returns the rounds.
+/// All logs but the last (the honest peers) hold the same parameters in every round they
+/// trained, and the loss (the honest peers' mean, by round) falls from the run's first 5 rounds
+/// to its last 5; returns how many rounds the honest peers trained. (A peer left out of some
+/// rounds on a loaded machine catches up by state sync and logs no loss for them, so rounds are
+/// matched by number, never by position in one peer's log.)
 fn honest_agree_and_learn(mode: &str, logs: &[BTreeMap<u64, (String, f64, String)>]) -> usize {
-    for r in logs[0].keys() {
-        let hs: Vec<&String> = logs[..logs.len() - 1].iter().filter_map(|t| t.get(r).map(|x| &x.0)).collect();
-        assert!(hs.iter().all(|h| *h == hs[0]), "{mode}: honest peers diverged at round {r}");
+    let mut by_round: BTreeMap<u64, Vec<(&String, f64)>> = BTreeMap::new();
+    for t in &logs[..logs.len() - 1] {
+        for (r, (hash, loss, _)) in t {
+            by_round.entry(*r).or_default().push((hash, *loss));
+        }
     }
-    let rounds = logs[0].len();
-    let loss = |t: &BTreeMap<u64, (String, f64, String)>, range: std::ops::Range<usize>| -> f64 {
-        t.values().skip(range.start).take(range.len()).map(|x| x.1).sum::<f64>() / range.len() as f64
-    };
-    let (early, late) = (loss(&logs[0], 0..5), loss(&logs[0], rounds - 5..rounds));
-    assert!(late < early, "{mode}: the loss did not fall ({early} -> {late})");
+    for (r, xs) in &by_round {
+        assert!(xs.iter().all(|x| x.0 == xs[0].0), "{mode}: honest peers diverged at round {r}");
+    }
+    let losses: Vec<(u64, f64)> =
+        by_round.iter().map(|(r, xs)| (*r, xs.iter().map(|x| x.1).sum::<f64>() / xs.len() as f64)).collect();
+    let rounds = losses.len();
+    assert!(rounds >= 10, "{mode}: the honest peers trained only {rounds} rounds");
+    let mean = |xs: &[(u64, f64)]| xs.iter().map(|x| x.1).sum::<f64>() / xs.len() as f64;
+    let (early, late) = (mean(&losses[..5]), mean(&losses[rounds - 5..]));
+    assert!(late < early, "{mode}: the loss did not fall ({early} -> {late}); by round: {losses:?}");
     rounds
 }
 
@@ -142,18 +151,27 @@ fn a_liar_among_honest_is_caught(
     let all: Vec<&Node> = nodes.iter().collect();
     let honest = &nodes[..h];
     // Every honest peer proves the fault itself, then trains on without the liar.
-    let proven = wait_until(Duration::from_secs(180), || {
+    let progress = || -> Vec<(bool, usize)> {
         honest
             .iter()
-            .all(|n| {
-                n.events("fault proven: the peer is kept out of rings").iter().any(|e| e["accused"] == liar_id.as_str())
-                    && trained(n).len() >= 40
+            .map(|n| {
+                let proven = n
+                    .events("fault proven: the peer is kept out of rings")
+                    .iter()
+                    .any(|e| e["accused"] == liar_id.as_str());
+                (proven, trained(n).len())
             })
-            .then_some(())
-    });
+            .collect()
+    };
+    // (Bounded generously: on a loaded machine five peers auditing every round may take
+    // minutes for 40 rounds.)
+    let proven = wait_until(Duration::from_secs(300), || progress().iter().all(|p| p.0 && p.1 >= 40).then_some(()));
     if proven.is_none() {
         all.iter().for_each(|n| n.dump());
-        panic!("{mode}: the honest peers did not all prove the fault and train on");
+        panic!(
+            "{mode}: the honest peers did not all prove the fault and train on (proven, rounds trained): {:?}",
+            progress()
+        );
     }
     // Caught in the first round it lied in: the first audited attempt with the liar failed.
     let (first_failure, first_attempt) = honest
