@@ -9,7 +9,7 @@
 use serde::{Serialize, de::DeserializeOwned};
 
 /// Version of the wire format; a peer refuses frames of any other version.
-pub const PROTOCOL_VERSION: u8 = 5;
+pub const PROTOCOL_VERSION: u8 = 6;
 
 /// Size of the frame header: the length prefix and the version byte.
 pub const HEADER_BYTES: usize = 5;

@@ -340,7 +340,9 @@ pub struct RoundDone {
     pub round: u64,
     pub attempt: u32,
     pub result: Hash,
-    /// The ring of the next round, in order: this ring plus the joiners.
+    /// The ring of the next round, in order (this ring plus the joiners), for the peers that
+    /// join it; empty unless the next ring has peers this one lacks and the member is one of
+    /// the first [`crate::round::DONE_CARRIERS`] in ring order.
     pub next_members: Vec<PeerKey>,
 }
 

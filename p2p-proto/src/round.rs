@@ -35,7 +35,11 @@ use crate::message::{
 };
 use crate::ring::{Phase, RingAllReduce, RingParams};
 use crate::sumcheck;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Members whose `Done` names the next ring when it grows (two, so that one crash after the
+/// all-reduce does not leave a joiner unaware that it is in).
+pub const DONE_CARRIERS: usize = 2;
 
 /// Timeouts and sizes of a round.
 #[derive(Debug, Clone)]
@@ -921,6 +925,19 @@ impl Round {
         self.maybe_certify(now, out);
     }
 
+    /// What this member's `Done` says of the next ring. Only peers outside this ring need it
+    /// (a joiner learns from it that it is in the next one; members make the next ring from
+    /// the commits themselves), so only the first [`DONE_CARRIERS`] members in ring order carry
+    /// it, and only when the next ring has members this one lacks: every other `Done` stays a
+    /// few hundred bytes whatever the ring's size, where each carried a list of every member
+    /// (53 kB at 1,000 peers, and every peer receives every member's `Done`).
+    fn next_members_to_announce(&self) -> Vec<PeerKey> {
+        let next = &self.next.as_ref().expect("next ring").members;
+        let now: BTreeSet<&PeerKey> = self.view.members.iter().collect();
+        let grows = next.iter().any(|m| !now.contains(m));
+        if self.pos < DONE_CARRIERS && grows { next.clone() } else { Vec::new() }
+    }
+
     fn sends(&self, steps: Vec<(usize, RingStep)>) -> impl Iterator<Item = RoundAction> + '_ {
         steps.into_iter().map(|(to, s)| RoundAction::Send(self.view.members[to].clone(), s))
     }
@@ -1102,7 +1119,7 @@ impl Round {
                 round: self.view.round,
                 attempt: self.view.attempt,
                 result: hash,
-                next_members: self.next.as_ref().expect("next ring").members.clone(),
+                next_members: self.next_members_to_announce(),
             };
             out.push(RoundAction::Publish(Gossip::Done(done.clone())));
             self.dones[self.pos] = Some(done);
@@ -1544,6 +1561,19 @@ mod tests {
         liar: Option<usize>,
         base: RoundConfig,
     ) -> Vec<Vec<RoundAction>> {
+        run_round_dones(n, len, joiners, silent, liar, base).0
+    }
+
+    /// As [`run_round_cfg`]; also returns every `Done` a member published, by position.
+    fn run_round_dones(
+        n: usize,
+        len: usize,
+        joiners: &[&str],
+        silent: &[usize],
+        liar: Option<usize>,
+        base: RoundConfig,
+    ) -> (Vec<Vec<RoundAction>>, Vec<(usize, RoundDone)>) {
+        let mut dones = Vec::new();
         let comp = base.compression;
         let cfg = || base.clone();
         let run = RunId::from_name(RUN);
@@ -1578,6 +1608,9 @@ mod tests {
                 let mut out: Vec<(usize, Vec<RoundAction>)> = Vec::new();
                 match &a {
                     RoundAction::Publish(g) => {
+                        if let Gossip::Done(d) = g {
+                            dones.push((from, d.clone()));
+                        }
                         let mut g = g.clone();
                         if let Gossip::Done(d) = &mut g
                             && liar == Some(from)
@@ -1627,7 +1660,31 @@ mod tests {
                 break;
             }
         }
-        results
+        (results, dones)
+    }
+
+    /// Only the first members in ring order name the next ring in their `Done`, and only when
+    /// it grows: a joiner learns it is in from them, and every other `Done` stays small at any
+    /// ring size.
+    #[test]
+    fn only_the_first_members_dones_name_a_ring_that_grows() {
+        for n in 1..7 {
+            for (joiners, g) in [(&["joiner"][..], 0), (&[][..], 0), (&["joiner"][..], 2)] {
+                let base = RoundConfig { group_size: g, ..cfg() };
+                let (results, dones) = run_round_dones(n, 40, joiners, &[], None, base);
+                assert!(results.iter().all(|r| matches!(r[..], [RoundAction::Completed(_)])), "n={n}");
+                assert_eq!(dones.len(), n, "one Done per member");
+                for (pos, d) in &dones {
+                    let RoundAction::Completed(o) = &results[*pos][0] else { unreachable!() };
+                    if joiners.is_empty() || *pos >= DONE_CARRIERS {
+                        assert!(d.next_members.is_empty(), "n={n} member {pos}: {:?}", d.next_members);
+                    } else {
+                        assert_eq!(d.next_members, o.next.members, "n={n} member {pos}");
+                        assert!(d.next_members.iter().any(|m| m == "joiner"));
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -32,10 +32,12 @@
 //! takes the seat); a member lost during the broadcast only misses the result and resyncs.
 
 use p2p_proto::chunk::{SEGMENT_ELEMS, chunk_ranges, segment_count};
+use p2p_proto::codec::encode_frame;
 use p2p_proto::hash::{chunk_hash, segment_hashes};
 use p2p_proto::hier::{HierAllReduce, Layout, Outgoing};
-use p2p_proto::message::{RingStep, RunId};
+use p2p_proto::message::{Gossip, GradientCommit, RingStep, RoundDone, RunId};
 use p2p_proto::ring::{Phase, RingAllReduce, RingParams};
+use p2p_proto::round::DONE_CARRIERS;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Instant;
@@ -261,6 +263,92 @@ pub fn recovery_secs(n: usize, link: Link) -> f64 {
     link.latency * (1.0 + 2.0 * hops(n)) + 0.02
 }
 
+/// What gossipsub adds to each message: its source, sequence number, topic and signature.
+const GOSSIP_ENVELOPE: usize = 150;
+
+/// A peer id as the node writes it (base58 of an Ed25519 identity: 52 characters).
+fn peer_key(i: usize) -> String {
+    format!("12D3KooW{:0>44}", i)
+}
+
+/// Bytes of the gossip that brackets one round of `n` members whose commits cover `chunks`
+/// chunks (the ring's `n`, a hierarchy's `g`): the real messages, encoded as the node sends
+/// them, each in gossipsub's envelope.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ControlBytes {
+    /// One member's commit.
+    pub commit: usize,
+    /// The `Done` of a member that does not name the next ring.
+    pub done: usize,
+    /// The `Done` of a member that names it (the first [`DONE_CARRIERS`] when the ring grows).
+    pub done_naming: usize,
+}
+
+impl ControlBytes {
+    pub fn of(n: usize, chunks: usize) -> Self {
+        let run = RunId::from_name("simulation");
+        let commit = GradientCommit {
+            run,
+            peer: peer_key(0),
+            round: 1_000_000,
+            attempt: 0,
+            ring: [7; 32],
+            len: 16 << 20,
+            chunk_hashes: vec![[7; 32]; chunks],
+            samples: 64,
+            norm: 1e6,
+            param_hash: [7; 32],
+            computed_at: 1_000_000,
+            joiners: Vec::new(),
+            excluded: Vec::new(),
+            leaving: false,
+            residual: [0; 32],
+            residual_next: [0; 32],
+            signature: vec![7; 64],
+        };
+        let done = |next_members: Vec<String>| RoundDone {
+            run,
+            peer: peer_key(0),
+            round: 1_000_000,
+            attempt: 0,
+            result: [7; 32],
+            next_members,
+        };
+        let size = |g: Gossip| encode_frame(&g).len() + GOSSIP_ENVELOPE;
+        Self {
+            commit: size(Gossip::Commit(commit)),
+            done: size(Gossip::Done(done(Vec::new()))),
+            done_naming: size(Gossip::Done(done((0..n).map(peer_key).collect()))),
+        }
+    }
+
+    /// Bytes every peer receives at least once per round: every member's commit and `Done`
+    /// (the ring growing, so that the first members' `Done`s name it).
+    pub fn per_round(&self, n: usize) -> f64 {
+        let naming = DONE_CARRIERS.min(n);
+        (n * self.commit + naming * self.done_naming + (n - naming) * self.done) as f64
+    }
+
+    /// The same when every member's `Done` named the next ring (the protocol before version 6).
+    pub fn per_round_every_done_naming(&self, n: usize) -> f64 {
+        (n * (self.commit + self.done_naming)) as f64
+    }
+}
+
+/// The gossip of a round besides its all-reduce: the commits spread to every peer before the
+/// all-reduce starts, the `Done`s after it. Each spread takes the gossip's hops and every
+/// peer's link carries every message at least once (gossipsub forwards on average as much as
+/// a peer receives, and more with duplicates, so this is a floor); the sum checks and verdicts
+/// of audited rounds and the CPU of checking signatures are left out. Returns (seconds, bytes
+/// a peer receives).
+pub fn control(n: usize, chunks: usize, link: Link) -> (f64, f64) {
+    if n < 2 {
+        return (0.0, 0.0);
+    }
+    let bytes = ControlBytes::of(n, chunks).per_round(n);
+    (2.0 * hops(n) * link.latency + bytes / link.bandwidth, bytes)
+}
+
 /// A small deterministic generator (xorshift*), so a seed replays a simulation.
 #[derive(Debug)]
 pub struct Rng(u64);
@@ -361,10 +449,12 @@ impl Strategy {
 /// What one strategy costs at one size, per optimizer step of every peer.
 #[derive(Debug, Clone, Copy)]
 pub struct Outcome {
-    /// Communication of one round, no failures.
+    /// Communication of one round (its gossip and its all-reduce), no failures.
     pub comm_secs: f64,
-    /// Bytes the busiest peer sends per optimizer step.
+    /// Bytes the busiest peer sends per optimizer step in the all-reduce.
     pub bytes_per_step: f64,
+    /// Gossip bytes a peer receives per round (commits and `Done`s, see [`control`]).
+    pub control_bytes: f64,
     /// Mean wall time per optimizer step with failures, compute included; `None`: rounds
     /// never complete.
     pub step_secs: Option<f64>,
@@ -402,6 +492,11 @@ pub fn simulate(strategy: Strategy, s: &Scenario) -> Outcome {
     };
     let groups = n.div_ceil(g);
     let down = chain(g, values, p);
+    let chunks = match strategy {
+        Strategy::Hierarchical { .. } | Strategy::Contained { .. } if Layout::of(n, g).is_some() => g,
+        _ => n,
+    };
+    let (ctrl, control_bytes) = control(n, chunks, p.link);
     let (comm, bytes, steps, inner, outer) = match strategy {
         Strategy::Ring | Strategy::LocalSgd { .. } => {
             let r = ring(n, values, p);
@@ -423,13 +518,14 @@ pub fn simulate(strategy: Strategy, s: &Scenario) -> Outcome {
             (inner.secs + outer.secs + down.secs, bytes, 1.0, times.0, times.1)
         }
     };
+    let comm = comm + ctrl;
     let (mut total, mut counted) = (0.0, 0.0);
     for _ in 0..rounds {
         // Each optimizer step's compute comes before the round's ring; a crash during it
         // fails the ring's attempt too.
         let work = compute * steps;
         let round = match &outer {
-            None => with_failures(n, fail, &mut rng, recovery, false, &mut |m| work + inner.secs(m))
+            None => with_failures(n, fail, &mut rng, recovery, false, &mut |m| work + ctrl + inner.secs(m))
                 .map(|(t, m)| (t, m as f64 / n as f64)),
             Some(outer) => {
                 let mut slowest: f64 = 0.0;
@@ -447,7 +543,7 @@ pub fn simulate(strategy: Strategy, s: &Scenario) -> Outcome {
                 // A crashed leader's seat goes to another member of its group, which holds the same sum.
                 let leaders = with_failures(groups, fail, &mut rng, recovery, true, &mut |m| outer.secs(m));
                 match (done, leaders) {
-                    (true, Some((t, _))) => Some((slowest + t + down.secs, kept as f64 / (groups * g) as f64)),
+                    (true, Some((t, _))) => Some((slowest + t + down.secs + ctrl, kept as f64 / (groups * g) as f64)),
                     _ => None,
                 }
             }
@@ -456,6 +552,7 @@ pub fn simulate(strategy: Strategy, s: &Scenario) -> Outcome {
             return Outcome {
                 comm_secs: comm,
                 bytes_per_step: bytes,
+                control_bytes,
                 step_secs: None,
                 recovery_secs: recovery,
                 counted: 0.0,
@@ -467,6 +564,7 @@ pub fn simulate(strategy: Strategy, s: &Scenario) -> Outcome {
     Outcome {
         comm_secs: comm,
         bytes_per_step: bytes,
+        control_bytes,
         step_secs: Some(total / rounds as f64 / steps),
         recovery_secs: recovery,
         counted: counted / rounds as f64,
@@ -606,6 +704,27 @@ mod tests {
         assert!(extras.comm_secs < tiered.comm_secs * 1.3, "{} vs {}", extras.comm_secs, tiered.comm_secs);
     }
 
+    /// The gossip around a round is the real messages: a commit grows with the chunks it
+    /// covers, a `Done` stays small unless it names the next ring, and only the first members'
+    /// do, so a round's gossip at 1,000 peers is a small fraction of what it was when every
+    /// `Done` named the ring.
+    #[test]
+    fn a_rounds_gossip_is_the_real_messages_and_dones_stay_small() {
+        let (small, big) = (ControlBytes::of(16, 16), ControlBytes::of(1000, 1000));
+        assert_eq!(big.commit - small.commit, (1000 - 16) * 32 + 1, "32 bytes a chunk (and a longer length)");
+        assert_eq!(small.done, big.done, "a Done that names no ring does not grow with it");
+        assert!(big.done < 400 && big.done_naming > 1000 * 52, "{big:?}");
+        let (now, before) = (big.per_round(1000), big.per_round_every_done_naming(1000));
+        assert!(now < before * 0.45, "{now} vs {before}");
+        // Spread by gossip: its hops, and every byte through the link at least once.
+        let link = Link { latency: 0.025, bandwidth: 12.5e6 };
+        let (secs, bytes) = control(1000, 1000, link);
+        assert_eq!(bytes, now);
+        assert!((secs - (2.0 * 4.0 * 0.025 + now / 12.5e6)).abs() < 1e-9, "{secs}");
+        // A hierarchy's commits cover its group's chunks only.
+        assert!(control(1000, 32, link).1 < now / 10.0);
+    }
+
     #[test]
     fn failures_cost_time_and_a_ring_too_large_never_completes() {
         let p = Profile { link: Link { latency: 0.025, bandwidth: 12.5e6 }, ..lan() };
@@ -729,9 +848,9 @@ pub fn run(o: &SimOpts) -> anyhow::Result<()> {
         o.rounds
     );
     println!(
-        "| peers | strategy | comm s / round (no failures) | MB sent per peer per step | s per step (failures, compute included) | recovery s | work counted | vs ring |"
+        "| peers | strategy | comm s / round (no failures) | MB sent per peer per step | gossip MB received per peer per round | s per step (failures, compute included) | recovery s | work counted | vs ring |"
     );
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for &peers in &o.peers {
         let s = Scenario {
@@ -762,10 +881,11 @@ pub fn run(o: &SimOpts) -> anyhow::Result<()> {
                 _ => "-".into(),
             };
             println!(
-                "| {peers} | {} | {:.2} | {} | {} | {:.2} | {:.0}% | {vs} |",
+                "| {peers} | {} | {:.2} | {} | {:.2} | {} | {:.2} | {:.0}% | {vs} |",
                 strategy.name(),
                 out.comm_secs,
                 mb(out.bytes_per_step),
+                out.control_bytes / 1e6,
                 out.step_secs.map_or("never completes".into(), |t| format!("{t:.2}")),
                 out.recovery_secs,
                 out.counted * 100.0,
@@ -782,6 +902,26 @@ pub fn run(o: &SimOpts) -> anyhow::Result<()> {
             if let Some(t) = out.step_secs {
                 series[i].1.push((peers as f64, t));
             }
+        }
+    }
+    println!("\n## The gossip of a round (commits and Dones), what every peer receives at least once\n");
+    println!(
+        "| peers | commits cover | commit bytes | Done bytes (naming the next ring) | MB per peer per round | \
+         MB when every Done named the next ring (protocol 5) |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|");
+    for &peers in &o.peers {
+        let group = ((peers as f64).sqrt().round() as usize).max(2);
+        for (what, chunks) in [("the ring's N chunks", peers), ("a group's G chunks", group)] {
+            let c = ControlBytes::of(peers, chunks);
+            println!(
+                "| {peers} | {what} | {} | {} ({}) | {:.2} | {:.2} |",
+                c.commit,
+                c.done,
+                c.done_naming,
+                c.per_round(peers) / 1e6,
+                c.per_round_every_done_naming(peers) / 1e6
+            );
         }
     }
     if let Some(path) = &o.plot {
