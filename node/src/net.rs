@@ -29,8 +29,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-/// Largest gossip message: gossip carries hashes and membership, never tensors.
-pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
+/// Largest gossip message: gossip carries hashes and membership, never tensors. The largest
+/// an honest peer sends grow with the ring: a commit holds a hash per chunk (32 bytes a member
+/// of a plain ring) and a `Done` that names the next ring a peer id per member (53 bytes), so
+/// 256 KiB leaves room for rings of about 4,800 peers (64 KiB stopped them near 1,200).
+pub const MAX_GOSSIP_BYTES: usize = 256 * 1024;
 
 /// How often the DHT is walked for new peers.
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(2);
