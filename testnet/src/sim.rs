@@ -430,9 +430,20 @@ impl RingTimes {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Strategy {
     Ring,
-    Hierarchical { group: usize },
-    Contained { group: usize },
-    LocalSgd { steps: u64 },
+    Hierarchical {
+        group: usize,
+    },
+    Contained {
+        group: usize,
+    },
+    LocalSgd {
+        steps: u64,
+    },
+    /// Local SGD whose rounds are hierarchical (`local_steps` with `group_size`).
+    LocalSgdHierarchical {
+        steps: u64,
+        group: usize,
+    },
 }
 
 impl Strategy {
@@ -442,6 +453,9 @@ impl Strategy {
             Strategy::Hierarchical { group } => format!("hierarchical, G = {group}"),
             Strategy::Contained { group } => format!("hierarchical, failures contained (not built), G = {group}"),
             Strategy::LocalSgd { steps } => format!("local SGD, H = {steps}"),
+            Strategy::LocalSgdHierarchical { steps, group } => {
+                format!("local SGD over hierarchical rounds, H = {steps}, G = {group}")
+            }
         }
     }
 }
@@ -487,13 +501,19 @@ pub fn simulate(strategy: Strategy, s: &Scenario) -> Outcome {
     let mut rng = Rng::new(seed ^ n as u64);
     let recovery = recovery_secs(n, p.link);
     let g = match strategy {
-        Strategy::Hierarchical { group } | Strategy::Contained { group } => group.clamp(2, n.max(2)),
+        Strategy::Hierarchical { group }
+        | Strategy::Contained { group }
+        | Strategy::LocalSgdHierarchical { group, .. } => group.clamp(2, n.max(2)),
         _ => n,
     };
     let groups = n.div_ceil(g);
     let down = chain(g, values, p);
     let chunks = match strategy {
-        Strategy::Hierarchical { .. } | Strategy::Contained { .. } if Layout::of(n, g).is_some() => g,
+        Strategy::Hierarchical { .. } | Strategy::Contained { .. } | Strategy::LocalSgdHierarchical { .. }
+            if Layout::of(n, g).is_some() =>
+        {
+            g
+        }
         _ => n,
     };
     let (ctrl, control_bytes) = control(n, chunks, p.link);
@@ -503,12 +523,13 @@ pub fn simulate(strategy: Strategy, s: &Scenario) -> Outcome {
             let steps = if let Strategy::LocalSgd { steps } = strategy { steps as f64 } else { 1.0 };
             (r.secs, r.bytes_per_peer / steps, steps, RingTimes::new(n, values, p), None)
         }
-        Strategy::Hierarchical { .. } => {
+        Strategy::Hierarchical { .. } | Strategy::LocalSgdHierarchical { .. } => {
             // One attempt of all N members, as the ring's (its time barely moves with a few
             // members fewer).
             let h = hier(n, g, values, p);
             let times = RingTimes { n, full: h.secs, half: h.secs };
-            (h.secs, h.bytes_per_peer, 1.0, times, None)
+            let steps = if let Strategy::LocalSgdHierarchical { steps, .. } = strategy { steps as f64 } else { 1.0 };
+            (h.secs, h.bytes_per_peer / steps, steps, times, None)
         }
         Strategy::Contained { .. } => {
             let (inner, outer) = (ring(g, values, p), ring(groups, values, p));
@@ -699,6 +720,12 @@ mod tests {
         );
         let leaders = simulate(Strategy::Contained { group: 16 }, &s);
         assert!(leaders.comm_secs < flat.comm_secs / 3.0 && leaders.comm_secs > tiered.comm_secs);
+        // Local SGD over the hierarchy: its round is the hierarchy's, once every H steps.
+        let local = simulate(Strategy::LocalSgdHierarchical { steps: 8, group: 16 }, &s);
+        assert_eq!(local.comm_secs, tiered.comm_secs);
+        assert!((tiered.bytes_per_step / local.bytes_per_step - 8.0).abs() < 1e-9);
+        let flat_local = simulate(Strategy::LocalSgd { steps: 8 }, &s);
+        assert!(local.step_secs.unwrap() < flat_local.step_secs.unwrap() / 5.0);
         // Extras (260 = 16 × 16 + 4) cost two steps, not a flat ring.
         let extras = simulate(Strategy::Hierarchical { group: 16 }, &Scenario { peers: 260, ..s });
         assert!(extras.comm_secs < tiered.comm_secs * 1.3, "{} vs {}", extras.comm_secs, tiered.comm_secs);
@@ -868,6 +895,7 @@ pub fn run(o: &SimOpts) -> anyhow::Result<()> {
             Strategy::Hierarchical { group },
             Strategy::Contained { group },
             Strategy::LocalSgd { steps: o.local_steps },
+            Strategy::LocalSgdHierarchical { steps: o.local_steps, group },
         ];
         let mut ring_step = None;
         for (i, strategy) in strategies.iter().enumerate() {
@@ -894,6 +922,9 @@ pub fn run(o: &SimOpts) -> anyhow::Result<()> {
             let name = match strategy {
                 Strategy::Hierarchical { .. } => "hierarchical, G = √N".to_owned(),
                 Strategy::Contained { .. } => "hierarchical, failures contained (not built), G = √N".to_owned(),
+                Strategy::LocalSgdHierarchical { steps, .. } => {
+                    format!("local SGD over hierarchical rounds, H = {steps}, G = √N")
+                }
                 other => other.name(),
             };
             if series.len() <= i {

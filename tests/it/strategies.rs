@@ -5,7 +5,7 @@
 //! the chain records every local step's samples. Compression (int8 with per-block scales,
 //! top-k with error feedback): peers stay identical, learn, every compressed payload is
 //! audited (top-k with the residual its commit names), and each peer sends exactly the
-//! compressed payloads.
+//! compressed payloads. Local SGD also runs over hierarchical rounds.
 
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -339,4 +339,35 @@ fn hierarchical_peers_stay_identical_learn_and_the_chain_counts_every_round() {
         }
     }
     chain_counts(&anvil, &contract, &nodes, rounds, |_| rounds * batch);
+}
+
+/// Local SGD over hierarchical rounds (the combination for many peers on slow links): four
+/// peers in two groups of two take 4 optimizer steps of their own per round and all-reduce the
+/// parameter deltas through the hierarchy; they hold the same parameters after every round,
+/// every round runs in 2 groups, the loss falls, every delta is audited by recomputation and
+/// holds, and the chain records every local step's samples.
+#[test]
+fn local_sgd_over_hierarchical_rounds_stays_identical_learns_and_is_counted() {
+    let (rounds, batch, steps, k, peers) = (8u64, 32u64, 4u64, 4u64, 4usize);
+    let settings = format!(
+        "batch = {batch}\nrounds = {rounds}\nepoch_rounds = {k}\nlr = 0.003\neval_every = {rounds}\n\
+         local_steps = {steps}\nouter_lr = 0.8\nouter_momentum = 0.5\naudit_every = 1\ngroup_size = 2"
+    );
+    let (anvil, contract, nodes) = chain_run("local-sgd-hier", &settings, peers, |_| Vec::new());
+    let per_node = identical_every_round(&nodes, rounds);
+    let ring_samples = peers as u64 * steps * batch;
+    for (n, t) in nodes.iter().zip(&per_node) {
+        assert!(t.values().all(|e| e["samples"] == ring_samples), "{}: every round counts H batches per peer", n.name);
+    }
+    let loss = |r: u64| per_node.iter().map(|t| t[&r]["loss"].as_f64().unwrap()).sum::<f64>() / peers as f64;
+    let (first, last) = (loss(0) + loss(1), loss(rounds - 2) + loss(rounds - 1));
+    assert!(last < first * 0.8, "the loss did not fall: {first} -> {last}");
+    for n in &nodes {
+        let done = n.events("round complete");
+        assert_eq!(done.len() as u64, rounds, "{}: one complete attempt a round", n.name);
+        assert!(done.iter().all(|e| e["groups"] == 2), "{}: every round in 2 groups", n.name);
+        assert!(done.iter().all(|e| !e["audited"].as_str().unwrap_or_default().is_empty()), "{}: audited", n.name);
+        assert!(n.events_containing("audit failed").is_empty(), "{}", n.name);
+    }
+    chain_counts(&anvil, &contract, &nodes, rounds, |_| rounds * steps * batch);
 }
