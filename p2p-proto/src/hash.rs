@@ -3,7 +3,10 @@
 //! Values are hashed as little-endian `i32` bytes. A segment's hash travels with
 //! the segment; a chunk's hash is blake3 over its segments' hashes (a two-level
 //! tree), so checking a chunk against a commit costs one pass over the data, and
-//! a commit holds one hash per ring member whatever the model size.
+//! a commit holds one hash per ring member whatever the model size. A round's sum
+//! is hashed the same way over all its chunks' segments ([`sum_hash`]), so a member
+//! certifies it from the segment hashes it checked as they arrived, without another
+//! pass over the vector.
 
 use crate::chunk::{segment_count, segment_range};
 use std::ops::Range;
@@ -12,6 +15,7 @@ use std::ops::Range;
 pub type Hash = [u8; 32];
 
 const CHUNK_DOMAIN: &[u8] = b"dtrain/chunk-hash/v1";
+const SUM_DOMAIN: &[u8] = b"dtrain/sum-hash/v1";
 
 /// Little-endian bytes of `values` (the wire and hash layout).
 pub fn le_bytes(values: &[i32]) -> Vec<u8> {
@@ -69,6 +73,24 @@ pub fn chunk_hash<'a>(segment_hashes: impl IntoIterator<Item = &'a Hash>) -> Has
         h.update(s);
     }
     *h.finalize().as_bytes()
+}
+
+/// Hash of a round's sum from the hashes of its segments, chunk by chunk in order.
+pub fn sum_hash_of<'a>(segment_hashes: impl IntoIterator<Item = &'a Hash>) -> Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(SUM_DOMAIN);
+    for s in segment_hashes {
+        h.update(s);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// Hash of a round's sum `values`, cut into `chunks` chunks of segments of `segment_elems`
+/// (the round's: [`crate::round::RoundConfig::chunks`]): what every member certifies in its
+/// `Done`, and what anyone holding the sum can recompute.
+pub fn sum_hash(values: &[i32], chunks: usize, segment_elems: usize) -> Hash {
+    let ranges = crate::chunk::chunk_ranges(values.len(), chunks.max(1));
+    sum_hash_of(segment_hashes(values, &ranges, segment_elems).iter().flatten())
 }
 
 /// Segment hashes of every chunk of `data`, chunk by chunk.

@@ -178,7 +178,8 @@ enum Role {
     Extra {
         data: Vec<i32>,
         own: Vec<Vec<Hash>>,
-        received: Vec<Vec<bool>>,
+        /// Hashes of the sum's segments as they arrived, by chunk and segment.
+        received: Vec<Vec<Option<Hash>>>,
         remaining: usize,
         started: bool,
     },
@@ -244,8 +245,8 @@ impl HierAllReduce {
                 }
             }
             Place::Extra { .. } => {
-                let received: Vec<Vec<bool>> =
-                    chunks.iter().map(|c| vec![false; segment_count(c.len(), seg)]).collect();
+                let received: Vec<Vec<Option<Hash>>> =
+                    chunks.iter().map(|c| vec![None; segment_count(c.len(), seg)]).collect();
                 if own.iter().zip(&received).any(|(o, r)| o.len() != r.len()) {
                     return Err(bad);
                 }
@@ -359,9 +360,17 @@ impl HierAllReduce {
             Role::Extra { data, received, remaining, .. } => {
                 let c = id.chunk as usize;
                 let flags = &received[c];
-                let range = check_segment(&id, &msg.payload, &self.chunks[c], seg, &|i| flags[i], max_units, layout.n)?;
+                let range = check_segment(
+                    &id,
+                    &msg.payload,
+                    &self.chunks[c],
+                    seg,
+                    &|i| flags[i].is_some(),
+                    max_units,
+                    layout.n,
+                )?;
                 read_le_bytes(&msg.payload, &mut data[range]);
-                received[c][id.segment as usize] = true;
+                received[c][id.segment as usize] = Some(msg.hash);
                 *remaining -= 1;
                 self.bytes.1 += msg.payload.len() as u64;
                 return Ok(out);
@@ -443,6 +452,19 @@ impl HierAllReduce {
                 }
                 Role::Extra { .. } => 0,
             }
+    }
+
+    /// [`crate::hash::sum_hash`] of the result (chunked for the group), from the segment hashes
+    /// checked as they arrived; None before [`Self::is_done`].
+    pub fn result_hash(&self) -> Option<Hash> {
+        match &self.role {
+            Role::Core { group, .. } => group.result_hash(),
+            Role::Extra { received, .. } if self.is_done() => {
+                let all: Option<Vec<&Hash>> = received.iter().flatten().map(Option::as_ref).collect();
+                all.map(crate::hash::sum_hash_of)
+            }
+            Role::Extra { .. } => None,
+        }
     }
 
     /// The summed vector; only meaningful once [`Self::is_done`].

@@ -134,6 +134,10 @@ pub struct RingAllReduce {
     /// Hashes of outgoing reduce-scatter segments, by step (the last entry is the
     /// fully reduced chunk sent in all-gather step 0).
     sent_sums: Vec<Vec<Option<Hash>>>,
+    /// Hashes of the result's segments, by chunk, as they became known: the reduced chunk's
+    /// when it was sent, every other chunk's as its all-gather segments arrived and were
+    /// checked ([`Self::result_hash`]).
+    final_hashes: Vec<Vec<Option<Hash>>>,
     started: bool,
     bytes_sent: u64,
     bytes_received: u64,
@@ -227,6 +231,7 @@ impl RingAllReduce {
             })
             .collect();
         assert_eq!(own_segment_hashes.len(), mine, "one hash per segment of the own chunk");
+        let final_hashes = chunks.iter().map(|c| vec![None; segment_count(c.len(), p.segment_elems)]).collect();
         let gather = gather.map(|hashes| {
             let seen = (0..steps)
                 .map(|s| {
@@ -250,6 +255,7 @@ impl RingAllReduce {
             step0_hashes: step0,
             gather,
             sent_sums,
+            final_hashes,
             started: false,
             bytes_sent: 0,
             bytes_received: 0,
@@ -381,12 +387,15 @@ impl RingAllReduce {
                     // The reduced segment waits for the ring across groups.
                     return Ok(None);
                 } else {
-                    self.step_msg(Phase::AllGather, 0, segment, None, payload)
+                    let out = self.step_msg(Phase::AllGather, 0, segment, None, payload);
+                    self.final_hashes[chunk][segment] = Some(out.hash);
+                    out
                 };
                 self.sent_sums[s + 1][segment] = Some(out.hash);
                 Ok(Some(out))
             }
             Phase::AllGather => {
+                self.final_hashes[chunk][segment] = Some(msg.hash);
                 read_le_bytes(&msg.payload, &mut self.data[range]);
                 if s + 2 < n {
                     Ok(Some(self.step_msg(Phase::AllGather, s + 1, segment, Some(msg.hash), msg.payload)))
@@ -447,9 +456,21 @@ impl RingAllReduce {
                 let payload = le_bytes(&self.data[self.seg(c, segment)]);
                 let out = self.step_msg(Phase::AllGather, 0, segment, None, payload);
                 self.sent_sums[n - 1][segment] = Some(out.hash);
+                self.final_hashes[c][segment] = Some(out.hash);
                 out
             })
             .collect()
+    }
+
+    /// [`crate::hash::sum_hash`] of the result, from the segment hashes this member checked or
+    /// made as the all-gather went (no pass over the vector); None before [`Self::is_done`],
+    /// in a ring of one, and in gather mode, where the result is made by the caller.
+    pub fn result_hash(&self) -> Option<Hash> {
+        if !self.is_done() || self.p.n == 1 || self.gather.is_some() {
+            return None;
+        }
+        let all: Option<Vec<&Hash>> = self.final_hashes.iter().flatten().map(Option::as_ref).collect();
+        all.map(crate::hash::sum_hash_of)
     }
 
     /// The values as they stand (the result once [`Self::is_done`]).

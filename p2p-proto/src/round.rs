@@ -26,7 +26,7 @@
 
 use crate::chunk::chunk_ranges;
 use crate::compress::Compression;
-use crate::hash::{Hash, chunk_hash, hash_i32s, hex, segment_hashes};
+use crate::hash::{Hash, chunk_hash, hex, segment_hashes, sum_hash};
 use crate::hier::{HierAllReduce, Layout, Place};
 use crate::membership::RingView;
 use crate::message::{
@@ -140,6 +140,15 @@ impl Reducer {
         match self {
             Self::Ring(r) => r.into_result(),
             Self::Hier(h) => h.into_result(),
+        }
+    }
+
+    /// The result's [`crate::hash::sum_hash`] from the segment hashes checked on the way, where
+    /// the all-reduce knows them.
+    fn result_hash(&self) -> Option<Hash> {
+        match self {
+            Self::Ring(r) => r.result_hash(),
+            Self::Hier(h) => h.result_hash(),
         }
     }
 }
@@ -1098,11 +1107,15 @@ impl Round {
             let sums = ring.partial_sums();
             self.bytes = ring.bytes();
             self.reduce_us = now - self.reduce_started;
+            // Certified from the segment hashes checked on the way; made here only where the
+            // all-reduce did not hash the sum's segments (a ring of one, decoded payloads).
+            let known = if self.values.is_none() { ring.result_hash() } else { None };
             let sum = match self.values {
                 None => ring.into_result(),
                 Some(_) => std::mem::take(&mut self.decoded),
             };
-            let hash = hash_i32s(&sum);
+            let chunks = self.cfg.chunks(self.view.len());
+            let hash = known.unwrap_or_else(|| sum_hash(&sum, chunks, self.cfg.segment_elems));
             let me = self.view.members[self.pos].clone();
             if !sums.is_empty() {
                 out.push(RoundAction::Publish(Gossip::PartialSums(PartialSums {
@@ -1701,6 +1714,8 @@ mod tests {
                     assert_eq!(r.len(), 1, "one outcome per member");
                     let RoundAction::Completed(o) = &r[0] else { panic!("{:?}", r[0]) };
                     assert_eq!(o.sum, want, "n={n} len={len}");
+                    // Certified from the segment hashes checked on the way: the sum's hash.
+                    assert_eq!(o.sum_hash, sum_hash(&want, n, cfg().segment_elems), "n={n} len={len}");
                     assert_eq!(o.next, next);
                     assert_eq!(o.samples, (0..n as u64).map(|i| 10 + i).sum::<u64>());
                 }
@@ -1720,6 +1735,8 @@ mod tests {
                 for r in &results {
                     let RoundAction::Completed(o) = &r[0] else { panic!("n={n} g={g}: {:?}", r[0]) };
                     assert_eq!(o.sum, want, "n={n} g={g} len={len}");
+                    let chunks = if n / g >= 2 { g } else { n };
+                    assert_eq!(o.sum_hash, sum_hash(&want, chunks, cfg().segment_elems), "n={n} g={g} len={len}");
                 }
             }
         }
@@ -1745,7 +1762,7 @@ mod tests {
                     for r in &results {
                         let RoundAction::Completed(o) = &r[0] else { panic!("{comp:?} n={n}: {:?}", r[0]) };
                         assert_eq!(o.sum, want, "{comp:?} n={n} len={len}");
-                        assert_eq!(o.sum_hash, hash_i32s(&want));
+                        assert_eq!(o.sum_hash, sum_hash(&want, n, cfg().segment_elems));
                     }
                 }
             }

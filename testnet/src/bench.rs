@@ -236,7 +236,8 @@ fn human(len: usize) -> String {
 
 /// Seconds one core spends on the blake3 work of one peer's round, measured now: its commit
 /// (the whole vector), checking every segment it receives (2(n-1)/n of it) and hashing the
-/// partial sums it sends in reduce-scatter ((n-1)/n of it).
+/// partial sums it sends in reduce-scatter and its reduced chunk ((n-1)/n of it). Its `Done`
+/// hashes the sum's segment hashes, not the vector ([`p2p_proto::hash::sum_hash`]).
 fn hashing_secs(len: usize, n: usize) -> f64 {
     let bytes = vec![0x5au8; 4 * len];
     let t = Instant::now();

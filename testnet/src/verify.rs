@@ -1,7 +1,8 @@
 //! Checks computed outside the nodes, from the inputs alone.
 
 /// The hash of the exact sum of every member's demo vector for `round`,
-/// computed here in i64, independently of any ring.
+/// computed here in i64, independently of any ring, and hashed as a plain ring of
+/// `members` certifies it ([`p2p_proto::hash::sum_hash`], one chunk a member).
 pub fn expected_sum_hash(run: &str, round: u64, members: &[String], len: usize) -> String {
     let run = p2p_proto::RunId::from_name(run);
     let fp = p2p_proto::FixedPoint::default();
@@ -13,7 +14,8 @@ pub fn expected_sum_hash(run: &str, round: u64, members: &[String], len: usize) 
         }
     }
     let sum: Vec<i32> = sum.into_iter().map(|s| i32::try_from(s).expect("no overflow")).collect();
-    p2p_proto::hash::hex(&p2p_proto::hash::hash_i32s(&sum))
+    let chunks = members.len();
+    p2p_proto::hash::hex(&p2p_proto::hash::sum_hash(&sum, chunks, p2p_proto::chunk::SEGMENT_ELEMS))
 }
 
 /// The commit root of a contribution record over `(round, commit digest hex)` pairs in round
