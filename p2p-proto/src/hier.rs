@@ -413,14 +413,20 @@ impl HierAllReduce {
         {
             *gathered = true;
             let sum = ring.values().to_vec();
-            out.extend(group.resume_gather(&sum).into_iter().map(|s| (layout.right(pos, 0), s)));
+            let resumed = group.resume_gather(&sum);
+            // The extras get the same segments: their hashes are made once, by the group ring.
+            let mut hashes = vec![None; segment_count(held.len(), self.p.segment_elems)];
+            for step in &resumed {
+                hashes[step.id.segment as usize] = Some(step.hash);
+            }
+            out.extend(resumed.into_iter().map(|s| (layout.right(pos, 0), s)));
             let targets: Vec<usize> = extras.iter().map(|x| x.pos).collect();
             let (c, seg, held) = ((pos % layout.g + 1) % layout.g, self.p.segment_elems, held.clone());
             for x in targets {
-                for s in 0..segment_count(held.len(), seg) {
+                for (s, hash) in hashes.iter().enumerate() {
                     let r = segment_range(&held, seg, s);
                     let payload = le_bytes(&sum[r.start - held.start..r.end - held.start]);
-                    let step = self.msg(Phase::AllGather, 0, c, s, None, payload);
+                    let step = self.msg(Phase::AllGather, 0, c, s, *hash, payload);
                     out.push((x, step));
                 }
             }
