@@ -9,7 +9,8 @@
 //!   `busbw = algbw × 2(N−1)/N`, counted in bytes of the f32 vector.
 //! - The reference a user would otherwise pick: torch.distributed's all-reduce on
 //!   the gloo backend, N processes, the same sizes (`--gloo`, through
-//!   `testnet/gloo/allreduce.py`).
+//!   `testnet/gloo/allreduce.py`); for HPC users, Open MPI's `MPI_Allreduce` over
+//!   its TCP transport on loopback (`--mpi`, through `testnet/mpi/allreduce.c`).
 //! - The single-core cost of the per-value work: fixed-point encoding, blake3,
 //!   integer addition.
 
@@ -122,6 +123,8 @@ pub struct BenchOpts {
     pub rounds: u64,
     /// A Python interpreter with torch, to run the gloo reference.
     pub gloo: Option<std::path::PathBuf>,
+    /// The MPI reference's binary (`testnet/mpi/setup`), run with `mpirun`.
+    pub mpi: Option<std::path::PathBuf>,
     /// `--ring-transport` of the node processes.
     pub ring_transport: String,
     /// Compressions to measure besides the uncompressed ring (int8, topk).
@@ -163,23 +166,32 @@ pub fn run(o: &BenchOpts) -> anyhow::Result<()> {
     for &len in &o.sizes {
         ours.push(allreduce(n, len, o.rounds, &o.ring_transport, "none")?);
     }
-    let gloo = match &o.gloo {
-        Some(python) => Some(gloo(python, n, &o.sizes, o.rounds)?),
-        None => None,
-    };
+    let mut references: Vec<(&str, Vec<f64>)> = Vec::new();
+    if let Some(python) = &o.gloo {
+        references.push(("gloo", gloo(python, n, &o.sizes, o.rounds)?));
+    }
+    if let Some(binary) = &o.mpi {
+        references.push(("MPI", mpi(binary, n, &o.sizes, o.rounds)?));
+    }
     let busbw = |secs: f64, len: usize| gbps(4.0 * len as f64, secs) * 2.0 * (n as f64 - 1.0) / n as f64;
+    let headers: String = references
+        .iter()
+        .map(|(name, _)| format!(" {name} ms (median) | {name} busbw / ceiling | {name} ms / ours |"))
+        .collect();
     println!(
-        "| values (f32) | peers | reduce ms (median) | round ms (median) | algbw GB/s | busbw GB/s | busbw / per-peer ceiling | hashing / round |{}",
-        if gloo.is_some() { " gloo ms (median) | gloo busbw / ceiling | gloo ms / ours |" } else { "" }
+        "| values (f32) | peers | reduce ms (median) | round ms (median) | algbw GB/s | busbw GB/s | busbw / per-peer ceiling | hashing / round |{headers}"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|{}", if gloo.is_some() { "---:|---:|---:|" } else { "" });
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|{}", "---:|---:|---:|".repeat(references.len()));
     for (i, (&len, &(reduce, round))) in o.sizes.iter().zip(&ours).enumerate() {
         let bus = busbw(reduce, len);
         let hashing = hashing_secs(len, n);
-        let theirs = gloo.as_ref().map_or(String::new(), |g| {
-            let t = g[i];
-            format!(" {:.1} | {:.0}% | {:.2} |", t * 1e3, 100.0 * busbw(t, len) / per_peer, t / reduce)
-        });
+        let theirs: String = references
+            .iter()
+            .map(|(_, secs)| {
+                let t = secs[i];
+                format!(" {:.1} | {:.0}% | {:.2} |", t * 1e3, 100.0 * busbw(t, len) / per_peer, t / reduce)
+            })
+            .collect();
         println!(
             "| {} | {n} | {:.1} | {:.1} | {:.3} | {bus:.3} | {:.0}% | {:.1}% |{theirs}",
             human(len),
@@ -246,6 +258,57 @@ fn hashing_secs(len: usize, n: usize) -> f64 {
     whole * (1.0 + 3.0 * (n as f64 - 1.0) / n as f64)
 }
 
+/// Median seconds of Open MPI's `MPI_Allreduce` per size, slowest rank per round: `binary`
+/// (`testnet/mpi/allreduce.c`) under `mpirun`, one rank a peer, over Open MPI's TCP transport
+/// on loopback (the network path, as the ring's; its shared-memory transport works only
+/// within one machine).
+fn mpi(binary: &std::path::Path, n: usize, sizes: &[usize], rounds: u64) -> anyhow::Result<Vec<f64>> {
+    let list = sizes.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    let out = Command::new("mpirun")
+        .args([
+            "--oversubscribe",
+            "-np",
+            &n.to_string(),
+            "--mca",
+            "btl",
+            "tcp,self",
+            "--mca",
+            "btl_tcp_if_include",
+            "lo",
+        ])
+        .arg(binary)
+        .args(["--sizes", &list, "--rounds", &rounds.to_string()])
+        // mpirun refuses to start as root without both.
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| {
+            format!("cannot run mpirun {}: install Open MPI and build it with testnet/mpi/setup", binary.display())
+        })?;
+    if !out.status.success() {
+        bail!("the MPI all-reduce failed ({}); its messages are above", out.status);
+    }
+    reference_medians("MPI", &out.stdout, sizes.len(), "mpi")
+}
+
+/// The median seconds per size from a reference's JSON lines (`median_s`; `version` names the
+/// field holding its version).
+fn reference_medians(name: &str, stdout: &[u8], sizes: usize, version: &str) -> anyhow::Result<Vec<f64>> {
+    let mut secs = Vec::new();
+    for line in String::from_utf8_lossy(stdout).lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{name} output line {line:?}"))?;
+        let median = v["median_s"].as_f64().with_context(|| format!("{name} output without median_s"))?;
+        eprintln!("{name} ({}), {} values: median {:.1} ms", v[version], v["size"], median * 1e3);
+        secs.push(median);
+    }
+    if secs.len() != sizes {
+        bail!("the {name} all-reduce reported {} sizes of {sizes}", secs.len());
+    }
+    Ok(secs)
+}
+
 /// Median seconds of torch.distributed's all-reduce (gloo) per size, slowest rank per round.
 fn gloo(python: &std::path::Path, n: usize, sizes: &[usize], rounds: u64) -> anyhow::Result<Vec<f64>> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/gloo/allreduce.py");
@@ -258,17 +321,7 @@ fn gloo(python: &std::path::Path, n: usize, sizes: &[usize], rounds: u64) -> any
     if !out.status.success() {
         bail!("the gloo all-reduce failed ({}); its messages are above", out.status);
     }
-    let mut secs = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("gloo output line {line:?}"))?;
-        let median = v["median_s"].as_f64().context("gloo output without median_s")?;
-        eprintln!("gloo (torch {}), {} values: median {:.1} ms", v["torch"], v["size"], median * 1e3);
-        secs.push(median);
-    }
-    if secs.len() != sizes.len() {
-        bail!("the gloo all-reduce reported {} sizes of {}", secs.len(), sizes.len());
-    }
-    Ok(secs)
+    reference_medians("gloo", &out.stdout, sizes.len(), "torch")
 }
 
 /// Median over rounds of the slowest peer's reduce and round time, in seconds.

@@ -142,6 +142,10 @@ enum Cmd {
         /// count with this Python interpreter (`testnet/gloo/setup` makes one with torch).
         #[arg(long)]
         gloo: Option<std::path::PathBuf>,
+        /// Also run Open MPI's MPI_Allreduce (its TCP transport on loopback) on the same sizes
+        /// and peer count with this binary (`testnet/mpi/setup` builds it).
+        #[arg(long)]
+        mpi: Option<std::path::PathBuf>,
         /// How node processes move ring payloads (`direct` or `libp2p`).
         #[arg(long, default_value = "direct")]
         ring_transport: String,
@@ -236,8 +240,8 @@ fn main() -> anyhow::Result<()> {
             logs,
         }),
         Cmd::Simulate(opts) => sim::run(&opts),
-        Cmd::Bench { peers, sizes, rounds, gloo, ring_transport, compression } => {
-            bench::run(&bench::BenchOpts { peers, sizes, rounds, gloo, ring_transport, compression })
+        Cmd::Bench { peers, sizes, rounds, gloo, mpi, ring_transport, compression } => {
+            bench::run(&bench::BenchOpts { peers, sizes, rounds, gloo, mpi, ring_transport, compression })
         }
         Cmd::TcpPeer { send, recv, span } => bench::tcp_peer(send, recv, span),
     }
