@@ -24,7 +24,7 @@
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, StreamProtocol};
 use libp2p_stream::Control;
-use p2p_proto::codec::{HEADER_BYTES, decode_body, decode_header, encode_frame_into};
+use p2p_proto::codec::{HEADER_BYTES, decode_body, decode_header, encode_step_frame_parts};
 use p2p_proto::message::{
     RING_OFFER_DIRECT as OFFER_DIRECT, RING_OFFER_STREAM as OFFER_STREAM, RING_PROTOCOL,
     RING_TOKEN_BYTES as TOKEN_BYTES, RingFrame, RingStep, StepError, VerifiedStep,
@@ -415,6 +415,21 @@ async fn connect_direct(
 /// Opens a stream to `peer` (reached at `ip`, when known) and writes every step sent on the
 /// returned channel, in order, until the sender is dropped: over direct TCP when the
 /// neighbour offers it and its port can be reached, otherwise on the stream.
+/// Writes `parts` whole and in order, with vectored writes where the sink takes them.
+async fn write_all_parts<W: AsyncWrite + Unpin + ?Sized>(sink: &mut W, parts: [&[u8]; 3]) -> std::io::Result<()> {
+    let mut slices = parts.map(std::io::IoSlice::new);
+    let mut left: &mut [std::io::IoSlice<'_>] = &mut slices;
+    std::io::IoSlice::advance_slices(&mut left, 0);
+    while !left.is_empty() {
+        let n = sink.write_vectored(left).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        std::io::IoSlice::advance_slices(&mut left, n);
+    }
+    Ok(())
+}
+
 pub fn spawn_writer(
     mut control: Control,
     peer: PeerKey,
@@ -475,11 +490,12 @@ pub fn spawn_writer(
             Some(tcp) => Box::new(tcp),
             None => Box::new(stream),
         };
-        // One buffer for every frame: a fresh megabyte per frame costs page faults.
-        let mut frame = Vec::new();
+        // The payload is written from where it lies; only the step's fields and signature are
+        // encoded, into two small reused buffers.
+        let (mut head, mut tail) = (Vec::new(), Vec::new());
         while let Some(step) = rx.recv().await {
-            encode_frame_into(&RingFrame::Step(step), &mut frame);
-            if let Err(e) = sink.write_all(&frame).await {
+            encode_step_frame_parts(&step, &mut head, &mut tail);
+            if let Err(e) = write_all_parts(&mut sink, [&head, &step.payload, &tail]).await {
                 warn!(%peer, error = %e, "ring stream write failed");
                 return;
             }

@@ -53,6 +53,32 @@ pub fn encode_frame_into<T: Serialize>(msg: &T, out: &mut Vec<u8>) {
     out[..4].copy_from_slice(&len.to_le_bytes());
 }
 
+/// The frame of a ring step (`RingFrame::Step`) in three parts, so a writer can send the
+/// payload from where it lies instead of copying it into a frame buffer: `head` (the frame
+/// header, the step's fields and the payload's length) and `tail` (its signature) are written
+/// here, and `head`, the payload and `tail` in that order are exactly
+/// `encode_frame(&RingFrame::Step(step))`.
+pub fn encode_step_frame_parts(step: &crate::message::RingStep, head: &mut Vec<u8>, tail: &mut Vec<u8>) {
+    use crate::hash::Hash;
+    use crate::message::{RunId, StepId};
+    /// `RingFrame::Step`'s fields before the payload, serialized as the enum's variant.
+    #[derive(Serialize)]
+    enum FrameHead<'a> {
+        Step { run: &'a RunId, round: u64, attempt: u32, id: &'a StepId, hash: &'a Hash },
+    }
+    let fields =
+        FrameHead::Step { run: &step.run, round: step.round, attempt: step.attempt, id: &step.id, hash: &step.hash };
+    head.clear();
+    head.extend_from_slice(&[0, 0, 0, 0, PROTOCOL_VERSION]);
+    postcard::to_io(&fields, &mut *head).expect("serializing to a Vec cannot fail");
+    // A byte string is its length (a varint, as a `usize`) and its bytes.
+    postcard::to_io(&step.payload.len(), &mut *head).expect("serializing to a Vec cannot fail");
+    tail.clear();
+    postcard::to_io(serde_bytes::Bytes::new(&step.signature), &mut *tail).expect("serializing to a Vec cannot fail");
+    let len = u32::try_from(head.len() - 4 + step.payload.len() + tail.len()).expect("a frame is far below 4 GiB");
+    head[..4].copy_from_slice(&len.to_le_bytes());
+}
+
 /// Reads the header at the start of `buf` and returns the body length that
 /// follows it. Used by stream readers to size the body read after checking it.
 pub fn decode_header(buf: &[u8]) -> Result<usize, FrameError> {
@@ -107,6 +133,26 @@ pub fn decode_exact<T: DeserializeOwned>(buf: &[u8]) -> Result<T, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A step frame written in parts is byte for byte the frame `encode_frame` makes, at every
+    /// payload length where the length's varint changes size.
+    #[test]
+    fn a_step_frame_in_parts_is_the_encoded_frame() {
+        for len in [0usize, 4, 124, 128, 16_380, 16_384, 2_097_148, 1 << 20] {
+            for (round, attempt, sig) in
+                [(0u64, 0u32, vec![]), (u64::MAX, u32::MAX, vec![7u8; 64]), (300, 5, vec![1; 200])]
+            {
+                let id =
+                    StepId { level: 2, phase: crate::ring::Phase::AllGather, step: 300, chunk: 70_000, segment: 129 };
+                let mut step = RingStep::new(RunId::from_name("parts"), round, attempt, id, vec![0xab; len]);
+                step.signature = sig;
+                let (mut head, mut tail) = (Vec::new(), Vec::new());
+                encode_step_frame_parts(&step, &mut head, &mut tail);
+                let whole = [&head[..], &step.payload[..], &tail[..]].concat();
+                assert_eq!(whole, encode_frame(&RingFrame::Step(step)), "payload of {len} bytes");
+            }
+        }
+    }
     use crate::message::{Gossip, Heartbeat, PeerStatus, RingFrame, RingStep, RunId, StepId};
     use crate::ring::Phase;
     use proptest::prelude::*;
