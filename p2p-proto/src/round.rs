@@ -1562,23 +1562,12 @@ mod tests {
         liar: Option<usize>,
         comp: Compression,
     ) -> Vec<Vec<RoundAction>> {
-        run_round_cfg(n, len, joiners, silent, liar, RoundConfig { compression: comp, ..cfg() })
+        run_round_cfg(n, len, joiners, silent, liar, RoundConfig { compression: comp, ..cfg() }).0
     }
 
-    /// As [`run_round_with`], under `base` (its compression, its groups).
+    /// As [`run_round_with`], under `base` (its compression, its groups); also returns every
+    /// `Done` a member published, by position.
     fn run_round_cfg(
-        n: usize,
-        len: usize,
-        joiners: &[&str],
-        silent: &[usize],
-        liar: Option<usize>,
-        base: RoundConfig,
-    ) -> Vec<Vec<RoundAction>> {
-        run_round_dones(n, len, joiners, silent, liar, base).0
-    }
-
-    /// As [`run_round_cfg`]; also returns every `Done` a member published, by position.
-    fn run_round_dones(
         n: usize,
         len: usize,
         joiners: &[&str],
@@ -1684,7 +1673,7 @@ mod tests {
         for n in 1..7 {
             for (joiners, g) in [(&["joiner"][..], 0), (&[][..], 0), (&["joiner"][..], 2)] {
                 let base = RoundConfig { group_size: g, ..cfg() };
-                let (results, dones) = run_round_dones(n, 40, joiners, &[], None, base);
+                let (results, dones) = run_round_cfg(n, 40, joiners, &[], None, base);
                 assert!(results.iter().all(|r| matches!(r[..], [RoundAction::Completed(_)])), "n={n}");
                 assert_eq!(dones.len(), n, "one Done per member");
                 for (pos, d) in &dones {
@@ -1730,7 +1719,7 @@ mod tests {
     fn hierarchical_rounds_certify_the_exact_sum() {
         for (n, g) in [(4, 2), (6, 2), (6, 3), (8, 4), (5, 2)] {
             for len in [0, 1, 7, 40] {
-                let results = run_round_cfg(n, len, &[], &[], None, RoundConfig { group_size: g, ..cfg() });
+                let results = run_round_cfg(n, len, &[], &[], None, RoundConfig { group_size: g, ..cfg() }).0;
                 let want: Vec<i32> = (0..len).map(|j| (0..n).map(|i| member_data(i, len)[j]).sum()).collect();
                 for r in &results {
                     let RoundAction::Completed(o) = &r[0] else { panic!("n={n} g={g}: {:?}", r[0]) };
@@ -1740,7 +1729,7 @@ mod tests {
                 }
             }
         }
-        let results = run_round_cfg(6, 40, &[], &[4], None, RoundConfig { group_size: 3, ..cfg() });
+        let results = run_round_cfg(6, 40, &[], &[4], None, RoundConfig { group_size: 3, ..cfg() }).0;
         for (pos, r) in results.iter().enumerate().filter(|(p, _)| *p != 4) {
             assert!(matches!(r.last(), Some(RoundAction::Failed(_))), "member {pos}: {r:?}");
         }
