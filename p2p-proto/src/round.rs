@@ -324,6 +324,9 @@ pub struct Outcome {
     pub round_us: u64,
     /// The member this member audited in the attempt, if it was audited.
     pub audited: Option<PeerKey>,
+    /// Members this member audited besides, standing in for auditors behind the ring
+    /// (asynchronous runs).
+    pub audited_also: Vec<PeerKey>,
     /// Each member's residual hashes (used, left) as its commit stated them (top-k).
     pub residuals: BTreeMap<PeerKey, [Hash; 2]>,
     /// Samples the ring's members announced for the round (its stretch of the sample stream),
@@ -474,10 +477,11 @@ pub struct Round {
     dones: Vec<Option<RoundDone>>,
     sum: Option<(Vec<i32>, Hash)>,
     next: Option<RingView>,
-    /// An audit this member runs and has not finished: its `Done` waits for it.
-    auditing: bool,
-    /// The member this member audits in this attempt.
-    audit_target: Option<usize>,
+    /// Audits this member runs and has not finished, by target: its `Done` waits for them.
+    auditing: BTreeSet<usize>,
+    /// The members this member audits in this attempt: its own target first, then those it
+    /// stands in for.
+    audit_targets: Vec<usize>,
     /// The left neighbour's signed step-0 segments (its own chunk), as they arrived.
     left_step0: Vec<SignedStep>,
     /// Sum of squares of the left neighbour's own values seen so far (step 0).
@@ -498,8 +502,8 @@ pub struct Round {
     checked: Vec<bool>,
     /// Members that said all their checks passed.
     confirmed: Vec<bool>,
-    /// The audited member's recomputed values, to check its sum check against.
-    audited_data: Option<Vec<i32>>,
+    /// The audited members' recomputed values, to check their sum checks against.
+    audited_data: BTreeMap<usize, Vec<i32>>,
     points: [u64; 2],
     deadline: u64,
     last_publish: u64,
@@ -579,8 +583,8 @@ impl Round {
             dones: vec![None; n],
             sum: None,
             next: None,
-            auditing: false,
-            audit_target: None,
+            auditing: BTreeSet::new(),
+            audit_targets: Vec::new(),
             left_step0: Vec::new(),
             left_step0_sq: 0.0,
             extra_steps: BTreeMap::new(),
@@ -592,7 +596,7 @@ impl Round {
             checks: vec![None; n],
             checked: vec![false; n],
             confirmed: vec![false; n],
-            audited_data: None,
+            audited_data: BTreeMap::new(),
             points: [0; 2],
             deadline: now + cfg.commit_timeout_us,
             last_publish: now,
@@ -863,22 +867,40 @@ impl Round {
         // Asynchronous runs: a member behind the ring (its commit empty or stale) audits nobody,
         // as its compute is busy or slow and the ring goes on without waiting for it; its target
         // goes unaudited in this attempt. Every member still decides the sum checks alike.
-        let own = self.commits[self.pos].as_ref().expect("own commit");
-        let behind = self.cfg.max_staleness > 0 && (own.samples == 0 || own.computed_at < own.round);
+        let behind: Vec<bool> = self
+            .commits
+            .iter()
+            .map(|c| {
+                let c = c.as_ref().expect("all commits");
+                self.cfg.max_staleness > 0 && (c.samples == 0 || c.computed_at < c.round)
+            })
+            .collect();
         if let Some(target) = crate::audit::target(&seed, n, self.pos, self.cfg.audit_every)
             && !self.ring_batches.is_empty()
         {
             // A gathered payload is checked whole against its commit; no partial sums to check.
             self.sum_checking = self.values.is_none();
-            if !behind {
-                self.auditing = true;
-                self.audit_target = Some(target);
-                out.push(RoundAction::Audit(Box::new(AuditJob {
-                    view: self.view.clone(),
-                    target,
-                    commit: self.commits[target].clone().expect("all commits"),
-                    batches: self.ring_batches.clone(),
-                })));
+            if !behind[self.pos] {
+                self.audit_targets = vec![target];
+                // A member behind audits nobody; its target is audited by a stand-in, the first
+                // member after it in ring order that is not behind (and is not that target), so
+                // every commit is still recomputed in every audited attempt.
+                for b in (0..n).filter(|b| behind[*b]) {
+                    let Some(t) = crate::audit::target(&seed, n, b, self.cfg.audit_every) else { continue };
+                    let stand_in = (1..n).map(|k| (b + k) % n).find(|m| !behind[*m] && *m != t);
+                    if stand_in == Some(self.pos) && !self.audit_targets.contains(&t) {
+                        self.audit_targets.push(t);
+                    }
+                }
+                for &t in &self.audit_targets {
+                    self.auditing.insert(t);
+                    out.push(RoundAction::Audit(Box::new(AuditJob {
+                        view: self.view.clone(),
+                        target: t,
+                        commit: self.commits[t].clone().expect("all commits"),
+                        batches: self.ring_batches.clone(),
+                    })));
+                }
             }
         }
         let params = RingParams {
@@ -1053,13 +1075,14 @@ impl Round {
         out
     }
 
-    /// This member's audit found the target's commit to be its gradient, recomputed as `data`
-    /// (kept to check the target's partial sums).
-    pub fn audit_passed(&mut self, now: u64, data: Option<Vec<i32>>) -> Vec<RoundAction> {
+    /// This member's audit found the commit of the member at `target` to be its gradient,
+    /// recomputed as `data` (kept to check the target's partial sums).
+    pub fn audit_passed(&mut self, now: u64, target: usize, data: Option<Vec<i32>>) -> Vec<RoundAction> {
         let mut out = Vec::new();
-        if self.auditing && self.stage != Stage::Finished {
-            self.auditing = false;
-            self.audited_data = data;
+        if self.stage != Stage::Finished && self.auditing.remove(&target) {
+            if let Some(data) = data {
+                self.audited_data.insert(target, data);
+            }
             self.maybe_certify(now, &mut out);
         }
         out
@@ -1088,7 +1111,7 @@ impl Round {
     /// recompute), and nobody is blamed.
     pub fn audit_unanswered(&mut self, target: usize, reason: &str, kind: FailureKind) -> Vec<RoundAction> {
         let mut out = Vec::new();
-        if self.auditing && self.audit_target == Some(target) && self.stage != Stage::Finished {
+        if self.auditing.contains(&target) && self.stage != Stage::Finished {
             let peer = self.view.members[target].clone();
             let blame = if kind == FailureKind::Other { Vec::new() } else { vec![peer.clone()] };
             self.fail_with(format!("audit of peer {peer} could not finish: {reason}"), kind, blame, &mut out);
@@ -1097,7 +1120,10 @@ impl Round {
     }
 
     fn maybe_certify(&mut self, now: u64, out: &mut Vec<RoundAction>) {
-        if self.stage == Stage::Reducing && self.ring.as_ref().is_some_and(Reducer::is_done) && self.auditing {
+        if self.stage == Stage::Reducing
+            && self.ring.as_ref().is_some_and(Reducer::is_done)
+            && !self.auditing.is_empty()
+        {
             // The sum is here; the Done waits for this member's audit (bounded by the step timeout).
             self.deadline = self.deadline.max(now + self.cfg.step_timeout_us);
             return;
@@ -1181,7 +1207,8 @@ impl Round {
                 bytes_received: self.bytes.1,
                 reduce_us: self.reduce_us,
                 round_us: now - self.started,
-                audited: self.audit_target.map(|t| self.view.members[t].clone()),
+                audited: self.audit_targets.first().map(|t| self.view.members[*t].clone()),
+                audited_also: self.audit_targets.iter().skip(1).map(|t| self.view.members[*t].clone()).collect(),
                 residuals: self
                     .commits
                     .iter()
@@ -1297,8 +1324,7 @@ impl Round {
         if let Err(why) = wrong {
             return self.fail_with(format!("peer {peer}: {why}"), FailureKind::BadMessage, vec![peer], out);
         }
-        if self.audit_target == Some(i)
-            && let Some(data) = &self.audited_data
+        if let Some(data) = self.audited_data.get(&i)
             && let Err(why) = sumcheck::check_own(check, layout, n, i, data, self.cfg.segment_elems, self.points)
         {
             out.push(RoundAction::SumFault(Box::new(SumFault {
@@ -1465,7 +1491,7 @@ impl Round {
             };
             let (what, blame) = match self.stage {
                 Stage::Committing => ("commits", missing(self.commits.iter().map(Option::is_some).collect())),
-                Stage::Reducing if self.auditing && self.ring.as_ref().is_some_and(Reducer::is_done) => {
+                Stage::Reducing if !self.auditing.is_empty() && self.ring.as_ref().is_some_and(Reducer::is_done) => {
                     ("this member's audit", Vec::new())
                 }
                 // In a hierarchy any of several members may be the one behind.
@@ -2062,7 +2088,7 @@ mod tests {
             }
             let mut queue = VecDeque::new();
             for (pos, r) in rounds.iter_mut().enumerate() {
-                queue.extend(r.audit_passed(0, Some(member_data(1 - pos, 10))).into_iter().map(|a| (pos, a)));
+                queue.extend(r.audit_passed(0, 1 - pos, Some(member_data(1 - pos, 10))).into_iter().map(|a| (pos, a)));
             }
             let kept = exchange(&mut rounds, queue);
             for k in kept {
@@ -2134,7 +2160,9 @@ mod tests {
                     let to = view.position(&peer).unwrap();
                     out.push((to, rounds[to].on_step_from(&view.members[from], step.verify().unwrap(), 0)));
                 }
-                RoundAction::Audit(job) => out.push((from, rounds[from].audit_passed(0, Some(data(job.target))))),
+                RoundAction::Audit(job) => {
+                    out.push((from, rounds[from].audit_passed(0, job.target, Some(data(job.target)))))
+                }
                 RoundAction::SumFault(f) => proofs.push((from, f)),
                 a @ (RoundAction::Completed(_) | RoundAction::Failed(_)) => ended[from] = Some(a),
                 RoundAction::Contradiction(c) => contradictions.push((from, c)),
@@ -2145,6 +2173,79 @@ mod tests {
             }
         }
         (ended, proofs, view, contradictions)
+    }
+
+    /// Asynchronous attempts: a member behind the ring (its commit empty) audits nobody, and
+    /// its target is audited by a stand-in, the first member after it that is not behind; every
+    /// commit is recomputed by exactly one auditor, and every member certifies the exact sum
+    /// once all audits passed.
+    #[test]
+    fn a_member_behinds_audit_target_is_audited_by_a_stand_in() {
+        for (n, behind) in [(3, vec![1]), (4, vec![2]), (5, vec![0, 1]), (6, vec![1, 4]), (4, vec![])] {
+            let run = RunId::from_name(RUN);
+            let view = RingView::order(run, 7, 0, (0..n).map(|i| format!("m{i}")).collect::<Vec<_>>());
+            let asy = RoundConfig { audit_every: 1, max_staleness: 2, ..cfg() };
+            let len = 12;
+            let data = |pos: usize| if behind.contains(&pos) { vec![0; len] } else { member_data(pos, len) };
+            let mut rounds = Vec::new();
+            let mut queue: VecDeque<(usize, RoundAction)> = VecDeque::new();
+            for (pos, name) in view.members.iter().enumerate() {
+                let samples = if behind.contains(&pos) { 0 } else { 4 };
+                let input = Contribution::new(data(pos), samples, [5; 32], vec![], asy.chunks(n), cfg().segment_elems)
+                    .with_ring_batches(vec![4; n])
+                    .with_async(7, BTreeMap::new(), BTreeMap::new());
+                let (r, acts) = Round::new(run, name, view.clone(), input, asy.clone(), 0, &no_sign);
+                rounds.push(r);
+                queue.extend(acts.into_iter().map(|a| (pos, a)));
+            }
+            let mut audits: Vec<Vec<usize>> = vec![Vec::new(); n];
+            let mut ended: Vec<Option<RoundAction>> = vec![None; n];
+            while let Some((from, a)) = queue.pop_front() {
+                let mut out: Vec<(usize, Vec<RoundAction>)> = Vec::new();
+                match a {
+                    RoundAction::Publish(g) => {
+                        for to in (0..n).filter(|t| *t != from) {
+                            let acts = match &g {
+                                Gossip::Commit(c) => rounds[to].on_commit(c.clone(), 0),
+                                Gossip::Done(d) => rounds[to].on_done(d.clone(), 0),
+                                Gossip::Failed(f) => rounds[to].on_failed(f),
+                                Gossip::SumCheck(c) => rounds[to].on_sum_check((**c).clone(), 0),
+                                Gossip::Checked(c) => rounds[to].on_checked(c, 0),
+                                _ => Vec::new(),
+                            };
+                            out.push((to, acts));
+                        }
+                    }
+                    RoundAction::Send(peer, step) => {
+                        out.push((from, rounds[from].note_sent(&step, 0)));
+                        let to = view.position(&peer).unwrap();
+                        out.push((to, rounds[to].on_step_from(&view.members[from], step.verify().unwrap(), 0)));
+                    }
+                    RoundAction::Audit(job) => {
+                        audits[from].push(job.target);
+                        out.push((from, rounds[from].audit_passed(0, job.target, Some(data(job.target)))));
+                    }
+                    a @ (RoundAction::Completed(_) | RoundAction::Failed(_)) => ended[from] = Some(a),
+                    _ => {}
+                }
+                for (to, acts) in out {
+                    queue.extend(acts.into_iter().map(|a| (to, a)));
+                }
+            }
+            for b in &behind {
+                assert!(audits[*b].is_empty(), "n={n}: member {b} is behind and audits nobody");
+            }
+            let mut audited: Vec<usize> = audits.iter().flatten().copied().collect();
+            audited.sort();
+            assert_eq!(audited, (0..n).collect::<Vec<_>>(), "n={n} behind={behind:?}: every commit audited once");
+            let want: Vec<i32> = (0..len).map(|j| (0..n).map(|i| data(i)[j]).sum()).collect();
+            for (pos, e) in ended.iter().enumerate() {
+                let Some(RoundAction::Completed(o)) = e else { panic!("n={n} member {pos}: {e:?}") };
+                assert_eq!(o.sum, want);
+                let also: Vec<usize> = o.audited_also.iter().map(|m| view.position(m).unwrap()).collect();
+                assert_eq!(also, audits[pos].iter().skip(1).copied().collect::<Vec<_>>(), "n={n} member {pos}");
+            }
+        }
     }
 
     /// A member's sum check goes out with its Done: with every Done held back, each member of
@@ -2190,7 +2291,7 @@ mod tests {
                         out.push((to, rounds[to].on_step_from(&view.members[from], step.verify().unwrap(), 0)));
                     }
                     RoundAction::Audit(job) => {
-                        out.push((from, rounds[from].audit_passed(0, Some(member_data(job.target, 12)))))
+                        out.push((from, rounds[from].audit_passed(0, job.target, Some(member_data(job.target, 12)))))
                     }
                     other => panic!("n {n} g {g}: member {from} ended before any Done arrived: {other:?}"),
                 }

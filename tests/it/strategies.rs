@@ -280,6 +280,22 @@ fn asynchronous_run(name: &str, local_steps: u64, peers: usize, extra: &str) {
             .count();
     }
     assert!(stale_audited > 0, "no stale gradient was audited");
+    // And every member's commit was recomputed in every round: a peer behind audits nobody, a
+    // stand-in (the next member not behind) audits its target besides its own.
+    let mut audited: BTreeMap<u64, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for n in &nodes {
+        for e in n.events("round complete") {
+            let names = [&e["audited"], &e["audited_also"]].map(|v| v.as_str().unwrap_or_default().to_owned());
+            let set = audited.entry(e["round"].as_u64().unwrap()).or_default();
+            set.extend(names.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()).map(String::from));
+        }
+    }
+    for e in nodes[0].events("round complete") {
+        let members: std::collections::BTreeSet<String> =
+            e["members"].as_str().unwrap().split(',').map(String::from).collect();
+        let round = e["round"].as_u64().unwrap();
+        assert_eq!(audited[&round], members, "round {round}: every member's commit audited");
+    }
     // It learns: the fast peers' loss falls.
     let loss = |r: u64| per_node[..peers - 1].iter().map(|t| t[&r]["loss"].as_f64().unwrap()).sum::<f64>();
     let (first, last) = (loss(0) + loss(1), loss(rounds - 2) + loss(rounds - 1));

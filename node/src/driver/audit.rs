@@ -384,7 +384,9 @@ impl Driver {
                     s.audits_failed += u64::from(matches!(verdict, Verdict::Lie(_)));
                 });
                 let acts = match verdict {
-                    Verdict::Holds(data) => self.round.as_mut().map(|r| r.audit_passed(now, data)).unwrap_or_default(),
+                    Verdict::Holds(data) => {
+                        self.round.as_mut().map(|r| r.audit_passed(now, target, data)).unwrap_or_default()
+                    }
                     Verdict::Open(reason) => {
                         warn!(round, attempt, peer = %job.commit.peer, %reason, "audit could not finish; nobody is accused");
                         let kind = p2p_proto::round::FailureKind::Other;

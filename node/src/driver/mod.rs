@@ -1174,6 +1174,7 @@ impl Driver {
             result_hash = %hex(&o.sum_hash),
             commit = %hex(&o.own_commit),
             audited = o.audited.as_deref().unwrap_or(""),
+            audited_also = %o.audited_also.join(","),
             "round complete"
         );
         self.serve_waiting();
