@@ -114,37 +114,57 @@ pub enum Expect {
     Residual { len: usize },
 }
 
-async fn ask(control: &mut Control, from: PeerId, commit: &GradientCommit, expect: Expect) -> Result<Vec<i32>, String> {
-    let mut stream =
-        control.open_stream(from, StreamProtocol::new(REVEAL_PROTOCOL)).await.map_err(|e| e.to_string())?;
+/// Why a holder did not reveal: no stream to it could be opened (it may be reachable a moment
+/// later: a peer that just started may not know its address yet), or anything else.
+enum AskError {
+    Open(String),
+    Other(String),
+}
+
+impl From<std::io::Error> for AskError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Other(e.to_string())
+    }
+}
+
+async fn ask(
+    control: &mut Control,
+    from: PeerId,
+    commit: &GradientCommit,
+    expect: Expect,
+) -> Result<Vec<i32>, AskError> {
+    let mut stream = control
+        .open_stream(from, StreamProtocol::new(REVEAL_PROTOCOL))
+        .await
+        .map_err(|e| AskError::Open(format!("failed to open stream: {e}")))?;
     let mut req = Vec::with_capacity(46 + commit.peer.len());
     req.extend_from_slice(&commit.run.0);
     req.extend_from_slice(&commit.round.to_le_bytes());
     req.extend_from_slice(&commit.attempt.to_le_bytes());
     req.extend_from_slice(&(commit.peer.len() as u16).to_le_bytes());
     req.extend_from_slice(commit.peer.as_bytes());
-    stream.write_all(&req).await.map_err(|e| e.to_string())?;
+    stream.write_all(&req).await?;
     let mut count = [0u8; 4];
-    stream.read_exact(&mut count).await.map_err(|e| e.to_string())?;
+    stream.read_exact(&mut count).await?;
     let count = u32::from_le_bytes(count) as u64;
     if count == 0 {
-        return Err(format!("peer {from} does not hold them"));
+        return Err(AskError::Other(format!("peer {from} does not hold them")));
     }
     let want = match expect {
         Expect::Committed { .. } => commit.len,
         Expect::Residual { len } => len as u64,
     };
     if count != want {
-        return Err(format!("peer {from} answered {count} values, {want} expected"));
+        return Err(AskError::Other(format!("peer {from} answered {count} values, {want} expected")));
     }
     let mut bytes = vec![0u8; count as usize * 4];
-    stream.read_exact(&mut bytes).await.map_err(|e| e.to_string())?;
+    stream.read_exact(&mut bytes).await?;
     let data: Vec<i32> = bytes.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     match expect {
         Expect::Committed { n, seg } => audit::matches_commit(commit, &data, n, seg)
-            .map_err(|e| format!("peer {from} answered values that are not the commit's: {e}"))?,
+            .map_err(|e| AskError::Other(format!("peer {from} answered values that are not the commit's: {e}")))?,
         Expect::Residual { .. } if p2p_proto::hash::hash_i32s(&data) != commit.residual => {
-            return Err(format!("peer {from} answered a residual that is not the commit's"));
+            return Err(AskError::Other(format!("peer {from} answered a residual that is not the commit's")));
         }
         Expect::Residual { .. } => {}
     }
@@ -160,13 +180,30 @@ pub async fn fetch(
     expect: Expect,
 ) -> Result<Vec<i32>, String> {
     let mut last = String::from("nobody to ask");
-    for peer in from {
-        match tokio::time::timeout(REQUEST_TIMEOUT, ask(&mut control, *peer, commit, expect)).await {
-            Ok(Ok(data)) => return Ok(data),
-            Ok(Err(e)) => last = e,
-            Err(_) => last = format!("peer {peer} did not answer in time"),
+    // A holder no stream could be opened to is asked again after a pause (a peer that just
+    // started may not know the others' addresses yet), a few times, for at most about 1.5 s.
+    for pause in OPEN_RETRY_MS.iter().map(|ms| Duration::from_millis(*ms)) {
+        tokio::time::sleep(pause).await;
+        let mut unreachable = false;
+        for peer in from {
+            match tokio::time::timeout(REQUEST_TIMEOUT, ask(&mut control, *peer, commit, expect)).await {
+                Ok(Ok(data)) => return Ok(data),
+                Ok(Err(AskError::Open(e))) => {
+                    unreachable = true;
+                    last = e;
+                }
+                Ok(Err(AskError::Other(e))) => last = e,
+                Err(_) => last = format!("peer {peer} did not answer in time"),
+            }
+            debug!(%peer, reason = %last, "committed values not revealed");
         }
-        debug!(%peer, reason = %last, "committed values not revealed");
+        if !unreachable {
+            break;
+        }
     }
     Err(last)
 }
+
+/// Pauses before each round of asking a value's holders: the first at once, then again while
+/// a holder could not be reached.
+const OPEN_RETRY_MS: [u64; 6] = [0, 50, 100, 200, 400, 800];
