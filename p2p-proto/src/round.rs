@@ -2099,6 +2099,24 @@ mod tests {
         start(true);
     }
 
+    /// Hands gossip `g` published by the member at `from` to every other member (at time 0);
+    /// returns what each did with it.
+    fn gossip_to_all(rounds: &mut [Round], from: usize, g: &Gossip) -> Vec<(usize, Vec<RoundAction>)> {
+        let mut out = Vec::new();
+        for (to, r) in rounds.iter_mut().enumerate().filter(|(t, _)| *t != from) {
+            let acts = match g {
+                Gossip::Commit(c) => r.on_commit(c.clone(), 0),
+                Gossip::Done(d) => r.on_done(d.clone(), 0),
+                Gossip::Failed(f) => r.on_failed(f),
+                Gossip::SumCheck(c) => r.on_sum_check((**c).clone(), 0),
+                Gossip::Checked(c) => r.on_checked(c, 0),
+                _ => Vec::new(),
+            };
+            out.push((to, acts));
+        }
+        out
+    }
+
     /// What each member ended with, the proofs gossiped (by whom), and the ring; then the
     /// contradictions found (by whom).
     type AuditedRound =
@@ -2141,17 +2159,7 @@ mod tests {
                     if let Gossip::SumCheck(c) = &mut g {
                         lie(from, c);
                     }
-                    for to in (0..n).filter(|t| *t != from) {
-                        let acts = match &g {
-                            Gossip::Commit(c) => rounds[to].on_commit(c.clone(), 0),
-                            Gossip::Done(d) => rounds[to].on_done(d.clone(), 0),
-                            Gossip::Failed(f) => rounds[to].on_failed(f),
-                            Gossip::SumCheck(c) => rounds[to].on_sum_check((**c).clone(), 0),
-                            Gossip::Checked(c) => rounds[to].on_checked(c, 0),
-                            _ => Vec::new(),
-                        };
-                        out.push((to, acts));
-                    }
+                    out.extend(gossip_to_all(&mut rounds, from, &g));
                 }
                 RoundAction::Send(peer, mut step) => {
                     tamper(from, &mut step);
@@ -2204,17 +2212,7 @@ mod tests {
                 let mut out: Vec<(usize, Vec<RoundAction>)> = Vec::new();
                 match a {
                     RoundAction::Publish(g) => {
-                        for to in (0..n).filter(|t| *t != from) {
-                            let acts = match &g {
-                                Gossip::Commit(c) => rounds[to].on_commit(c.clone(), 0),
-                                Gossip::Done(d) => rounds[to].on_done(d.clone(), 0),
-                                Gossip::Failed(f) => rounds[to].on_failed(f),
-                                Gossip::SumCheck(c) => rounds[to].on_sum_check((**c).clone(), 0),
-                                Gossip::Checked(c) => rounds[to].on_checked(c, 0),
-                                _ => Vec::new(),
-                            };
-                            out.push((to, acts));
-                        }
+                        out.extend(gossip_to_all(&mut rounds, from, &g));
                     }
                     RoundAction::Send(peer, step) => {
                         out.push((from, rounds[from].note_sent(&step, 0)));
@@ -2273,17 +2271,7 @@ mod tests {
                     RoundAction::Publish(Gossip::Done(d)) => held_dones.push(d),
                     RoundAction::Publish(g) => {
                         checks[from] += usize::from(matches!(g, Gossip::SumCheck(_)));
-                        for to in (0..n).filter(|t| *t != from) {
-                            out.push((
-                                to,
-                                match &g {
-                                    Gossip::Commit(c) => rounds[to].on_commit(c.clone(), 0),
-                                    Gossip::SumCheck(c) => rounds[to].on_sum_check((**c).clone(), 0),
-                                    Gossip::Checked(c) => rounds[to].on_checked(c, 0),
-                                    _ => Vec::new(),
-                                },
-                            ));
-                        }
+                        out.extend(gossip_to_all(&mut rounds, from, &g));
                     }
                     RoundAction::Send(peer, step) => {
                         out.push((from, rounds[from].note_sent(&step, 0)));
