@@ -2117,6 +2117,21 @@ mod tests {
         out
     }
 
+    /// Delivers a ring segment the member at `from` sends to `peer` (noting it as sent first);
+    /// returns what the sender and the receiver did.
+    fn send_step(
+        rounds: &mut [Round],
+        view: &RingView,
+        from: usize,
+        peer: &str,
+        step: RingStep,
+    ) -> Vec<(usize, Vec<RoundAction>)> {
+        let noted = rounds[from].note_sent(&step, 0);
+        let to = view.position(peer).unwrap();
+        let got = rounds[to].on_step_from(&view.members[from], step.verify().unwrap(), 0);
+        vec![(from, noted), (to, got)]
+    }
+
     /// What each member ended with, the proofs gossiped (by whom), and the ring; then the
     /// contradictions found (by whom).
     type AuditedRound =
@@ -2163,10 +2178,7 @@ mod tests {
                 }
                 RoundAction::Send(peer, mut step) => {
                     tamper(from, &mut step);
-                    let noted = rounds[from].note_sent(&step, 0);
-                    out.push((from, noted));
-                    let to = view.position(&peer).unwrap();
-                    out.push((to, rounds[to].on_step_from(&view.members[from], step.verify().unwrap(), 0)));
+                    out.extend(send_step(&mut rounds, &view, from, &peer, step));
                 }
                 RoundAction::Audit(job) => {
                     out.push((from, rounds[from].audit_passed(0, job.target, Some(data(job.target)))))
@@ -2214,11 +2226,7 @@ mod tests {
                     RoundAction::Publish(g) => {
                         out.extend(gossip_to_all(&mut rounds, from, &g));
                     }
-                    RoundAction::Send(peer, step) => {
-                        out.push((from, rounds[from].note_sent(&step, 0)));
-                        let to = view.position(&peer).unwrap();
-                        out.push((to, rounds[to].on_step_from(&view.members[from], step.verify().unwrap(), 0)));
-                    }
+                    RoundAction::Send(peer, step) => out.extend(send_step(&mut rounds, &view, from, &peer, step)),
                     RoundAction::Audit(job) => {
                         audits[from].push(job.target);
                         out.push((from, rounds[from].audit_passed(0, job.target, Some(data(job.target)))));
@@ -2273,11 +2281,7 @@ mod tests {
                         checks[from] += usize::from(matches!(g, Gossip::SumCheck(_)));
                         out.extend(gossip_to_all(&mut rounds, from, &g));
                     }
-                    RoundAction::Send(peer, step) => {
-                        out.push((from, rounds[from].note_sent(&step, 0)));
-                        let to = view.position(&peer).unwrap();
-                        out.push((to, rounds[to].on_step_from(&view.members[from], step.verify().unwrap(), 0)));
-                    }
+                    RoundAction::Send(peer, step) => out.extend(send_step(&mut rounds, &view, from, &peer, step)),
                     RoundAction::Audit(job) => {
                         out.push((from, rounds[from].audit_passed(0, job.target, Some(member_data(job.target, 12)))))
                     }
