@@ -412,14 +412,10 @@ async fn connect_direct(
     }
 }
 
-/// Opens a stream to `peer` (reached at `ip`, when known) and writes every step sent on the
-/// returned channel, in order, until the sender is dropped: over direct TCP when the
-/// neighbour offers it and its port can be reached, otherwise on the stream.
 /// Writes `parts` whole and in order, with vectored writes where the sink takes them.
 async fn write_all_parts<W: AsyncWrite + Unpin + ?Sized>(sink: &mut W, parts: [&[u8]; 3]) -> std::io::Result<()> {
     let mut slices = parts.map(std::io::IoSlice::new);
     let mut left: &mut [std::io::IoSlice<'_>] = &mut slices;
-    std::io::IoSlice::advance_slices(&mut left, 0);
     while !left.is_empty() {
         let n = sink.write_vectored(left).await?;
         if n == 0 {
@@ -430,6 +426,9 @@ async fn write_all_parts<W: AsyncWrite + Unpin + ?Sized>(sink: &mut W, parts: [&
     Ok(())
 }
 
+/// Opens a stream to `peer` (reached at `ip`, when known) and writes every step sent on the
+/// returned channel, in order, until the sender is dropped: over direct TCP when the
+/// neighbour offers it and its port can be reached, otherwise on the stream.
 pub fn spawn_writer(
     mut control: Control,
     peer: PeerKey,

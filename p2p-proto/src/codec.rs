@@ -133,6 +133,9 @@ pub fn decode_exact<T: DeserializeOwned>(buf: &[u8]) -> Result<T, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::{Gossip, Heartbeat, PeerStatus, RingFrame, RingStep, RunId, StepId};
+    use crate::ring::Phase;
+    use proptest::prelude::*;
 
     /// A step frame written in parts is byte for byte the frame `encode_frame` makes, at every
     /// payload length where the length's varint changes size.
@@ -142,8 +145,7 @@ mod tests {
             for (round, attempt, sig) in
                 [(0u64, 0u32, vec![]), (u64::MAX, u32::MAX, vec![7u8; 64]), (300, 5, vec![1; 200])]
             {
-                let id =
-                    StepId { level: 2, phase: crate::ring::Phase::AllGather, step: 300, chunk: 70_000, segment: 129 };
+                let id = StepId { level: 2, phase: Phase::AllGather, step: 300, chunk: 70_000, segment: 129 };
                 let mut step = RingStep::new(RunId::from_name("parts"), round, attempt, id, vec![0xab; len]);
                 step.signature = sig;
                 let (mut head, mut tail) = (Vec::new(), Vec::new());
@@ -153,9 +155,6 @@ mod tests {
             }
         }
     }
-    use crate::message::{Gossip, Heartbeat, PeerStatus, RingFrame, RingStep, RunId, StepId};
-    use crate::ring::Phase;
-    use proptest::prelude::*;
 
     fn sample_frames() -> Vec<Vec<u8>> {
         let run = RunId::from_name("fuzz");

@@ -67,9 +67,14 @@ pub fn hash_i32s(values: &[i32]) -> Hash {
 
 /// Hash of a chunk from the hashes of its segments, in order.
 pub fn chunk_hash<'a>(segment_hashes: impl IntoIterator<Item = &'a Hash>) -> Hash {
+    hash_of_hashes(CHUNK_DOMAIN, segment_hashes)
+}
+
+/// blake3 over `domain` and then `hashes`, in order.
+fn hash_of_hashes<'a>(domain: &[u8], hashes: impl IntoIterator<Item = &'a Hash>) -> Hash {
     let mut h = blake3::Hasher::new();
-    h.update(CHUNK_DOMAIN);
-    for s in segment_hashes {
+    h.update(domain);
+    for s in hashes {
         h.update(s);
     }
     *h.finalize().as_bytes()
@@ -77,12 +82,7 @@ pub fn chunk_hash<'a>(segment_hashes: impl IntoIterator<Item = &'a Hash>) -> Has
 
 /// Hash of a round's sum from the hashes of its segments, chunk by chunk in order.
 pub fn sum_hash_of<'a>(segment_hashes: impl IntoIterator<Item = &'a Hash>) -> Hash {
-    let mut h = blake3::Hasher::new();
-    h.update(SUM_DOMAIN);
-    for s in segment_hashes {
-        h.update(s);
-    }
-    *h.finalize().as_bytes()
+    hash_of_hashes(SUM_DOMAIN, segment_hashes)
 }
 
 /// Hash of a round's sum `values`, cut into `chunks` chunks of segments of `segment_elems`

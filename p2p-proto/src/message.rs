@@ -204,6 +204,12 @@ pub struct GradientCommit {
 }
 
 impl GradientCommit {
+    /// Whether the member is behind the ring (asynchronous rounds): it committed nothing, or a
+    /// gradient of an earlier round.
+    pub fn is_behind(&self) -> bool {
+        self.samples == 0 || self.computed_at < self.round
+    }
+
     /// blake3 of the commit's wire encoding (signature included): the digest a peer's ledger
     /// record builds on.
     pub fn digest(&self) -> Hash {

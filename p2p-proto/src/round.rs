@@ -747,9 +747,7 @@ impl Round {
             self.fail(format!("peer {} formed another ring for this round: views differ", c.peer), &mut out);
         } else if c.len != mine.len || c.chunk_hashes.len() != mine.chunk_hashes.len() {
             self.fail(format!("peer {} committed to a vector of another shape", c.peer), &mut out);
-        } else if self.ring_batches.get(i).is_some_and(|b| *b != c.samples)
-            && !(asynchronous && (c.samples == 0 || c.computed_at < c.round))
-        {
+        } else if self.ring_batches.get(i).is_some_and(|b| *b != c.samples) && !(asynchronous && c.is_behind()) {
             let expected = self.ring_batches[i];
             self.fail(
                 format!("peer {} committed {} samples, not the {expected} it announced", c.peer, c.samples),
@@ -865,16 +863,11 @@ impl Round {
         self.next = Some(next);
         let seed = crate::audit::seed(self.run, self.view.round, self.view.attempt, self.commits.iter().flatten());
         // Asynchronous runs: a member behind the ring (its commit empty or stale) audits nobody,
-        // as its compute is busy or slow and the ring goes on without waiting for it; its target
-        // goes unaudited in this attempt. Every member still decides the sum checks alike.
-        let behind: Vec<bool> = self
-            .commits
-            .iter()
-            .map(|c| {
-                let c = c.as_ref().expect("all commits");
-                self.cfg.max_staleness > 0 && (c.samples == 0 || c.computed_at < c.round)
-            })
-            .collect();
+        // as its compute is busy or slow and the ring goes on without waiting for it; a stand-in
+        // audits its target (below). Every member still decides the sum checks alike.
+        let asynchronous = self.cfg.max_staleness > 0;
+        let behind: Vec<bool> =
+            self.commits.iter().map(|c| asynchronous && c.as_ref().expect("all commits").is_behind()).collect();
         if let Some(target) = crate::audit::target(&seed, n, self.pos, self.cfg.audit_every)
             && !self.ring_batches.is_empty()
         {

@@ -447,6 +447,24 @@ pub enum Strategy {
 }
 
 impl Strategy {
+    /// The group size a hierarchical strategy asks for.
+    fn group(&self) -> Option<usize> {
+        match *self {
+            Strategy::Hierarchical { group }
+            | Strategy::Contained { group }
+            | Strategy::LocalSgdHierarchical { group, .. } => Some(group),
+            Strategy::Ring | Strategy::LocalSgd { .. } => None,
+        }
+    }
+
+    /// Optimizer steps per round (H of local SGD; 1 otherwise).
+    fn local_steps(&self) -> u64 {
+        match *self {
+            Strategy::LocalSgd { steps } | Strategy::LocalSgdHierarchical { steps, .. } => steps,
+            _ => 1,
+        }
+    }
+
     pub fn name(&self) -> String {
         match self {
             Strategy::Ring => "ring".into(),
@@ -500,43 +518,31 @@ pub fn simulate(strategy: Strategy, s: &Scenario) -> Outcome {
     let Scenario { peers: n, values, profile: p, compute, fail, rounds, seed } = *s;
     let mut rng = Rng::new(seed ^ n as u64);
     let recovery = recovery_secs(n, p.link);
-    let g = match strategy {
-        Strategy::Hierarchical { group }
-        | Strategy::Contained { group }
-        | Strategy::LocalSgdHierarchical { group, .. } => group.clamp(2, n.max(2)),
-        _ => n,
-    };
+    let g = strategy.group().map_or(n, |group| group.clamp(2, n.max(2)));
     let groups = n.div_ceil(g);
     let down = chain(g, values, p);
-    let chunks = match strategy {
-        Strategy::Hierarchical { .. } | Strategy::Contained { .. } | Strategy::LocalSgdHierarchical { .. }
-            if Layout::of(n, g).is_some() =>
-        {
-            g
-        }
-        _ => n,
-    };
+    // A commit covers a chunk per member of its ring: its group's in a hierarchy.
+    let chunks = if strategy.group().is_some() && Layout::of(n, g).is_some() { g } else { n };
     let (ctrl, control_bytes) = control(n, chunks, p.link);
-    let (comm, bytes, steps, inner, outer) = match strategy {
+    let steps = strategy.local_steps() as f64;
+    let (comm, bytes, inner, outer) = match strategy {
         Strategy::Ring | Strategy::LocalSgd { .. } => {
             let r = ring(n, values, p);
-            let steps = if let Strategy::LocalSgd { steps } = strategy { steps as f64 } else { 1.0 };
-            (r.secs, r.bytes_per_peer / steps, steps, RingTimes::new(n, values, p), None)
+            (r.secs, r.bytes_per_peer / steps, RingTimes::new(n, values, p), None)
         }
         Strategy::Hierarchical { .. } | Strategy::LocalSgdHierarchical { .. } => {
             // One attempt of all N members, as the ring's (its time barely moves with a few
             // members fewer).
             let h = hier(n, g, values, p);
             let times = RingTimes { n, full: h.secs, half: h.secs };
-            let steps = if let Strategy::LocalSgdHierarchical { steps, .. } = strategy { steps as f64 } else { 1.0 };
-            (h.secs, h.bytes_per_peer / steps, steps, times, None)
+            (h.secs, h.bytes_per_peer / steps, times, None)
         }
         Strategy::Contained { .. } => {
             let (inner, outer) = (ring(g, values, p), ring(groups, values, p));
             // A leader sends in its group's ring, the leaders' ring and the broadcast's first hop.
             let bytes = inner.bytes_per_peer + outer.bytes_per_peer + 4.0 * values as f64;
             let times = (RingTimes::new(g, values, p), Some(RingTimes::new(groups, values, p)));
-            (inner.secs + outer.secs + down.secs, bytes, 1.0, times.0, times.1)
+            (inner.secs + outer.secs + down.secs, bytes, times.0, times.1)
         }
     };
     let comm = comm + ctrl;
