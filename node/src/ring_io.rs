@@ -24,7 +24,9 @@
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, StreamProtocol};
 use libp2p_stream::Control;
-use p2p_proto::codec::{HEADER_BYTES, decode_body, decode_header, encode_step_frame_parts};
+use p2p_proto::codec::{
+    HEADER_BYTES, STEP_HEAD_MAX, decode_body, decode_header, decode_step_head, encode_step_frame_parts,
+};
 use p2p_proto::message::{
     RING_OFFER_DIRECT as OFFER_DIRECT, RING_OFFER_STREAM as OFFER_STREAM, RING_PROTOCOL,
     RING_TOKEN_BYTES as TOKEN_BYTES, RingFrame, RingStep, StepError, VerifiedStep,
@@ -66,12 +68,9 @@ pub fn protocol() -> StreamProtocol {
     StreamProtocol::new(RING_PROTOCOL)
 }
 
-/// Reads one frame (its length checked before the body is allocated); `None` at a clean end
-/// of stream.
-pub async fn read_frame<T: serde::de::DeserializeOwned, R: futures::AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut Vec<u8>,
-) -> Result<Option<T>, ReadError> {
+/// Reads a frame's header and returns its body's length (checked against the limit before
+/// anything is allocated); `None` at a clean end of stream.
+async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<usize>, ReadError> {
     let mut header = [0u8; HEADER_BYTES];
     let mut got = 0;
     while got < HEADER_BYTES {
@@ -84,15 +83,83 @@ pub async fn read_frame<T: serde::de::DeserializeOwned, R: futures::AsyncRead + 
         }
         got += n;
     }
-    let len = decode_header(&header)?;
+    Ok(Some(decode_header(&header)?))
+}
+
+/// Fills `buf` from `r`; a stream that ends first is a truncated frame.
+async fn read_body<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), ReadError> {
+    r.read_exact(buf).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => {
+            ReadError::Frame(FrameError::Truncated { needed: buf.len(), available: 0 })
+        }
+        _ => ReadError::Io(e),
+    })
+}
+
+/// Reads one frame (its length checked before the body is allocated); `None` at a clean end
+/// of stream.
+pub async fn read_frame<T: serde::de::DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<Option<T>, ReadError> {
+    let Some(len) = read_header(r).await? else { return Ok(None) };
     // Only growth is zeroed: the bytes are overwritten by the read.
     buf.truncate(len);
     buf.resize(len, 0);
-    r.read_exact(buf).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => ReadError::Frame(FrameError::Truncated { needed: len, available: 0 }),
-        _ => ReadError::Io(e),
-    })?;
+    read_body(r, buf).await?;
     Ok(Some(decode_body(buf)?))
+}
+
+/// Reads one ring frame as [`read_frame`] does, but its payload straight into a buffer of its
+/// own (from [`payloads`]) rather than into `buf` and then out of it: the step's fields first,
+/// then the payload, then the signature. Decodes what `read_frame` decodes and fails where it
+/// fails.
+async fn read_ring_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Result<Option<RingFrame>, ReadError> {
+    let Some(len) = read_header(r).await? else { return Ok(None) };
+    let start = len.min(STEP_HEAD_MAX);
+    buf.truncate(start);
+    buf.resize(start, 0);
+    read_body(r, buf).await?;
+    let (head, used) = decode_step_head(buf, len)?;
+    let in_start = (start - used).min(head.payload_len);
+    let mut payload = payloads::take(head.payload_len);
+    payload[..in_start].copy_from_slice(&buf[used..used + in_start]);
+    read_body(r, &mut payload[in_start..]).await?;
+    // The signature: what the start holds of it, then the rest of the body.
+    let tail_len = len - used - head.payload_len;
+    buf.drain(..used + in_start);
+    let held = buf.len();
+    buf.resize(tail_len, 0);
+    read_body(r, &mut buf[held..]).await?;
+    Ok(Some(RingFrame::Step(head.into_step(payload, buf)?)))
+}
+
+/// Payload buffers handed back by the ring writers once sent, for the readers to fill: a
+/// megabyte segment read into a buffer of its own would otherwise be a fresh allocation the
+/// allocator zeroes or faults in, once per frame.
+mod payloads {
+    use std::sync::Mutex;
+
+    /// Buffers kept at most (1 MiB each for full segments).
+    const KEEP: usize = 16;
+    static FREE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+    /// A buffer of exactly `len` bytes, their values left over from its last use.
+    pub fn take(len: usize) -> Vec<u8> {
+        let mut v = FREE.lock().expect("never poisoned").pop().unwrap_or_default();
+        // Only growth is zeroed: the bytes are overwritten by the read.
+        v.truncate(len);
+        v.resize(len, 0);
+        v
+    }
+
+    /// Hands `v` back for a later frame.
+    pub fn give(v: Vec<u8>) {
+        let mut free = FREE.lock().expect("never poisoned");
+        if free.len() < KEEP && v.capacity() > 0 {
+            free.push(v);
+        }
+    }
 }
 
 /// How long a TCP connection to the data port has to send its token.
@@ -247,7 +314,7 @@ async fn open_source(
                 let mut tcp = tcp.compat();
                 let mut other = Vec::new();
                 tokio::select! {
-                    f = read_frame::<RingFrame, _>(&mut tcp, &mut other) => match f {
+                    f = read_ring_frame(&mut tcp, &mut other) => match f {
                         // Closed without a byte of a frame: the frames come on the stream.
                         Ok(None) => None,
                         f => {
@@ -255,14 +322,14 @@ async fn open_source(
                             return Some((Box::new(tcp), true, Some(f)));
                         }
                     },
-                    f = read_frame::<RingFrame, _>(&mut stream, buf) => Some(f),
+                    f = read_ring_frame(&mut stream, buf) => Some(f),
                     () = close.notified() => return None,
                     () = tokio::time::sleep(IDLE_TIMEOUT) => return None,
                 }
             }
             Err(_) => None,
         },
-        f = read_frame::<RingFrame, _>(&mut stream, buf) => Some(f),
+        f = read_ring_frame(&mut stream, buf) => Some(f),
         () = close.notified() => return None,
         () = tokio::time::sleep(IDLE_TIMEOUT) => return None,
     };
@@ -288,7 +355,7 @@ async fn read_stream(peer: PeerId, stream: libp2p::Stream, inbound: mpsc::Sender
         let frame = match first.take() {
             Some(f) => f,
             None => tokio::select! {
-                f = tokio::time::timeout(IDLE_TIMEOUT, read_frame::<RingFrame, _>(&mut source, &mut buf)) => match f {
+                f = tokio::time::timeout(IDLE_TIMEOUT, read_ring_frame(&mut source, &mut buf)) => match f {
                     Ok(f) => f,
                     Err(_) => {
                         debug!(%peer, "ring stream idle too long; closed");
@@ -498,9 +565,68 @@ pub fn spawn_writer(
                 warn!(%peer, error = %e, "ring stream write failed");
                 return;
             }
+            payloads::give(step.payload);
         }
         let _ = sink.close().await;
         debug!(%peer, "ring stream closed");
     });
     tx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p2p_proto::codec::encode_frame;
+    use p2p_proto::message::{RunId, StepId};
+    use p2p_proto::ring::Phase;
+
+    /// Frames back to back on one stream read with their payloads in buffers of their own are
+    /// the frames `read_frame` reads, each ending where the next begins; damage fails both
+    /// readers alike.
+    #[tokio::test]
+    async fn ring_frames_read_in_parts_are_the_frames_read_whole() {
+        let id = StepId { level: 0, phase: Phase::ReduceScatter, step: 1, chunk: 2, segment: 3 };
+        let steps: Vec<RingStep> = [0usize, 4, 40, 160, 1 << 20, 12]
+            .into_iter()
+            .enumerate()
+            .map(|(i, len)| {
+                let mut s = RingStep::new(RunId::from_name("io"), i as u64, 1, id, vec![i as u8 + 1; len]);
+                s.signature = vec![9; 64];
+                s
+            })
+            .collect();
+        let bytes: Vec<u8> = steps.iter().flat_map(|s| encode_frame(&RingFrame::Step(s.clone()))).collect();
+        let (mut parts, mut whole) = (futures::io::Cursor::new(&bytes), futures::io::Cursor::new(&bytes));
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for s in &steps {
+            let RingFrame::Step(got) = read_ring_frame(&mut parts, &mut a).await.unwrap().unwrap();
+            assert_eq!(&got, s);
+            payloads::give(got.payload);
+            let read: RingFrame = read_frame(&mut whole, &mut b).await.unwrap().unwrap();
+            assert_eq!(read, RingFrame::Step(s.clone()));
+        }
+        assert!(read_ring_frame(&mut parts, &mut a).await.unwrap().is_none(), "a clean end of stream");
+
+        // Cut anywhere, or with its payload's length raised, a frame fails both ways.
+        let one = encode_frame(&RingFrame::Step(steps[2].clone()));
+        for cut in [3, HEADER_BYTES, HEADER_BYTES + 10, HEADER_BYTES + 80, one.len() - 1] {
+            let short = &one[..cut];
+            let parts = read_ring_frame(&mut futures::io::Cursor::new(short), &mut a).await;
+            let whole = read_frame::<RingFrame, _>(&mut futures::io::Cursor::new(short), &mut b).await;
+            assert!(parts.is_err() && whole.is_err(), "cut at {cut}: {parts:?} / {whole:?}");
+        }
+        let at = one.len() - 64 - 1 - 40 - 1; // the payload's one-byte length (its signature: 1 + 64 bytes)
+        assert_eq!(one[at], 40);
+        for (raised, beyond) in [(41u8, false), (120, true)] {
+            let mut long = one.clone();
+            long[at] = raised;
+            let parts = read_ring_frame(&mut futures::io::Cursor::new(&long), &mut a).await;
+            let whole = read_frame::<RingFrame, _>(&mut futures::io::Cursor::new(&long), &mut b).await;
+            assert!(parts.is_err() && whole.is_err(), "length {raised}: {parts:?} / {whole:?}");
+            if beyond {
+                let Err(ReadError::Frame(FrameError::Malformed(why))) = parts else { panic!("{parts:?}") };
+                assert!(why.contains("a payload of 120 bytes"), "{why}");
+            }
+        }
+    }
 }

@@ -6,6 +6,8 @@
 //! reads the body, and never panics on arbitrary input: every failure is a
 //! [`FrameError`] that names what was wrong.
 
+use crate::hash::Hash;
+use crate::message::{RingStep, RunId, StepId};
 use serde::{Serialize, de::DeserializeOwned};
 
 /// Version of the wire format; a peer refuses frames of any other version.
@@ -53,21 +55,22 @@ pub fn encode_frame_into<T: Serialize>(msg: &T, out: &mut Vec<u8>) {
     out[..4].copy_from_slice(&len.to_le_bytes());
 }
 
+/// A ring step's fields before its payload, serialized as `RingFrame::Step`'s variant: the
+/// frame's body starts with them, then the payload's length (a varint), the payload and the
+/// signature.
+#[derive(Serialize, serde::Deserialize)]
+enum FrameHead {
+    Step { run: RunId, round: u64, attempt: u32, id: StepId, hash: Hash },
+}
+
 /// The frame of a ring step (`RingFrame::Step`) in three parts, so a writer can send the
 /// payload from where it lies instead of copying it into a frame buffer: `head` (the frame
 /// header, the step's fields and the payload's length) and `tail` (its signature) are written
 /// here, and `head`, the payload and `tail` in that order are exactly
 /// `encode_frame(&RingFrame::Step(step))`.
-pub fn encode_step_frame_parts(step: &crate::message::RingStep, head: &mut Vec<u8>, tail: &mut Vec<u8>) {
-    use crate::hash::Hash;
-    use crate::message::{RunId, StepId};
-    /// `RingFrame::Step`'s fields before the payload, serialized as the enum's variant.
-    #[derive(Serialize)]
-    enum FrameHead<'a> {
-        Step { run: &'a RunId, round: u64, attempt: u32, id: &'a StepId, hash: &'a Hash },
-    }
+pub fn encode_step_frame_parts(step: &RingStep, head: &mut Vec<u8>, tail: &mut Vec<u8>) {
     let fields =
-        FrameHead::Step { run: &step.run, round: step.round, attempt: step.attempt, id: &step.id, hash: &step.hash };
+        FrameHead::Step { run: step.run, round: step.round, attempt: step.attempt, id: step.id, hash: step.hash };
     head.clear();
     head.extend_from_slice(&[0, 0, 0, 0, PROTOCOL_VERSION]);
     postcard::to_io(&fields, &mut *head).expect("serializing to a Vec cannot fail");
@@ -77,6 +80,52 @@ pub fn encode_step_frame_parts(step: &crate::message::RingStep, head: &mut Vec<u
     postcard::to_io(serde_bytes::Bytes::new(&step.signature), &mut *tail).expect("serializing to a Vec cannot fail");
     let len = u32::try_from(head.len() - 4 + step.payload.len() + tail.len()).expect("a frame is far below 4 GiB");
     head[..4].copy_from_slice(&len.to_le_bytes());
+}
+
+/// The longest start of a ring step's body before its payload (every field at its widest
+/// varint): a reader that has this much of a body, or all of a shorter one, can decode the
+/// head with [`decode_step_head`].
+pub const STEP_HEAD_MAX: usize = 1 + 32 + 10 + 5 + (1 + 1 + 3 + 5 + 5) + 32 + 10;
+
+/// A ring step frame's fields before its payload, decoded from the start of its body, so a
+/// reader can read the payload straight into a buffer of its own instead of copying it out
+/// of the frame.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepHead {
+    run: RunId,
+    round: u64,
+    attempt: u32,
+    id: StepId,
+    hash: Hash,
+    /// The payload's length in bytes.
+    pub payload_len: usize,
+}
+
+/// Decodes the head of a ring step frame's body `body_len` bytes long from `start`, its first
+/// `min(body_len, STEP_HEAD_MAX)` bytes; returns it and how many of those bytes it took. Fails
+/// as [`decode_body`] would for a body that is not a ring step or whose payload does not fit.
+pub fn decode_step_head(start: &[u8], body_len: usize) -> Result<(StepHead, usize), FrameError> {
+    let malformed = |e: postcard::Error| FrameError::Malformed(e.to_string());
+    let (FrameHead::Step { run, round, attempt, id, hash }, rest) =
+        postcard::take_from_bytes::<FrameHead>(start).map_err(malformed)?;
+    let (payload_len, rest) = postcard::take_from_bytes::<usize>(rest).map_err(malformed)?;
+    let used = start.len() - rest.len();
+    if payload_len > body_len - used {
+        return Err(FrameError::Malformed(format!(
+            "a payload of {payload_len} bytes in a frame body of {body_len} bytes, {used} of them before the payload"
+        )));
+    }
+    Ok((StepHead { run, round, attempt, id, hash, payload_len }, used))
+}
+
+impl StepHead {
+    /// The step, given its payload and the rest of its body (`tail`: the signature, exactly).
+    pub fn into_step(self, payload: Vec<u8>, tail: &[u8]) -> Result<RingStep, FrameError> {
+        assert_eq!(payload.len(), self.payload_len, "the payload is the length the head announced");
+        let signature: serde_bytes::ByteBuf = decode_body(tail)?;
+        let StepHead { run, round, attempt, id, hash, .. } = self;
+        Ok(RingStep { run, round, attempt, id, hash, payload, signature: signature.into_vec() })
+    }
 }
 
 /// Reads the header at the start of `buf` and returns the body length that
@@ -154,6 +203,39 @@ mod tests {
                 assert_eq!(whole, encode_frame(&RingFrame::Step(step)), "payload of {len} bytes");
             }
         }
+    }
+
+    /// Decodes a ring step's body as a reader does that reads the payload into a buffer of its
+    /// own: the head from its first bytes, then the payload, then the signature.
+    fn decode_in_parts(body: &[u8]) -> Result<RingStep, FrameError> {
+        let (head, used) = decode_step_head(&body[..body.len().min(STEP_HEAD_MAX)], body.len())?;
+        let end = used + head.payload_len;
+        let payload = body[used..end].to_vec();
+        head.into_step(payload, &body[end..])
+    }
+
+    /// Read in parts, a step frame decodes to the step `decode_body` makes of it, at the widest
+    /// varints too.
+    #[test]
+    fn a_step_decoded_in_parts_is_the_decoded_frame() {
+        for len in [0usize, 4, 124, 128, 16_384, 1 << 20] {
+            for (round, attempt, sig) in
+                [(0u64, 0u32, vec![]), (u64::MAX, u32::MAX, vec![7u8; 64]), (300, 5, vec![1; 200])]
+            {
+                let id = StepId { level: 255, phase: Phase::AllGather, step: u16::MAX, chunk: u32::MAX, segment: 129 };
+                let mut step = RingStep::new(RunId::from_name("parts"), round, attempt, id, vec![0xcd; len]);
+                step.signature = sig;
+                let frame = encode_frame(&RingFrame::Step(step.clone()));
+                let body = &frame[HEADER_BYTES..];
+                assert_eq!(decode_in_parts(body), Ok(step), "payload of {len} bytes");
+            }
+        }
+        let widest = StepId { level: 255, phase: Phase::AllGather, step: u16::MAX, chunk: u32::MAX, segment: u32::MAX };
+        let step = RingStep::new(RunId::from_name("w"), u64::MAX, u32::MAX, widest, vec![1; 1 << 20]);
+        let frame = encode_frame(&RingFrame::Step(step));
+        let (_, used) = decode_step_head(&frame[HEADER_BYTES..][..STEP_HEAD_MAX], frame.len() - HEADER_BYTES).unwrap();
+        // Every field at its widest but the payload's length: 2^20 is a 3-byte varint.
+        assert_eq!(used, STEP_HEAD_MAX - 10 + 3);
     }
 
     fn sample_frames() -> Vec<Vec<u8>> {
@@ -292,6 +374,35 @@ mod tests {
     }
 
     proptest! {
+        /// A damaged step body (bytes flipped, cut or added) decodes in parts to what
+        /// `decode_body` makes of it: the same step, or an error both ways.
+        #[test]
+        fn a_damaged_step_decodes_in_parts_as_whole(
+            payload_len in 0usize..300,
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+            cut in proptest::option::of(any::<usize>()),
+            extra in proptest::collection::vec(any::<u8>(), 0..3),
+        ) {
+            let id = StepId { level: 1, phase: Phase::ReduceScatter, step: 2, chunk: 3, segment: 4 };
+            let mut step = RingStep::new(RunId::from_name("d"), 9, 1, id, vec![0x5a; payload_len]);
+            step.signature = vec![3; 64];
+            let mut body = encode_frame(&RingFrame::Step(step))[HEADER_BYTES..].to_vec();
+            for (at, x) in flips {
+                let n = body.len();
+                body[at % n] ^= x;
+            }
+            if let Some(c) = cut {
+                body.truncate(c % (body.len() + 1));
+            }
+            body.extend(extra);
+            let whole = decode_body::<RingFrame>(&body).map(|RingFrame::Step(s)| s);
+            let parts = decode_in_parts(&body);
+            prop_assert_eq!(whole.is_ok(), parts.is_ok(), "{:?} against {:?}", whole, parts);
+            if let (Ok(w), Ok(p)) = (whole, parts) {
+                prop_assert_eq!(w, p);
+            }
+        }
+
         #[test]
         fn step_round_trip(payload in proptest::collection::vec(any::<u8>(), 0..2048), round in any::<u64>(), seg in any::<u32>()) {
             let frame = RingFrame::Step(RingStep::new(RunId::from_name("p"), round, 2, StepId { level: 0, phase: Phase::AllGather, step: 3, chunk: 1, segment: seg }, payload.clone()));
