@@ -286,6 +286,12 @@ fn norm_of(c: Compression, payload: &[i32], len: usize) -> f64 {
     }
 }
 
+/// The payload of `len` zeros, encoded without a residual: what a member with nothing to
+/// contribute to a round commits to (asynchronous rounds), keeping its residual for later.
+pub fn zeros(c: Compression, len: usize) -> Vec<i32> {
+    encode(c, &vec![0; len], None, i32::MAX, 0.0).payload
+}
+
 /// Checks a payload of a `len`-value vector and returns its decoded norm, in units.
 pub fn check(c: Compression, payload: &[i32], len: usize, max_units: i32) -> Result<f64, CompressError> {
     let expected = c.payload_words(len);

@@ -802,12 +802,21 @@ impl Round {
     /// that ring gave it.
     fn refuse_async(&mut self, c: &GradientCommit) -> Option<(String, FailureKind)> {
         if c.samples == 0 {
-            let chunks = self.cfg.chunks(self.view.len());
-            let zeros = self.zero_hashes.get_or_insert_with(|| {
-                crate::audit::chunk_hashes(&vec![0; c.len as usize], chunks, self.cfg.segment_elems)
+            // Compressed: the payload of zeros, one chunk, and the residual kept for later.
+            let (comp, values, seg) = (self.cfg.compression, self.values, self.cfg.segment_elems);
+            let chunks = if values.is_some() { 1 } else { self.cfg.chunks(self.view.len()) };
+            let zeros = self.zero_hashes.get_or_insert_with(|| match values {
+                Some(values) => crate::audit::chunk_hashes(&crate::compress::zeros(comp, values), chunks, seg),
+                None => crate::audit::chunk_hashes(&vec![0; c.len as usize], chunks, seg),
             });
-            return (c.computed_at != c.round || c.norm != 0.0 || c.chunk_hashes != *zeros)
-                .then(|| ("committed no samples but not to zeros of this round".to_owned(), FailureKind::BadMessage));
+            let zeros_of_this_round = c.computed_at == c.round && c.norm == 0.0 && c.chunk_hashes == *zeros;
+            return if !zeros_of_this_round {
+                Some(("committed no samples but not to zeros of this round".to_owned(), FailureKind::BadMessage))
+            } else if c.residual_next != c.residual {
+                Some(("committed no samples but says its residual changed".to_owned(), FailureKind::BadMessage))
+            } else {
+                None
+            };
         }
         if c.computed_at >= c.round {
             return None;
@@ -1979,6 +1988,49 @@ mod tests {
                 Round::new(run, &view.members[0], view.clone(), input(vec![1; 8], 4), hier.clone(), 0, &no_sign);
             let failed = a.on_commit(empty.clone(), 0).into_iter().any(|x| matches!(x, RoundAction::Failed(_)));
             assert_eq!(failed, !taken, "an empty commit to zeros is taken, to anything else refused");
+        }
+    }
+
+    /// Asynchronous compressed rounds: a member's empty commit is to the payload of zeros
+    /// (`compress::zeros`, its residual kept: the one it names is the one it leaves) and is
+    /// taken; a payload of anything else, or a residual it says changed, is refused, the member
+    /// blamed.
+    #[test]
+    fn an_empty_compressed_commit_is_to_the_payload_of_zeros_and_keeps_its_residual() {
+        let run = RunId::from_name(RUN);
+        let view = RingView::order(run, 5, 0, ["a".to_string(), "b".to_string()]);
+        let (len, max_units) = (40, cfg().max_units);
+        for comp in [Compression::Int8 { block: 8 }, Compression::TopK { per_million: 100_000 }] {
+            let asy = RoundConfig { max_staleness: 2, compression: comp, ..cfg() };
+            let input = |payload: Vec<i32>, norm: f64, samples: u64, residual: [Hash; 2]| {
+                Contribution::compressed(payload, norm, len, samples, [5; 32], vec![], asy.segment_elems)
+                    .with_residual(residual[0], residual[1])
+                    .with_ring_batches(vec![4, 4])
+                    .with_async(5, BTreeMap::new(), BTreeMap::new())
+            };
+            let some = crate::compress::encode(comp, &member_data(1, len), None, max_units, 0.0);
+            let zeros = crate::compress::zeros(comp, len);
+            assert_eq!(crate::compress::check(comp, &zeros, len, max_units), Ok(0.0), "{comp:?}: a valid payload");
+            let kept = [[7; 32], [7; 32]];
+            for (payload, norm, residual, taken) in [
+                (zeros.clone(), 0.0, kept, true),
+                (some.payload.clone(), 0.0, kept, false),
+                (zeros.clone(), 0.0, [[7; 32], [8; 32]], false),
+            ] {
+                let (_, acts) =
+                    Round::new(run, "b", view.clone(), input(payload, norm, 0, residual), asy.clone(), 0, &no_sign);
+                let RoundAction::Publish(Gossip::Commit(empty)) = &acts[0] else { panic!("{acts:?}") };
+                let own = input(some.payload.clone(), some.norm, 4, kept);
+                let (mut a, _) = Round::new(run, "a", view.clone(), own, asy.clone(), 0, &no_sign);
+                let failed = a.on_commit(empty.clone(), 0).into_iter().find_map(|x| match x {
+                    RoundAction::Failed(f) => Some(f),
+                    _ => None,
+                });
+                assert_eq!(failed.is_none(), taken, "{comp:?}: {failed:?}");
+                if let Some(f) = failed {
+                    assert_eq!(f.blame, vec!["b".to_string()], "{f:?}");
+                }
+            }
         }
     }
 

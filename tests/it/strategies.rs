@@ -221,6 +221,14 @@ fn asynchronous_hierarchical_rounds_count_a_slow_peers_stale_gradients_exactly()
     asynchronous_run("async-hier", 1, 4, "\ngroup_size = 2");
 }
 
+/// Asynchronous rounds with top-k compression: the slow peer's stale gradients are compressed
+/// with its residual, its empty commits are the payload of zeros with its residual kept, and
+/// every payload is audited exactly, with the residual its commit names.
+#[test]
+fn asynchronous_topk_compressed_rounds_count_a_slow_peers_stale_gradients_exactly() {
+    asynchronous_run("async-topk", 1, 3, "\ncompression = \"topk\"\ntopk_fraction = 0.05");
+}
+
 /// `peers` peers train asynchronously (with `local_steps` steps a round, and `extra` in the
 /// run's settings), the last one 150 ms slower a round: all stay identical and learn, the
 /// ring goes on without the slow peer, its stale and empty commits are audited and hold, and
@@ -301,6 +309,23 @@ fn asynchronous_run(name: &str, local_steps: u64, peers: usize, extra: &str) {
     let (first, last) = (loss(0) + loss(1), loss(rounds - 2) + loss(rounds - 1));
     assert!(last < first * 0.8, "the loss did not fall: {first} -> {last}");
 
+    if extra.contains("compression") {
+        for n in &nodes {
+            let params = n.events("training run")[0]["params"].as_u64().unwrap();
+            let done = n.events("round complete");
+            // Each member sends the other two payloads of an index and a value per sent value.
+            let want = 2 * 4 * 2 * (params * 50_000 / 1_000_000);
+            assert!(done.iter().all(|e| e["bytes_sent"] == want), "{}: {want} bytes sent per round", n.name);
+            // Auditors recomputed payloads with the residual each commit names, and every
+            // member's residual was what its previous round left it (kept through empty commits).
+            assert!(n.events_containing("not revealed").is_empty(), "{}", n.name);
+            let failed = n.events("round failed");
+            assert!(
+                failed.iter().all(|e| !e["reason"].as_str().unwrap_or_default().contains("residual")),
+                "{failed:?}"
+            );
+        }
+    }
     if extra.contains("group_size") {
         for n in &nodes {
             let done = n.events("round complete");

@@ -166,6 +166,17 @@ fn judge(
         return Verdict::Lie(format!("it committed {} samples, its micro-batch has {samples}", commit.samples));
     }
     if let Some((comp, max_norm)) = compressed {
+        if samples == 0 {
+            // Nothing (asynchronous rounds): the payload of zeros, the residual kept.
+            let zeros = compress::zeros(comp, weighted.len());
+            return match audit::matches_payload(commit, &zeros, 0.0, seg) {
+                Err(e) => Verdict::Lie(format!("{e} (compressed, no samples)")),
+                Ok(()) if commit.residual_next != commit.residual => {
+                    Verdict::Lie("it committed no samples but says its residual changed".into())
+                }
+                Ok(()) => Verdict::Holds(None),
+            };
+        }
         // The payload is recomputed exactly, with the residual the commit names (top-k).
         let residual = match (comp.has_residual(), revealed) {
             (false, _) => None,
@@ -313,7 +324,7 @@ impl Driver {
         let tolerance = self.cfg.audit_tolerance;
         let comp = self.cfg.round.compression;
         let compressed = (!comp.is_none()).then(|| (comp, self.cfg.round.max_norm_units * f64::from(weight)));
-        let expect = if comp.has_residual() {
+        let expect = if comp.has_residual() && commit.samples > 0 {
             Some(Expect::Residual { len: spec.worker.params })
         } else {
             (tolerance > 0.0).then_some(Expect::Committed { n, seg })
@@ -837,5 +848,22 @@ mod tests {
         assert!(matches!(&v, Verdict::Lie(why) if why.contains("leaves")), "{v:?}");
         let v = judge_with(topk, &honest, Some(Err("timed out".into())));
         assert!(matches!(&v, Verdict::Doubt(why) if why.contains("not revealed")), "{v:?}");
+
+        // Nothing (asynchronous rounds): the payload of zeros with the residual kept holds, with
+        // no residual to reveal; anything else, or a residual it says changed, is a lie.
+        let zeros = vec![0.0; 1000];
+        for comp in [int8, topk] {
+            let judge_empty =
+                |c: &GradientCommit| judge(&fixed, &zeros, 0, c, 3, SEG, 0.0, Some((comp, max_norm)), None);
+            let empty =
+                |payload: &[i32], next: &[i32]| GradientCommit { samples: 0, ..commit(payload, 0.0, &residual, next) };
+            let nothing = compress::zeros(comp, 1000);
+            assert!(matches!(judge_empty(&empty(&nothing, &residual)), Verdict::Holds(_)), "{comp:?}");
+            let v = judge_empty(&empty(&nothing, &next));
+            assert!(matches!(&v, Verdict::Lie(why) if why.contains("residual changed")), "{comp:?}: {v:?}");
+            let other = compress::encode(comp, &units, None, fixed.max_units(), max_norm).payload;
+            let v = judge_empty(&empty(&other, &residual));
+            assert!(matches!(&v, Verdict::Lie(why) if why.contains("no samples")), "{comp:?}: {v:?}");
+        }
     }
 }

@@ -217,6 +217,27 @@ impl Packer {
     }
 }
 
+impl Packer {
+    /// Asynchronous rounds: the contribution of nothing (no samples) of `len` values: zeros,
+    /// or compressed their payload ([`compress::zeros`]), the residual (top-k) kept, both the
+    /// one it names and the one it leaves.
+    fn nothing(self, len: usize, param_hash: Hash, joiners: Vec<PeerKey>) -> (Contribution, Option<Residuals>) {
+        if self.comp.is_none() {
+            return (Contribution::new(vec![0; len], 0, param_hash, joiners, self.n, self.seg), None);
+        }
+        let payload = compress::zeros(self.comp, len);
+        let input = Contribution::compressed(payload, 0.0, len, 0, param_hash, joiners, self.seg);
+        match self.residual {
+            Some((used, hash)) => {
+                let input = input.with_residual(hash, hash).with_residual_history(self.history, self.zero);
+                let kept = used.to_vec();
+                (input, Some((used, kept, hash)))
+            }
+            None => (input, None),
+        }
+    }
+}
+
 /// How far a requested stop has got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Leave {

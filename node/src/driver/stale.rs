@@ -23,7 +23,6 @@ use p2p_proto::Hash;
 use p2p_proto::audit::{micro_batch, staleness_weight};
 use p2p_proto::membership::RingView;
 use p2p_proto::message::{Gossip, PeerKey};
-use p2p_proto::round::Contribution;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -348,13 +347,15 @@ impl Driver {
         let (_, _, weight) = micro_batch(&w.batches, pos);
         let history = asy.params.clone();
         let rings = asy.slots.iter().map(|(r, s)| (*r, (s.members.clone(), s.batches.clone()))).collect();
-        let (fixed, n, seg, len) =
-            (self.cfg.fixed, self.cfg.round.chunks(view.len()), self.cfg.round.segment_elems, spec.worker.params);
+        let (fixed, len) = (self.cfg.fixed, spec.worker.params);
         let own_params = history.get(&view.round).or_else(|| history.values().next_back()).copied().unwrap_or_default();
         let tx = self.internal.clone();
         let (joiners, excluded, batches) = (w.joiners, w.excluded, w.batches);
+        // Compressed runs: a stale gradient is compressed as a fresh one (with this peer's
+        // residual, top-k); nothing is the payload of zeros, the residual kept for later.
+        let pack = self.packer(&view, len, weight);
         tokio::task::spawn_blocking(move || {
-            let (data, samples, param_hash, computed_at, loss) = match source {
+            let gradient = match source {
                 Source::Gradient(at, g) => {
                     let staleness = view.round - at;
                     if staleness > 0 {
@@ -363,25 +364,33 @@ impl Driver {
                     let factor = staleness_weight(weight, staleness);
                     let weighted: Vec<f32> = g.weighted.iter().map(|v| v * factor).collect();
                     match fixed.encode(&weighted) {
-                        Ok(d) if g.loss.is_finite() => (d, g.samples as u64, g.param_hash, at, Some(g.loss)),
+                        Ok(d) if g.loss.is_finite() => Some((d, g.samples as u64, g.param_hash, at, g.loss)),
                         // The ring is not held up for it: this round gets nothing from this peer.
                         Ok(_) => {
                             warn!(round = view.round, loss = g.loss, "the loss is not finite; committing nothing");
-                            (vec![0; len], 0, own_params, view.round, None)
+                            None
                         }
                         Err(e) => {
                             warn!(round = view.round, reason = %e, "cannot encode the gradient; committing nothing");
-                            (vec![0; len], 0, own_params, view.round, None)
+                            None
                         }
                     }
                 }
-                Source::Nothing => (vec![0; len], 0, own_params, view.round, None),
+                Source::Nothing => None,
             };
-            let input = Contribution::new(data, samples, param_hash, joiners, n, seg)
-                .with_ring_batches(batches)
-                .with_excluded(excluded)
-                .with_async(computed_at, history, rings);
-            let _ = tx.send(Internal::Prepared { view, input: Box::new(input), loss, residual: None });
+            let (input, residual, computed_at, loss) = match gradient {
+                Some((data, samples, param_hash, at, loss)) => {
+                    let (input, residual) = pack.pack(data, samples, param_hash, joiners);
+                    (input, residual, at, Some(loss))
+                }
+                None => {
+                    let (input, residual) = pack.nothing(len, own_params, joiners);
+                    (input, residual, view.round, None)
+                }
+            };
+            let input =
+                input.with_ring_batches(batches).with_excluded(excluded).with_async(computed_at, history, rings);
+            let _ = tx.send(Internal::Prepared { view, input: Box::new(input), loss, residual });
         });
     }
 

@@ -283,9 +283,6 @@ impl RunConfig {
                     .into());
             }
         }
-        if self.async_threshold_ms.is_some() && !compression.is_none() {
-            return Err("async_threshold_ms cannot be combined with compression yet: choose one of them".into());
-        }
         if !compression.is_none() && self.audit_tolerance() > 0.0 {
             return Err(format!(
                 "compression {} needs bit-exact audits: leave audit_tolerance out (a GPU build cannot \
@@ -495,8 +492,13 @@ mod tests {
         assert!(err.to_string().contains("set async_threshold_ms"), "{err}");
         let err = RunConfig::load(&write("v.toml", &format!("{BASE}\nasync_threshold_ms = 9\nmax_staleness = 99")));
         assert!(err.unwrap_err().to_string().contains("max_staleness 99"));
-        let err = RunConfig::load(&write("w.toml", &format!("{BASE}\nasync_threshold_ms = 9\ncompression = \"int8\"")));
-        assert!(err.unwrap_err().to_string().contains("cannot be combined"));
+        // Asynchronous rounds take compression: the run is both, and another run.
+        let both =
+            RunConfig::load(&write("w.toml", &format!("{BASE}\nasync_threshold_ms = 250\ncompression = \"topk\"")))
+                .unwrap();
+        assert_eq!(both.asynchronous(), asy.asynchronous());
+        assert!(both.compression().is_ok_and(|c| c.has_residual()));
+        assert_ne!(both.run_id(), asy.run_id());
     }
 
     #[test]
