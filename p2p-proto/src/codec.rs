@@ -83,9 +83,9 @@ pub fn encode_step_frame_parts(step: &RingStep, head: &mut Vec<u8>, tail: &mut V
 }
 
 /// The longest start of a ring step's body before its payload (every field at its widest
-/// varint): a reader that has this much of a body, or all of a shorter one, can decode the
-/// head with [`decode_step_head`].
-pub const STEP_HEAD_MAX: usize = 1 + 32 + 10 + 5 + (1 + 1 + 3 + 5 + 5) + 32 + 10;
+/// varint, enum indices at the 5 bytes the decoder takes for a `u32`): a reader that has this
+/// much of a body, or all of a shorter one, can decode the head with [`decode_step_head`].
+pub const STEP_HEAD_MAX: usize = 5 + 32 + 10 + 5 + (1 + 5 + 3 + 5 + 5) + 32 + 10;
 
 /// A ring step frame's fields before its payload, decoded from the start of its body, so a
 /// reader can read the payload straight into a buffer of its own instead of copying it out
@@ -110,7 +110,7 @@ pub fn decode_step_head(start: &[u8], body_len: usize) -> Result<(StepHead, usiz
         postcard::take_from_bytes::<FrameHead>(start).map_err(malformed)?;
     let (payload_len, rest) = postcard::take_from_bytes::<usize>(rest).map_err(malformed)?;
     let used = start.len() - rest.len();
-    if payload_len > body_len - used {
+    if body_len.checked_sub(used).is_none_or(|left| payload_len > left) {
         return Err(FrameError::Malformed(format!(
             "a payload of {payload_len} bytes in a frame body of {body_len} bytes, {used} of them before the payload"
         )));
@@ -121,7 +121,10 @@ pub fn decode_step_head(start: &[u8], body_len: usize) -> Result<(StepHead, usiz
 impl StepHead {
     /// The step, given its payload and the rest of its body (`tail`: the signature, exactly).
     pub fn into_step(self, payload: Vec<u8>, tail: &[u8]) -> Result<RingStep, FrameError> {
-        assert_eq!(payload.len(), self.payload_len, "the payload is the length the head announced");
+        if payload.len() != self.payload_len {
+            let (got, want) = (payload.len(), self.payload_len);
+            return Err(FrameError::Malformed(format!("a payload of {got} bytes where the head announced {want}")));
+        }
         let signature: serde_bytes::ByteBuf = decode_body(tail)?;
         let StepHead { run, round, attempt, id, hash, .. } = self;
         Ok(RingStep { run, round, attempt, id, hash, payload, signature: signature.into_vec() })
@@ -234,8 +237,20 @@ mod tests {
         let step = RingStep::new(RunId::from_name("w"), u64::MAX, u32::MAX, widest, vec![1; 1 << 20]);
         let frame = encode_frame(&RingFrame::Step(step));
         let (_, used) = decode_step_head(&frame[HEADER_BYTES..][..STEP_HEAD_MAX], frame.len() - HEADER_BYTES).unwrap();
-        // Every field at its widest but the payload's length: 2^20 is a 3-byte varint.
-        assert_eq!(used, STEP_HEAD_MAX - 10 + 3);
+        // With its enum indices overlong (5 bytes each, which the decoder takes), the head of a
+        // step at every field's widest is still within STEP_HEAD_MAX and decodes as the whole.
+        let body = &frame[HEADER_BYTES..];
+        let phase_at = 1 + 32 + 10 + 5 + 1;
+        let overlong = [0x80, 0x80, 0x80, 0x80, 0x00];
+        let five = |index: u8| [0x80 | index, 0x80, 0x80, 0x80, 0x00];
+        assert_eq!(body[phase_at], 1, "AllGather");
+        let long: Vec<u8> = [&overlong[..], &body[1..phase_at], &five(1)[..], &body[phase_at + 1..]].concat();
+        let whole = decode_body::<RingFrame>(&long).map(|RingFrame::Step(s)| s);
+        assert!(whole.is_ok(), "{whole:?}");
+        assert_eq!(decode_in_parts(&long), whole);
+        // Every field at its widest but the enum indices (1 byte each as encoded, where the
+        // decoder takes up to 5) and the payload's length (2^20 is a 3-byte varint).
+        assert_eq!(used, STEP_HEAD_MAX - 2 * 4 - 10 + 3);
     }
 
     fn sample_frames() -> Vec<Vec<u8>> {

@@ -809,7 +809,9 @@ impl Round {
                 Some(values) => crate::audit::chunk_hashes(&crate::compress::zeros(comp, values), chunks, seg),
                 None => crate::audit::chunk_hashes(&vec![0; c.len as usize], chunks, seg),
             });
-            let zeros_of_this_round = c.computed_at == c.round && c.norm == 0.0 && c.chunk_hashes == *zeros;
+            // The norm's bits: -0.0 is not what an honest member commits, as auditors see it.
+            let zeros_of_this_round =
+                c.computed_at == c.round && c.norm.to_bits() == 0f64.to_bits() && c.chunk_hashes == *zeros;
             return if !zeros_of_this_round {
                 Some(("committed no samples but not to zeros of this round".to_owned(), FailureKind::BadMessage))
             } else if c.residual_next != c.residual {

@@ -167,7 +167,9 @@ fn judge(
     }
     if let Some((comp, max_norm)) = compressed {
         if samples == 0 {
-            // Nothing (asynchronous rounds): the payload of zeros, the residual kept.
+            // Nothing: the payload of zeros, the residual kept. Only asynchronous rounds take a
+            // commit of no samples (a synchronous one refuses it as other than the member's
+            // announced batch, at least one sample, before anyone audits it).
             let zeros = compress::zeros(comp, weighted.len());
             return match audit::matches_payload(commit, &zeros, 0.0, seg) {
                 Err(e) => Verdict::Lie(format!("{e} (compressed, no samples)")),

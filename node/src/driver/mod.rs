@@ -219,21 +219,18 @@ impl Packer {
 
 impl Packer {
     /// Asynchronous rounds: the contribution of nothing (no samples) of `len` values: zeros,
-    /// or compressed their payload ([`compress::zeros`]), the residual (top-k) kept, both the
-    /// one it names and the one it leaves.
-    fn nothing(self, len: usize, param_hash: Hash, joiners: Vec<PeerKey>) -> (Contribution, Option<Residuals>) {
+    /// or compressed their payload ([`compress::zeros`]), the residual (top-k) kept: the one it
+    /// names is the one it leaves, so this peer's residual stays as it is (nobody asks for it:
+    /// auditors recompute the payload of zeros without it).
+    fn nothing(self, len: usize, param_hash: Hash, joiners: Vec<PeerKey>) -> Contribution {
         if self.comp.is_none() {
-            return (Contribution::new(vec![0; len], 0, param_hash, joiners, self.n, self.seg), None);
+            return Contribution::new(vec![0; len], 0, param_hash, joiners, self.n, self.seg);
         }
         let payload = compress::zeros(self.comp, len);
         let input = Contribution::compressed(payload, 0.0, len, 0, param_hash, joiners, self.seg);
         match self.residual {
-            Some((used, hash)) => {
-                let input = input.with_residual(hash, hash).with_residual_history(self.history, self.zero);
-                let kept = used.to_vec();
-                (input, Some((used, kept, hash)))
-            }
-            None => (input, None),
+            Some((_, hash)) => input.with_residual(hash, hash).with_residual_history(self.history, self.zero),
+            None => input,
         }
     }
 }

@@ -383,10 +383,7 @@ impl Driver {
                     let (input, residual) = pack.pack(data, samples, param_hash, joiners);
                     (input, residual, at, Some(loss))
                 }
-                None => {
-                    let (input, residual) = pack.nothing(len, own_params, joiners);
-                    (input, residual, view.round, None)
-                }
+                None => (pack.nothing(len, own_params, joiners), None, view.round, None),
             };
             let input =
                 input.with_ring_batches(batches).with_excluded(excluded).with_async(computed_at, history, rings);
