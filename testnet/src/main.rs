@@ -9,6 +9,9 @@ use testnet::{bench, chaos, cluster, sim, train};
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    /// Keep every node's log (JSON lines) in this directory, one file per node.
+    #[arg(long, global = true)]
+    log_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,7 +75,7 @@ enum Cmd {
         #[arg(long)]
         slow_peer_ms: Option<u64>,
         /// Hierarchical rounds: rings of this many peers, then rings across the groups (the
-        /// largest divisor of the ring's size up to it; absent: one ring).
+        /// peers left over are attached to groups; absent, or fewer than two groups: one ring).
         #[arg(long)]
         group_size: Option<usize>,
     },
@@ -171,7 +174,12 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     testnet::process::stop_on_signals();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    if let Some(dir) = &cli.log_dir {
+        testnet::process::keep_logs_in(dir)
+            .map_err(|e| anyhow::anyhow!("cannot keep node logs in {}: {e}; pass another --log-dir", dir.display()))?;
+    }
+    match cli.command {
         Cmd::Train {
             nodes,
             rounds,

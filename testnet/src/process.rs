@@ -41,6 +41,29 @@ pub fn node_bin() -> &'static Path {
     })
 }
 
+static LOG_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Keeps every node's log (its JSON lines, as it wrote them) in `dir/<node name>.log`, for
+/// the nodes started from now on; the directory is created if missing.
+pub fn keep_logs_in(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let _ = LOG_DIR.set(dir.to_owned());
+    Ok(())
+}
+
+/// The file a node's log is kept in, when logs are kept ([`keep_logs_in`]); appended to, so a
+/// node restarted under the same name keeps one log.
+fn log_file(name: &str) -> Option<std::fs::File> {
+    let path = LOG_DIR.get()?.join(format!("{name}.log"));
+    match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            eprintln!("cannot keep {name}'s log in {}: {e}", path.display());
+            None
+        }
+    }
+}
+
 /// A fresh, empty directory under the system temp dir, removed on drop.
 #[derive(Debug)]
 pub struct TempDir(PathBuf);
@@ -103,8 +126,13 @@ impl Node {
         let (l, out) = (logs.clone(), stdout.clone());
         let err = child.stderr.take().expect("stderr");
         let tag = name.to_owned();
+        let mut kept = log_file(name);
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if let Some(f) = kept.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{line}");
+                }
                 match serde_json::from_str::<Value>(&line) {
                     Ok(v) => l.lock().unwrap().push(v),
                     Err(_) => eprintln!("[{tag}] {line}"),

@@ -125,9 +125,9 @@ pub struct RunConfig {
     /// ring's order is a stable hash), each group reduces its vectors in its own ring, member
     /// `j` of every group all-reduces the group sums' chunk `j` in a ring across groups, and
     /// the groups gather the result: `2(g - 1) + 2(n/g - 1)` steps rather than `2(n - 1)`
-    /// ([`p2p_proto::hier`]). The group size used is the largest divisor of the ring's size
-    /// up to this one; a ring it leaves one group, or groups of one, runs as the plain ring.
-    /// Absent: the plain ring.
+    /// ([`p2p_proto::hier`]). The `n mod g` members left over are attached to the groups in
+    /// turn (each sends its chunks to their holders and gets the sum from them); a ring of
+    /// fewer than `2g` members, or `g` below 2, runs as the plain ring. Absent: the plain ring.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_size: Option<usize>,
 }
