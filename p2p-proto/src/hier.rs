@@ -26,7 +26,7 @@ use crate::chunk::{chunk_ranges, segment_count, segment_range};
 use crate::fixed::add_assign_le_bytes;
 use crate::hash::{Hash, chunk_hash, le_bytes, read_le_bytes};
 use crate::message::{RingStep, StepId, VerifiedStep};
-use crate::ring::{Phase, RingAllReduce, RingError, RingParams};
+use crate::ring::{Phase, RingAllReduce, RingError, RingParams, recv_chunk};
 use std::ops::Range;
 
 /// Where members sit in a hierarchical round of `n` members in groups of `g`.
@@ -167,8 +167,10 @@ enum Role {
     Core {
         group: Box<RingAllReduce>,
         across: Option<Box<RingAllReduce>>,
-        /// Segments of the ring across groups that arrived before this member's group sum.
+        /// Segments of the ring across groups that arrived before this member's group sum,
+        /// each checked on arrival ([`HierAllReduce::check_early`]), and which (step, segment).
         early: Vec<VerifiedStep>,
+        early_seen: std::collections::HashSet<(u16, u32)>,
         /// The chunk this member holds, and its group's extras' values of it, as they arrive.
         held: Range<usize>,
         extra_sum: Vec<i32>,
@@ -192,7 +194,6 @@ pub struct HierAllReduce {
     p: RingParams,
     chunks: Vec<Range<usize>>,
     role: Role,
-    early_limit: usize,
     bytes: (u64, u64),
 }
 
@@ -238,6 +239,7 @@ impl HierAllReduce {
                     group: Box::new(group),
                     across: None,
                     early: Vec::new(),
+                    early_seen: std::collections::HashSet::new(),
                     extra_sum: vec![0; held.len()],
                     held,
                     extras,
@@ -254,9 +256,36 @@ impl HierAllReduce {
                 Role::Extra { data, own, received, remaining, started: false }
             }
         };
-        // At most the traffic of the ring across groups can arrive early.
-        let early_limit = 2 * layout.groups() * (1 + chunks[0].len() / seg.max(1));
-        Ok(Self { layout, p, chunks, role, early_limit, bytes: (0, 0) })
+        Ok(Self { layout, p, chunks, role, bytes: (0, 0) })
+    }
+
+    /// A segment of the ring across groups that arrived before this member's group sum, checked
+    /// as that ring will check it: a reduce-scatter step (an all-gather step needs this
+    /// member's sum first) of the chunk its step carries, a segment of it not seen before, of
+    /// its length, within the range of the groups it can sum. Checked on arrival, so that a
+    /// bad one is its sender's (not the sender of whichever frame later starts the ring), and
+    /// the segments kept are at most the reduce-scatter's.
+    fn check_early(&self, id: &StepId, payload: &[u8]) -> Result<(), RingError> {
+        let Role::Core { held, early_seen, .. } = &self.role else { return Ok(()) };
+        let (groups, at) = (self.layout.groups(), self.p.pos / self.layout.g);
+        let s = id.step as usize;
+        if id.phase != Phase::ReduceScatter {
+            return Err(RingError::Unexpected {
+                id: *id,
+                reason: "an all-gather segment across groups before the group sum",
+            });
+        }
+        if s + 1 >= groups {
+            return Err(RingError::Unexpected { id: *id, reason: "step beyond the ring's length" });
+        }
+        let chunk = recv_chunk(Phase::ReduceScatter, s, at, groups);
+        if id.chunk as usize != chunk {
+            return Err(RingError::Unexpected { id: *id, reason: "chunk is not the one this step carries" });
+        }
+        let range = chunk_ranges(held.len(), groups)[chunk].clone();
+        let max_units = self.p.max_units.saturating_mul(self.layout.group_contributions() as i32);
+        let seen = |i: usize| early_seen.contains(&(id.step, i as u32));
+        check_segment(id, payload, &range, self.p.segment_elems, &seen, max_units, s + 1).map(|_| ())
     }
 
     fn msg(
@@ -325,22 +354,20 @@ impl HierAllReduce {
             });
         }
         let mut out = Vec::new();
+        if id.level == 1 && matches!(self.role, Role::Core { across: None, .. }) {
+            self.check_early(&id, &msg.payload)?;
+            let Role::Core { early, early_seen, .. } = &mut self.role else { unreachable!("a core member") };
+            early_seen.insert((id.step, id.segment));
+            early.push(step);
+            return Ok(out);
+        }
         match &mut self.role {
-            Role::Core { group, across, early, held, extra_sum, extras, .. } => match id.level {
+            Role::Core { group, across, held, extra_sum, extras, .. } => match id.level {
                 0 => out.extend(group.on_step(step)?.map(|s| (layout.right(pos, 0), s))),
-                1 => match across.as_mut() {
-                    Some(a) => out.extend(a.on_step(step)?.map(|s| (layout.right(pos, 1), s))),
-                    None if early.len() >= self.early_limit => {
-                        return Err(RingError::Unexpected {
-                            id,
-                            reason: "too many segments across groups before the group sum",
-                        });
-                    }
-                    None => {
-                        early.push(step);
-                        return Ok(out);
-                    }
-                },
+                1 => {
+                    let a = across.as_mut().expect("matched above while there is none");
+                    out.extend(a.on_step(step)?.map(|s| (layout.right(pos, 1), s)));
+                }
                 _ => {
                     // An extra's values of the chunk this member holds.
                     let Some(x) = extras.iter_mut().find(|x| x.pos == from) else {
@@ -384,7 +411,7 @@ impl HierAllReduce {
     /// chunk is in, and the group's all-gather (and the extras' copies) once that ring is.
     fn advance(&mut self, out: &mut Vec<Outgoing>) -> Result<(), RingError> {
         let (layout, pos) = (self.layout, self.p.pos);
-        let Role::Core { group, across, early, held, extra_sum, extras, gathered } = &mut self.role else {
+        let Role::Core { group, across, early, held, extra_sum, extras, gathered, .. } = &mut self.role else {
             return Ok(());
         };
         let extras_in = extras.iter().all(|x| x.seen.iter().all(Option::is_some));
@@ -613,6 +640,29 @@ mod tests {
         let mut m = HierAllReduce::new(layout, p, data, segs, &commits).unwrap();
         m.start().unwrap();
         m
+    }
+
+    /// A segment across groups that arrives before the member's group sum is checked then, so
+    /// a bad one fails the step of its sender: a repeat, another length, an all-gather step, a
+    /// step or chunk out of place, a value beyond the groups' range. A good one waits.
+    #[test]
+    fn segments_across_groups_before_the_group_sum_are_checked_on_arrival() {
+        // Member 1 holds chunk 0 (values 0..4); its ring across groups is {1, 3}, its left 3,
+        // which sends it the across chunk 1 (values 2..4) in step 0, one segment.
+        let across = |phase, step: u16, chunk, values: &[i32]| {
+            let id = StepId { level: 1, phase, step, chunk, segment: 0 };
+            RingStep::new(RunId::from_name("hier"), 3, 0, id, le_bytes(values)).verify().unwrap()
+        };
+        let rs = Phase::ReduceScatter;
+        let mut m = member(1);
+        assert_eq!(m.on_step(3, across(rs, 0, 1, &[10, 10])), Ok(Vec::new()), "a good one waits");
+        assert!(matches!(m.on_step(3, across(rs, 0, 1, &[10, 10])), Err(RingError::Duplicate { .. })));
+        let refused = |step: VerifiedStep| member(1).on_step(3, step).err();
+        assert!(matches!(refused(across(rs, 0, 1, &[10; 100])), Some(RingError::WrongLength { expected: 8, .. })));
+        assert!(matches!(refused(across(Phase::AllGather, 0, 1, &[10, 10])), Some(RingError::Unexpected { .. })));
+        assert!(matches!(refused(across(rs, 1, 1, &[10, 10])), Some(RingError::Unexpected { .. })));
+        assert!(matches!(refused(across(rs, 0, 0, &[10, 10])), Some(RingError::Unexpected { .. })));
+        assert!(matches!(refused(across(rs, 0, 1, &[i32::MAX, 0])), Some(RingError::OutOfRange { .. })));
     }
 
     #[test]

@@ -330,7 +330,10 @@ impl RingAllReduce {
         if id.chunk as usize != chunk {
             return Err(RingError::Unexpected { id, reason: "chunk is not the one this step carries" });
         }
-        let flags = &self.received[id.phase as usize][s];
+        // A gathering ring has no all-gather steps.
+        let Some(flags) = self.received[id.phase as usize].get(s) else {
+            return Err(RingError::Unexpected { id, reason: "no such step in this ring" });
+        };
         if segment >= flags.len() {
             return Err(RingError::Unexpected { id, reason: "segment index past the chunk's end" });
         }
@@ -714,6 +717,19 @@ mod tests {
             .unwrap_err();
             assert!(err.1.contains(want), "{}", err.1);
         }
+    }
+
+    /// A gathering ring has no all-gather: an all-gather step sent into one is refused, not
+    /// looked up among steps it does not have.
+    #[test]
+    fn an_all_gather_step_in_a_gathering_ring_is_refused() {
+        let mut rings = setup_gather(&inputs(3, 12, 1), 4);
+        let pos = 1;
+        let chunk = recv_chunk(Phase::AllGather, 0, pos, 3) as u32;
+        let id = StepId { level: 0, phase: Phase::AllGather, step: 0, chunk, segment: 0 };
+        let step = RingStep::new(RunId::from_name("ring-test"), 9, 0, id, vec![0; 16]).verify().unwrap();
+        let e = rings[pos].on_step(step);
+        assert!(matches!(e, Err(RingError::Unexpected { reason: "no such step in this ring", .. })), "{e:?}");
     }
 
     /// A sender that re-hashes altered step-0 values passes the segment check but

@@ -474,6 +474,8 @@ pub struct Round {
     hier_segments: Vec<Vec<Hash>>,
     /// Segments that came before the last commit, with their senders' positions.
     early: Vec<(usize, VerifiedStep)>,
+    /// The payload bytes of `early`.
+    early_bytes: usize,
     dones: Vec<Option<RoundDone>>,
     sum: Option<(Vec<i32>, Hash)>,
     next: Option<RingView>,
@@ -580,6 +582,7 @@ impl Round {
             layout,
             hier_segments: if layout.is_some() { segs.clone() } else { Vec::new() },
             early: Vec::new(),
+            early_bytes: 0,
             dones: vec![None; n],
             sum: None,
             next: None,
@@ -875,7 +878,8 @@ impl Round {
         let seed = crate::audit::seed(self.run, self.view.round, self.view.attempt, self.commits.iter().flatten());
         // Asynchronous runs: a member behind the ring (its commit empty or stale) audits nobody,
         // as its compute is busy or slow and the ring goes on without waiting for it; a stand-in
-        // audits its target (below). Every member still decides the sum checks alike.
+        // audits its target (below), or it does where nobody can. Every member still decides
+        // the sum checks alike.
         let asynchronous = self.cfg.max_staleness > 0;
         let behind: Vec<bool> =
             self.commits.iter().map(|c| asynchronous && c.as_ref().expect("all commits").is_behind()).collect();
@@ -884,27 +888,30 @@ impl Round {
         {
             // A gathered payload is checked whole against its commit; no partial sums to check.
             self.sum_checking = self.values.is_none();
-            if !behind[self.pos] {
+            // A member behind audits nobody; its target is audited by a stand-in, the first member
+            // after it in ring order that is not behind (and is not that target), so every commit
+            // is still recomputed in every audited attempt. Where nobody can stand in (the target
+            // is the only member not behind), the member behind audits it itself.
+            let stand_in = |b: usize, t: usize| (1..n).map(|k| (b + k) % n).find(|m| !behind[*m] && *m != t);
+            if !behind[self.pos] || stand_in(self.pos, target).is_none() {
                 self.audit_targets = vec![target];
-                // A member behind audits nobody; its target is audited by a stand-in, the first
-                // member after it in ring order that is not behind (and is not that target), so
-                // every commit is still recomputed in every audited attempt.
+            }
+            if !behind[self.pos] {
                 for b in (0..n).filter(|b| behind[*b]) {
                     let Some(t) = crate::audit::target(&seed, n, b, self.cfg.audit_every) else { continue };
-                    let stand_in = (1..n).map(|k| (b + k) % n).find(|m| !behind[*m] && *m != t);
-                    if stand_in == Some(self.pos) && !self.audit_targets.contains(&t) {
+                    if stand_in(b, t) == Some(self.pos) && !self.audit_targets.contains(&t) {
                         self.audit_targets.push(t);
                     }
                 }
-                for &t in &self.audit_targets {
-                    self.auditing.insert(t);
-                    out.push(RoundAction::Audit(Box::new(AuditJob {
-                        view: self.view.clone(),
-                        target: t,
-                        commit: self.commits[t].clone().expect("all commits"),
-                        batches: self.ring_batches.clone(),
-                    })));
-                }
+            }
+            for &t in &self.audit_targets {
+                self.auditing.insert(t);
+                out.push(RoundAction::Audit(Box::new(AuditJob {
+                    view: self.view.clone(),
+                    target: t,
+                    commit: self.commits[t].clone().expect("all commits"),
+                    batches: self.ring_batches.clone(),
+                })));
             }
         }
         let params = RingParams {
@@ -990,15 +997,23 @@ impl Round {
         let Some(from_pos) = self.view.position(from) else { return out };
         match self.stage {
             Stage::Committing => {
-                // The left neighbour may hold all commits before this member does.
-                // It can be at most the whole vector ahead.
-                if self.early.len()
-                    > 2 * self.view.len()
-                        * (1 + self.commits[self.pos].as_ref().map_or(0, |c| c.len as usize)
-                            / self.cfg.segment_elems.max(1))
-                {
+                // The left neighbour may hold all commits before this member does. It can be at
+                // most the reduce-scatter ahead (about the vector), or in a gathering ring the
+                // payloads of all the others; a segment is at most the run's segment size.
+                let len = self.commits[self.pos].as_ref().map_or(0, |c| c.len as usize);
+                let seg = self.cfg.segment_elems.max(1);
+                let bytes = step.step().payload.len();
+                let most = 4 * len * if self.values.is_some() { self.view.len() } else { 2 };
+                if bytes > 4 * seg {
+                    let reason = format!(
+                        "ring frame from {from} rejected: a segment of {bytes} bytes, beyond the run's segments of {seg} \
+                         values"
+                    );
+                    self.fail_with(reason, FailureKind::BadFrame, vec![from.to_owned()], &mut out);
+                } else if self.early.len() > 2 * self.view.len() * (1 + len / seg) || self.early_bytes + bytes > most {
                     self.fail("too many ring steps before the commits arrived".into(), &mut out);
                 } else {
+                    self.early_bytes += bytes;
                     self.early.push((from_pos, step));
                 }
             }
@@ -2036,6 +2051,40 @@ mod tests {
         }
     }
 
+    /// Ring segments that arrive before this member holds every commit wait, but no more than
+    /// the left neighbour can honestly be ahead: a segment beyond the run's segment size fails
+    /// the attempt naming its sender, and more bytes than the vector twice fail it too.
+    #[test]
+    fn segments_before_the_commits_are_bounded_by_size_and_bytes() {
+        let run = RunId::from_name(RUN);
+        let view = RingView::order(run, 0, 0, ["a".to_string(), "b".to_string(), "c".to_string()]);
+        // Segments of 3 values (12 bytes); vectors of 12 values: at most 96 bytes wait.
+        let start = || {
+            let input = Contribution::new(member_data(0, 12), 4, [0; 32], vec![], 3, 3);
+            Round::new(run, &view.members[1], view.clone(), input, cfg(), 0, &no_sign).0
+        };
+        let left = view.members[0].clone();
+        let segment = |segment: u32, values: usize| {
+            let id = StepId { level: 0, phase: Phase::ReduceScatter, step: 0, chunk: 0, segment };
+            RingStep::new(run, 0, 0, id, vec![0; 4 * values]).verify().unwrap()
+        };
+        let failed = |acts: Vec<RoundAction>| {
+            acts.into_iter().find_map(|a| match a {
+                RoundAction::Failed(f) => Some(f),
+                _ => None,
+            })
+        };
+        let mut r = start();
+        let f = failed(r.on_step_from(&left, segment(0, 4), 0)).expect("a segment of 4 values is refused");
+        assert!(f.reason.contains("beyond the run's segments of 3") && f.blame == vec![left.clone()], "{f:?}");
+        let mut r = start();
+        for i in 0..8 {
+            assert!(failed(r.on_step_from(&left, segment(i, 3), 0)).is_none(), "segment {i} of 96 bytes waits");
+        }
+        let f = failed(r.on_step_from(&left, segment(8, 3), 0)).expect("beyond the vector twice");
+        assert!(f.reason.contains("too many ring steps before the commits"), "{f:?}");
+    }
+
     #[test]
     fn members_disagreeing_on_batches_or_committing_other_counts_fail_the_round() {
         let run = RunId::from_name(RUN);
@@ -2248,7 +2297,9 @@ mod tests {
     /// once all audits passed.
     #[test]
     fn a_member_behinds_audit_target_is_audited_by_a_stand_in() {
-        for (n, behind) in [(3, vec![1]), (4, vec![2]), (5, vec![0, 1]), (6, vec![1, 4]), (4, vec![])] {
+        let cases =
+            [(3, vec![1]), (4, vec![2]), (5, vec![0, 1]), (6, vec![1, 4]), (4, vec![]), (2, vec![1]), (3, vec![0, 2])];
+        for (n, behind) in cases {
             let run = RunId::from_name(RUN);
             let view = RingView::order(run, 7, 0, (0..n).map(|i| format!("m{i}")).collect::<Vec<_>>());
             let asy = RoundConfig { audit_every: 1, max_staleness: 2, ..cfg() };
@@ -2285,8 +2336,15 @@ mod tests {
                     queue.extend(acts.into_iter().map(|a| (to, a)));
                 }
             }
+            // A member behind audits nobody, unless its target is the only member not behind.
+            let ahead: Vec<usize> = (0..n).filter(|m| !behind.contains(m)).collect();
             for b in &behind {
-                assert!(audits[*b].is_empty(), "n={n}: member {b} is behind and audits nobody");
+                let alone = |t: &usize| ahead == vec![*t];
+                assert!(
+                    audits[*b].is_empty() || (audits[*b].len() == 1 && alone(&audits[*b][0])),
+                    "n={n}: member {b} is behind and audits {:?}",
+                    audits[*b]
+                );
             }
             let mut audited: Vec<usize> = audits.iter().flatten().copied().collect();
             audited.sort();

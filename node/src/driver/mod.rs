@@ -491,13 +491,7 @@ impl Driver {
         match msg {
             Internal::Prepared { view, input, loss, residual } => {
                 self.loss = loss;
-                if let Some((used, next, hash)) = residual {
-                    // An auditor asks for the residual the commit names; the next one counts
-                    // only if this attempt does.
-                    self.reveals.insert(&self.me, view.round, view.attempt, used);
-                    self.next_residual = Some(((view.round, view.attempt), next, hash));
-                }
-                self.on_prepared(view, *input);
+                self.on_prepared(view, *input, residual);
             }
             Internal::Applied(tag) => {
                 // A state restored meanwhile (a resync) supersedes older applies.
@@ -929,11 +923,17 @@ impl Driver {
         }
     }
 
-    fn on_prepared(&mut self, view: RingView, mut input: Contribution) {
+    fn on_prepared(&mut self, view: RingView, mut input: Contribution, residual: Option<Residuals>) {
         if self.finished || self.round.is_some() || self.membership.ring() != Some(&view) {
             debug!(round = view.round, attempt = view.attempt, "contribution for a ring no longer current; dropped");
             return;
         }
+        // Top-k: an auditor asks for the residual the commit names; the next one counts only if
+        // this attempt does (none: the commit keeps the residual, an empty one).
+        self.next_residual = residual.map(|(used, next, hash)| {
+            self.reveals.insert(&self.me, view.round, view.attempt, used);
+            ((view.round, view.attempt), next, hash)
+        });
         // Asked to stop while the gradient was computed: the round still gets it, and the next
         // ring goes on without this peer.
         input.leaving = self.leave == Leave::Requested;

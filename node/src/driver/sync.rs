@@ -260,6 +260,8 @@ impl Driver {
         }
         self.next_round = sync.round;
         self.cursor = header.cursor;
+        // A residual an attempt before the resync would have left counts for nothing now.
+        self.next_residual = None;
         self.settle(&sync, &header.settlement);
         self.membership.set_state(StateTag { round: sync.round, param_hash: hash });
         if let Some(a) = self.asy.as_mut() {
