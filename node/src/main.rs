@@ -230,7 +230,7 @@ async fn resume_from_checkpoint(spec: &TrainSpec, run: RunId, chain: Option<&Cli
             Err(_) => warn!("the chain did not answer about the local checkpoint"),
         }
     }
-    match spec.worker.restore(c.params, c.optimizer).await {
+    match spec.worker.restore(c.params, c.optimizer, None).await {
         Ok(Ok(hash)) => {
             info!(round, path = %path.display(), param_hash = %p2p_proto::hash::hex(&hash), cursor, "resumed from the local checkpoint");
             Some(Resume { state: StateTag { round: round + 1, param_hash: hash }, cursor })
@@ -326,8 +326,11 @@ fn train_plan(args: &StartArgs, cfg: &RunConfig, ds: data::Dataset) -> anyhow::R
     let device = node::train::run::device(args.run.backend)?;
     let worker = Worker::spawn_slowed(cfg, Arc::new(ds), device, args.faults.slow_compute())?;
     let batch = args.run.batch.unwrap_or(cfg.batch);
-    if batch == 0 || batch > u32::MAX as usize {
-        anyhow::bail!("--batch {batch} is out of range: use 1 or more samples per round");
+    if batch == 0 || batch > node::train::config::MAX_BATCH {
+        anyhow::bail!(
+            "--batch {batch} is out of range: use 1 to {} samples per step (local_steps for more per round)",
+            node::train::config::MAX_BATCH
+        );
     }
     // With local SGD a member trains on `local_steps` batches per round: that is the work its
     // commit, the ring's weights, the sample stream and the chain count.
@@ -352,6 +355,7 @@ fn train_plan(args: &StartArgs, cfg: &RunConfig, ds: data::Dataset) -> anyhow::R
         worker,
         batch: round_samples,
         default_batch: cfg.batch * cfg.local_steps as usize,
+        most_samples: (node::train::config::MAX_BATCH * cfg.local_steps as usize) as u64,
         eval_every: cfg.eval_every,
         epoch_rounds: cfg.epoch_rounds,
         // Per run: a data directory may have served several runs.

@@ -30,6 +30,11 @@ use tracing::{debug, warn};
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest pause between two chunks.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(10);
+/// States served at once.
+const CONCURRENT_SERVES: usize = 4;
+/// The longest a state may take to serve or fetch, whole: far beyond a state of the largest
+/// size on a slow link, so only a peer holding the stream open on purpose reaches it.
+const SERVE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A state ready to be sent: its header and its bytes.
 #[derive(Debug, Clone)]
@@ -77,11 +82,22 @@ pub fn serve(mut control: Control, run: RunId, requests: mpsc::Sender<ServeReque
         warn!("the state protocol is registered twice; not serving it");
         return;
     };
+    // Each state served holds a copy of the whole state until it is written: a few at once,
+    // each within a deadline; a request beyond them is dropped (the asker tries another peer).
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENT_SERVES));
     tokio::spawn(async move {
         while let Some((peer, stream)) = incoming.next().await {
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                debug!(%peer, "state request dropped: already serving {CONCURRENT_SERVES} peers");
+                continue;
+            };
             let requests = requests.clone();
             tokio::spawn(async move {
-                if let Err(e) = answer(peer, stream, run, requests).await {
+                let _slot = slot;
+                let served = tokio::time::timeout(SERVE_TIMEOUT, answer(peer, stream, run, requests)).await;
+                if let Err(e) =
+                    served.unwrap_or_else(|_| Err(format!("serving took longer than {} s", SERVE_TIMEOUT.as_secs())))
+                {
                     debug!(%peer, reason = %e, "state request not served");
                 }
             });
@@ -129,7 +145,10 @@ async fn answer(
     };
     stream.write_all(&encode_frame(&StateReply::Header(served.header.clone()))).await.map_err(|e| e.to_string())?;
     for chunk in p2p_proto::state::chunks(&served.bytes) {
-        stream.write_all(&encode_frame(&chunk)).await.map_err(|e| e.to_string())?;
+        tokio::time::timeout(CHUNK_TIMEOUT, stream.write_all(&encode_frame(&chunk)))
+            .await
+            .map_err(|_| "the asker did not take a chunk in time".to_owned())?
+            .map_err(|e| e.to_string())?;
     }
     let _ = stream.close().await;
     debug!(%peer, round = ?req.round, bytes = served.bytes.len(), "state served");
@@ -178,8 +197,11 @@ pub async fn fetch(
     let (mut stream, reply) = ask(control, peer, &request, &mut buf).await?;
     let StateReply::Header(header) = reply else { return Err(bad("it answered without a state".into())) };
     let mut assembler = Assembler::new(header, run, round, params, moments).map_err(|e| bad(e.to_string()))?;
+    // A server sending a chunk just within each chunk's timeout still finishes by this.
+    let deadline = tokio::time::Instant::now() + SERVE_TIMEOUT;
     while !assembler.is_complete() {
-        let chunk: StateChunk = tokio::time::timeout(CHUNK_TIMEOUT, read_frame(&mut stream, &mut buf))
+        let wait = CHUNK_TIMEOUT.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let chunk: StateChunk = tokio::time::timeout(wait, read_frame(&mut stream, &mut buf))
             .await
             .map_err(|_| FetchError::Timeout { peer })?
             .map_err(|e| bad(e.to_string()))?

@@ -329,10 +329,12 @@ impl Membership {
     pub fn on_done(&mut self, d: &RoundDone, now: u64) -> Vec<MembershipAction> {
         self.observe(&d.peer, now);
         let Phase::Forming { round, .. } = self.phase else { return Vec::new() };
-        if d.run != self.run || d.round + 1 < round || !d.next_members.contains(&self.me) {
+        // A round past the last one counts nothing (its successor does not exist).
+        let Some(next) = d.round.checked_add(1) else { return Vec::new() };
+        if d.run != self.run || next < round || !d.next_members.contains(&self.me) {
             return Vec::new();
         }
-        let view = RingView::order(self.run, d.round + 1, 0, d.next_members.iter().cloned());
+        let view = RingView::order(self.run, next, 0, d.next_members.iter().cloned());
         self.enter(view, now)
     }
 
@@ -603,7 +605,7 @@ impl Membership {
     pub fn round_failed_with(&mut self, now: u64, blame: &[PeerKey], strikes: u32) -> Vec<PeerKey> {
         let mut opened = Vec::new();
         if let Phase::Running(v) = &self.phase {
-            let (round, attempt) = (v.round, v.attempt + 1);
+            let (round, attempt) = (v.round, v.attempt.saturating_add(1));
             for p in blame.iter().filter(|p| **p != self.me) {
                 let b = self.breakers.entry(p.clone()).or_default();
                 b.strikes += strikes;
@@ -1020,6 +1022,8 @@ mod tests {
             result: [0; 32],
             next_members: next.members.clone(),
         };
+        // A Done of the last round there can be names no next ring.
+        assert!(j.on_done(&RoundDone { round: u64::MAX, ..done.clone() }, 2400 * MS).is_empty());
         let acts = j.on_done(&done, 2400 * MS);
         assert!(acts.contains(&MembershipAction::Start(next.clone())));
         // While it fetches the ring's state, its heartbeats say so, and peers judging a state
@@ -1032,6 +1036,10 @@ mod tests {
         let acts = ps[0].round_completed(&ring, next.clone(), 2400 * MS);
         assert!(acts.contains(&MembershipAction::Start(next)));
         assert!(ps[0].joiners(2400 * MS).is_empty());
+        // An attempt at the last number there is (a liar's heartbeat can name one) fails into
+        // the same number, not past it.
+        j.phase = Phase::Running(RingView { attempt: u32::MAX, ..ring.clone() });
+        let _ = j.round_failed(2500 * MS, &[]);
     }
 
     #[test]

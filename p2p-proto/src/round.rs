@@ -807,10 +807,12 @@ impl Round {
         if c.samples == 0 {
             // Compressed: the payload of zeros, one chunk, and the residual kept for later.
             let (comp, values, seg) = (self.cfg.compression, self.values, self.cfg.segment_elems);
+            let own_len = self.commits[self.pos].as_ref().map_or(0, |m| m.len as usize);
             let chunks = if values.is_some() { 1 } else { self.cfg.chunks(self.view.len()) };
             let zeros = self.zero_hashes.get_or_insert_with(|| match values {
                 Some(values) => crate::audit::chunk_hashes(&crate::compress::zeros(comp, values), chunks, seg),
-                None => crate::audit::chunk_hashes(&vec![0; c.len as usize], chunks, seg),
+                // This member's length: the commit's is not checked yet (a shape check follows).
+                None => crate::audit::chunk_hashes(&vec![0; own_len], chunks, seg),
             });
             // The norm's bits: -0.0 is not what an honest member commits, as auditors see it.
             let zeros_of_this_round =
@@ -1210,7 +1212,7 @@ impl Round {
         {
             self.stage = Stage::Finished;
             let (sum, sum_hash) = self.sum.take().expect("sum");
-            let samples = self.commits.iter().flatten().map(|c| c.samples).sum();
+            let samples = self.commits.iter().flatten().fold(0u64, |s, c| s.saturating_add(c.samples));
             let ring_samples = if self.ring_batches.is_empty() { samples } else { self.ring_batches.iter().sum() };
             let own = self.commits[self.pos].as_ref().expect("own commit");
             out.push(RoundAction::Completed(Box::new(Outcome {
@@ -1980,6 +1982,10 @@ mod tests {
         let without_a: BTreeMap<u64, AsyncRing> = [(4, (vec!["b".to_string()], vec![32]))].into();
         let f = judge_with(asynchronous(), commit(asynchronous(), 4, 4, 32), without_a).expect("refused");
         assert!(f.reason.contains("was not in"), "{f:?}");
+        // An empty commit claiming a vector of any length is refused without allocating one.
+        let mut huge = commit(asynchronous(), 5, 9, 0);
+        huge.len = u64::MAX;
+        assert!(judge(asynchronous(), huge).is_some());
         // A synchronous run takes neither stale nor empty commits.
         assert!(judge(cfg(), commit(cfg(), 4, 4, 32)).is_some());
         assert!(judge(cfg(), commit(cfg(), 5, 5, 0)).is_some());

@@ -180,13 +180,20 @@ pub struct Statements {
 
 impl Statements {
     /// Notes that `peer` holds `tag` (from its heartbeat, or from its commit for `tag.round`).
+    /// Each peer's statements are kept for its last [`STATEMENT_ROUNDS`] rounds: a peer
+    /// stating a round far ahead (a liar, or one this peer is far behind) drops only its own.
     pub fn note(&mut self, peer: &str, tag: StateTag) {
         self.by_round.entry(tag.round).or_default().insert(peer.to_owned(), tag.param_hash);
         let latest = self.latest.entry(peer.to_owned()).or_insert(tag.round);
         *latest = (*latest).max(tag.round);
-        if let Some(&newest) = self.by_round.keys().next_back() {
-            let keep = newest.saturating_sub(STATEMENT_ROUNDS);
-            self.by_round = self.by_round.split_off(&keep);
+        let keep = latest.saturating_sub(STATEMENT_ROUNDS);
+        let old: Vec<u64> = self.by_round.range(..keep).map(|(r, _)| *r).collect();
+        for r in old {
+            let m = self.by_round.get_mut(&r).expect("a round just listed");
+            m.remove(peer);
+            if m.is_empty() {
+                self.by_round.remove(&r);
+            }
         }
     }
 
@@ -361,9 +368,16 @@ mod tests {
         assert!(s.by_round.len() <= STATEMENT_ROUNDS as usize + 1);
         assert_eq!(s.of("a", 999), Some([231; 32]));
         assert_eq!(s.of("a", 10), None);
+        // A peer stating a round far ahead drops only its own statements.
+        s.note("b", StateTag { round: 999, param_hash: [1; 32] });
+        s.note("liar", StateTag { round: u64::MAX, param_hash: [9; 32] });
+        assert_eq!((s.of("a", 999), s.of("b", 999)), (Some([231; 32]), Some([1; 32])));
+        let all: BTreeSet<PeerKey> = ["a", "b"].map(String::from).into();
+        assert_eq!(s.verdict(999, &[1; 32], &all), Verdict::Pending { agree: 1, disagree: 1, of: 2 });
+        assert_eq!(s.verdict(999, &[231; 32], &["a".to_string()].into()), Verdict::Agreed { agree: 1, of: 1 });
         // Peers membership forgot are dropped too.
         s.note("b", StateTag { round: 999, param_hash: [1; 32] });
-        s.retain(|p| p != "a");
+        s.retain(|p| p == "b");
         assert_eq!((s.of("a", 999), s.of("b", 999)), (None, Some([1; 32])));
         assert_eq!(s.latest.len(), 1);
     }

@@ -37,6 +37,12 @@ use p2p_proto::round::AuditJob;
 use std::sync::Arc;
 use tracing::{info, warn};
 
+/// Fault evidence checked is remembered per (accused, round, attempt) so that gossip repeating
+/// it is not checked again; past this many entries only recent rounds are kept.
+const MAX_FAULTS_CHECKED: usize = 4096;
+/// The rounds kept then: older evidence cannot concern a round this peer still acts on.
+const FAULT_ROUNDS: u64 = 64;
+
 /// Whether `commit` carries a valid signature of the peer it names.
 pub(super) fn signed_by_its_peer(commit: &GradientCommit) -> bool {
     crate::sign::commit_is_signed(commit)
@@ -318,7 +324,7 @@ impl Driver {
                     )),
                 }
             }
-            _ => Ok(spec.worker.gradient(self.cursor + offset, batch as usize, weight)),
+            _ => Ok(spec.worker.gradient(self.cursor.saturating_add(offset), batch as usize, weight)),
         };
         // The commit's chunks: one per member of the target's ring (its group, in a hierarchy).
         let n = self.cfg.round.chunks(view.len());
@@ -487,11 +493,14 @@ impl Driver {
     pub(super) fn on_fault(&mut self, evidence: Box<FaultEvidence>) {
         let c = &evidence.commit;
         let key = (evidence.accused.clone(), c.round, c.attempt);
-        if self.convicted.contains(&evidence.accused) || !self.faults_checked.insert(key) {
+        if self.convicted.contains(&evidence.accused) || self.faults_checked.contains(&key) {
             return;
         }
         let view = RingView { round: c.round, attempt: c.attempt, members: evidence.members.clone() };
-        let malformed = if c.peer != evidence.accused || c.run != self.cfg.run {
+        let most = self.most_samples();
+        let malformed = if evidence.batches.iter().any(|b| *b > most) {
+            Some("a member's samples are more than a peer of this run computes in a round")
+        } else if c.peer != evidence.accused || c.run != self.cfg.run {
             Some("the commit is not the accused's in this run")
         } else if !signed_by_its_peer(c) {
             Some("the commit's signature does not verify")
@@ -510,6 +519,12 @@ impl Driver {
             warn!(accused = %evidence.accused, reporter = %evidence.reporter, why, "fault evidence refused");
             return;
         }
+        // Checked once per attempt of a signer; the set keeps recent rounds only.
+        if self.faults_checked.len() >= MAX_FAULTS_CHECKED {
+            let recent = self.next_round.saturating_sub(FAULT_ROUNDS);
+            self.faults_checked.retain(|(_, round, _)| *round >= recent);
+        }
+        self.faults_checked.insert(key);
         let Some(target) = view.position(&evidence.accused) else { return };
         if evidence.kind == FaultKind::RefusedFrames {
             warn!(accused = %evidence.accused, reporter = %evidence.reporter, "fault evidence refused: refused frames prove nothing to a third peer");

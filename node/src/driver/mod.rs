@@ -122,6 +122,9 @@ pub struct TrainSpec {
     pub batch: usize,
     /// The run's batch, assumed for a member whose announcement this peer has not heard.
     pub default_batch: usize,
+    /// The most samples a member may announce per round (the largest batch in every local
+    /// step): a heartbeat, join or fault evidence claiming more is refused.
+    pub most_samples: u64,
     /// Evaluate every N rounds (0: only after the last).
     pub eval_every: u64,
     /// Rounds per on-chain epoch: a local checkpoint is saved at each epoch's last round.
@@ -579,6 +582,15 @@ impl Driver {
             warn!(peer = %source, round, attempt, "ignored a message for the current attempt from a peer not in its ring");
             return;
         }
+        let announced = match &msg {
+            Gossip::Heartbeat(h) => Some(h.batch),
+            Gossip::Join(j) => Some(j.batch),
+            _ => None,
+        };
+        if let Some(batch) = announced.map(u64::from).filter(|b| *b > self.most_samples()) {
+            warn!(peer = %source, batch, most = self.most_samples(), "rejected gossip message: it announces more samples per round than a peer of this run computes");
+            return;
+        }
         match msg {
             Gossip::Heartbeat(h) => {
                 self.batches.insert(h.peer.clone(), u64::from(h.batch));
@@ -795,7 +807,7 @@ impl Driver {
                 .pending
                 .iter()
                 .filter_map(|g| match g {
-                    Gossip::Done(d) if d.round + 1 == view.round => Some(d.peer.clone()),
+                    Gossip::Done(d) if d.round.checked_add(1) == Some(view.round) => Some(d.peer.clone()),
                     _ => None,
                 })
                 .collect();
@@ -858,7 +870,7 @@ impl Driver {
                 }
                 let (offset, _, weight) = p2p_proto::audit::micro_batch(&batches, pos);
                 let fault = self.cfg.fault;
-                let start = FaultMode::start(fault, self.cursor + offset);
+                let start = FaultMode::start(fault, self.cursor.saturating_add(offset));
                 let gradient = spec.worker.gradient(start, spec.batch, weight);
                 let pack = self.packer(&view, spec.worker.params, weight);
                 tokio::spawn(async move {
@@ -893,6 +905,14 @@ impl Driver {
                     }
                 });
             }
+        }
+    }
+
+    /// The most samples a member of this run may contribute per round.
+    fn most_samples(&self) -> u64 {
+        match &self.cfg.compute {
+            Compute::Train(spec) => spec.most_samples,
+            Compute::Demo { .. } => crate::train::config::MAX_BATCH as u64,
         }
     }
 
@@ -1101,7 +1121,7 @@ impl Driver {
         self.summary.last_round = Some(o.view.round);
         // The ring's stretch of the sample stream, whether or not every member committed its
         // samples this round (a slow member's join a later round, asynchronously).
-        self.cursor += o.ring_samples;
+        self.cursor = self.cursor.saturating_add(o.ring_samples);
         let own_at = o.computed_at.get(&self.me).copied();
         self.completed_async(&o.view, own_at);
         self.next_round = o.view.round + 1;

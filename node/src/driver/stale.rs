@@ -55,7 +55,7 @@ impl Slot {
     fn of(&self, peer: &str) -> Option<(u64, u64)> {
         let pos = self.members.iter().position(|m| m == peer)?;
         let (offset, batch, _) = micro_batch(&self.batches, pos);
-        Some((self.cursor + offset, batch))
+        Some((self.cursor.saturating_add(offset), batch))
     }
 }
 
@@ -185,7 +185,7 @@ impl Driver {
         let me = self.me.clone();
         let pos = view.position(&me).expect("a started ring holds this peer");
         let (offset, batch, _) = micro_batch(&batches, pos);
-        let (round, start) = (view.round, self.cursor + offset);
+        let (round, start) = (view.round, self.cursor.saturating_add(offset));
         let cursor = self.cursor;
         let Some(asy) = self.asy.as_mut() else { return };
         asy.started = Some(((round, view.attempt), batches.clone(), cursor));

@@ -177,7 +177,7 @@ impl Driver {
         let Some(f) = sync.fetched.as_ref().filter(|_| !sync.restoring) else { return };
         let (round, hash) = (sync.round, f.state.header.tag.param_hash);
         let judged: Result<String, String> = match &f.chain {
-            ChainView::Latest { round: c, hash: h } if c + 1 == round => {
+            ChainView::Latest { round: c, hash: h } if c.checked_add(1) == Some(round) => {
                 if *h == hash {
                     Ok(format!("the chain's finalized checkpoint of round {c}"))
                 } else {
@@ -188,7 +188,7 @@ impl Driver {
                     ))
                 }
             }
-            ChainView::Latest { round: c, .. } if c + 1 > round => Err(format!(
+            ChainView::Latest { round: c, .. } if *c >= round => Err(format!(
                 "it is the state after round {}, older than the chain's finalized checkpoint of round {c}",
                 round.saturating_sub(1)
             )),
@@ -223,6 +223,20 @@ impl Driver {
         match &self.cfg.compute {
             Compute::Demo { .. } => self.restored(Hash::default()),
             Compute::Train(spec) => {
+                // The cursor and step are the server's word (the statements cover the parameters):
+                // at least they must be what rounds of this run can reach.
+                let round = self.sync.as_ref().map_or(0, |s| s.round);
+                let most_steps = round.saturating_mul(crate::train::config::MAX_LOCAL_STEPS);
+                let most_samples =
+                    round.saturating_mul(spec.most_samples).saturating_mul(self.cfg.round.max_peers as u64);
+                if header.step > most_steps || header.cursor > most_samples {
+                    let why = format!(
+                        "its header claims {} optimizer steps and {} samples after {round} rounds, more than rounds of this \
+                         run reach",
+                        header.step, header.cursor
+                    );
+                    return self.sync_failed(&why);
+                }
                 let Some(sync) = self.sync.as_mut() else { return };
                 sync.restoring = true;
                 let f = sync.fetched.as_mut().expect("judged above");
@@ -236,7 +250,8 @@ impl Driver {
                 if optimizer_hash(&optimizer) != header.optimizer_hash {
                     return self.sync_failed("the optimizer state does not match its hash");
                 }
-                let restore = spec.worker.restore(std::mem::take(&mut f.state.params), optimizer);
+                let expected = Some(f.state.header.tag.param_hash);
+                let restore = spec.worker.restore(std::mem::take(&mut f.state.params), optimizer, expected);
                 tokio::spawn(async move {
                     let r = match restore.await {
                         Ok(r) => r,
@@ -278,7 +293,7 @@ impl Driver {
         let round = sync.round;
         self.pending.retain(|g| match g {
             Gossip::Commit(c) => c.round >= round,
-            Gossip::Done(d) => d.round + 1 >= round,
+            Gossip::Done(d) => d.round.saturating_add(1) >= round,
             Gossip::Failed(f) => f.round >= round,
             _ => false,
         });

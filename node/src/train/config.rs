@@ -160,6 +160,11 @@ pub struct LocalSgd {
 /// Largest `local_steps`: far beyond any useful value, and it bounds an audit's recomputation.
 pub const MAX_LOCAL_STEPS: u64 = 1000;
 
+/// Largest batch a peer computes in one step: what an auditor recomputes in one step of a
+/// member's work, so a member announcing more (or fault evidence claiming more) is refused
+/// rather than making every auditor build a batch of any size.
+pub const MAX_BATCH: usize = 1 << 14;
+
 fn default_seed() -> u64 {
     1
 }
@@ -233,6 +238,13 @@ impl RunConfig {
         }
         if self.batch == 0 || self.rounds == 0 || self.epoch_rounds == 0 || self.min_peers == 0 {
             return Err("batch, rounds, epoch_rounds and min_peers must be at least 1".into());
+        }
+        if self.batch > MAX_BATCH {
+            return Err(format!(
+                "batch {} is above {MAX_BATCH}, the most a peer computes in one step: use local_steps for more samples \
+                 per round",
+                self.batch
+            ));
         }
         if !(self.lr.is_finite() && self.lr > 0.0 && self.clip_norm.is_finite() && self.clip_norm > 0.0) {
             return Err("lr and clip_norm must be positive".into());
@@ -436,6 +448,9 @@ mod tests {
         assert!(err.contains("model `gpt`"), "{err}");
         let err = RunConfig::load(&write("d.toml", &format!("{BASE}\nbatchsize = 3"))).unwrap_err().to_string();
         assert!(err.contains("batchsize"), "{err}");
+        let err =
+            RunConfig::load(&write("f.toml", &BASE.replace("batch = 32", "batch = 16385"))).unwrap_err().to_string();
+        assert!(err.contains("batch 16385 is above 16384") && err.contains("local_steps"), "{err}");
         let err = RunConfig::load(&write("e.toml", &BASE.replace("batch = 32", "batch = 0"))).unwrap_err().to_string();
         assert!(err.contains("at least 1"), "{err}");
         let err = RunConfig::load(&write("f.toml", &format!("{BASE}\ndataset_hash = \"xyz\""))).unwrap_err();

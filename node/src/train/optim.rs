@@ -78,7 +78,7 @@ impl Optimizer {
     pub fn apply(&mut self, params: &mut [f32], g: &[f32], lr: f64) {
         assert_eq!(params.len(), g.len());
         let lr = lr as f32;
-        self.step += 1;
+        self.step = self.step.saturating_add(1);
         match self.config {
             OptimizerConfig::Sgd { momentum, weight_decay } => {
                 for ((p, &g), m) in params.iter_mut().zip(g).zip(&mut self.m) {
@@ -88,7 +88,7 @@ impl Optimizer {
                 }
             }
             OptimizerConfig::Adam { beta1, beta2, epsilon, weight_decay } => {
-                let t = self.step as i32;
+                let t = i32::try_from(self.step).unwrap_or(i32::MAX);
                 let c1 = 1.0 - beta1.powi(t);
                 let c2 = 1.0 - beta2.powi(t);
                 for (((p, &g), m), v) in params.iter_mut().zip(g).zip(&mut self.m).zip(&mut self.v) {

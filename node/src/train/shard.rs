@@ -50,7 +50,7 @@ impl Sampler {
     /// Sample indices at positions `start .. start + count` of the sample stream.
     pub fn stream(&mut self, start: u64, count: usize) -> Vec<u32> {
         let len = self.len as u64;
-        (start..start + count as u64)
+        (start..start.saturating_add(count as u64))
             .map(|k| {
                 let epoch = k / len;
                 if self.cached.as_ref().is_none_or(|(e, _)| *e != epoch) {

@@ -42,13 +42,39 @@ pub struct Snapshot {
 }
 
 enum Job {
-    Gradient { start: u64, batch: usize, weight: f32, at: Option<Hash>, reply: oneshot::Sender<Gradient> },
-    Apply { grad: Vec<f32>, reply: oneshot::Sender<Hash> },
-    Evaluate { reply: oneshot::Sender<f64> },
-    Save { path: PathBuf, round: u64, cursor: u64, reply: oneshot::Sender<Result<Hash, String>> },
-    Snapshot { reply: oneshot::Sender<Snapshot> },
-    Restore { params: Vec<f32>, optimizer: Optimizer, reply: oneshot::Sender<Result<Hash, String>> },
-    Load { path: PathBuf, reply: oneshot::Sender<Result<Checkpoint, String>> },
+    Gradient {
+        start: u64,
+        batch: usize,
+        weight: f32,
+        at: Option<Hash>,
+        reply: oneshot::Sender<Gradient>,
+    },
+    Apply {
+        grad: Vec<f32>,
+        reply: oneshot::Sender<Hash>,
+    },
+    Evaluate {
+        reply: oneshot::Sender<f64>,
+    },
+    Save {
+        path: PathBuf,
+        round: u64,
+        cursor: u64,
+        reply: oneshot::Sender<Result<Hash, String>>,
+    },
+    Snapshot {
+        reply: oneshot::Sender<Snapshot>,
+    },
+    Restore {
+        params: Vec<f32>,
+        optimizer: Optimizer,
+        expected: Option<Hash>,
+        reply: oneshot::Sender<Result<Hash, String>>,
+    },
+    Load {
+        path: PathBuf,
+        reply: oneshot::Sender<Result<Checkpoint, String>>,
+    },
 }
 
 /// A job's reply; the job is queued when this is created, not when it is awaited.
@@ -153,8 +179,13 @@ impl Worker {
 
     /// Replaces the state (one fetched from a peer, or read from a checkpoint); resolves to
     /// the new parameter hash, recomputed from the values.
-    pub fn restore(&self, params: Vec<f32>, optimizer: Optimizer) -> Reply<Result<Hash, String>> {
-        self.ask(move |reply| Job::Restore { params, optimizer, reply })
+    pub fn restore(
+        &self,
+        params: Vec<f32>,
+        optimizer: Optimizer,
+        expected: Option<Hash>,
+    ) -> Reply<Result<Hash, String>> {
+        self.ask(move |reply| Job::Restore { params, optimizer, expected, reply })
     }
 
     /// Reads a checkpoint of this model (checked against its recorded hashes), without
@@ -276,7 +307,7 @@ fn serve<M: Net>(
                     optimizer_hash: checkpoint::optimizer_hash(t.optimizer()),
                 });
             }
-            Job::Restore { params, optimizer, reply } => {
+            Job::Restore { params, optimizer, expected, reply } => {
                 let total = t.layout().total;
                 let fits = params.len() == total
                     && optimizer.m.len() == total
@@ -291,6 +322,16 @@ fn serve<M: Net>(
                         optimizer.config
                     )));
                     continue;
+                }
+                // Checked before they replace this peer's own: a state other than announced
+                // leaves it as it was.
+                if let Some(want) = expected {
+                    let got = crate::train::params::param_hash(&params, t.layout());
+                    if got != want {
+                        let (got, want) = (p2p_proto::hash::hex(&got), p2p_proto::hash::hex(&want));
+                        let _ = reply.send(Err(format!("the parameters hash to {got}, not the {want} announced")));
+                        continue;
+                    }
                 }
                 t.restore(params, optimizer);
                 hash = t.param_hash();
