@@ -169,6 +169,9 @@ const TOKEN_TIMEOUT: Duration = Duration::from_secs(2);
 const ACK: u8 = 0xac;
 /// Connections to the data port that may be sending their token at once.
 const MAX_HANDSHAKES: usize = 64;
+/// Ring streams read at once from one peer: a round opens at most three to a member, and a
+/// stream closes when its round ends (a few rounds' may overlap while they close).
+const RING_STREAMS_PER_PEER: usize = 16;
 /// How many times a writer opens a ring stream the receiver dropped before its offer.
 const OPEN_TRIES: u32 = 4;
 /// A ring stream that carries no frame for this long is closed: far beyond any round's
@@ -279,9 +282,31 @@ async fn accept_direct(listener: TcpListener, pending: Pending) {
 /// `plane`, each stream is offered a direct TCP connection.
 pub fn spawn_acceptor(mut control: Control, inbound: mpsc::Sender<Inbound>, plane: Option<DataPlane>) {
     let mut incoming = control.accept(protocol()).expect("the ring protocol is registered once");
+    // A reader holds up to a frame's payload: bounded in number per peer, as a round opens at
+    // most three streams to a member (a hierarchy's) and they close when their round ends.
+    let open: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
     tokio::spawn(async move {
         while let Some((peer, stream)) = incoming.next().await {
-            tokio::spawn(read_stream(peer, stream, inbound.clone(), plane.clone()));
+            {
+                let mut open = open.lock().expect("never poisoned");
+                let n = open.entry(peer).or_default();
+                if *n >= RING_STREAMS_PER_PEER {
+                    warn!(%peer, "ring stream refused: {RING_STREAMS_PER_PEER} from that peer are open already");
+                    continue;
+                }
+                *n += 1;
+            }
+            let (inbound, plane, open) = (inbound.clone(), plane.clone(), open.clone());
+            tokio::spawn(async move {
+                read_stream(peer, stream, inbound, plane).await;
+                let mut open = open.lock().expect("never poisoned");
+                if let Some(n) = open.get_mut(&peer) {
+                    *n -= 1;
+                    if *n == 0 {
+                        open.remove(&peer);
+                    }
+                }
+            });
         }
     });
 }

@@ -102,14 +102,22 @@ async fn attack(target: Multiaddr, run: RunId, mode: Mode) {
             }
         }
     });
+    // A node busy accepting another stream (its own ring's) may drop a new one before its
+    // offer: open it again, as the node's own writers do.
     let open = |mut control: libp2p_stream::Control| async move {
-        let mut s = control.open_stream(peer, StreamProtocol::new(RING_PROTOCOL)).await.expect("ring stream");
         let mut offer = [0u8; 3 + RING_TOKEN_BYTES];
-        s.read_exact(&mut offer[..1]).await.expect("offer");
-        if offer[0] == RING_OFFER_DIRECT {
-            s.read_exact(&mut offer[1..]).await.expect("offer");
+        for _ in 0..4 {
+            let mut s = control.open_stream(peer, StreamProtocol::new(RING_PROTOCOL)).await.expect("ring stream");
+            if s.read_exact(&mut offer[..1]).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            if offer[0] == RING_OFFER_DIRECT {
+                s.read_exact(&mut offer[1..]).await.expect("offer");
+            }
+            return (s, offer);
         }
-        (s, offer)
+        panic!("the node dropped 4 ring streams in a row before offering anything");
     };
     if let Mode::Direct(i) = mode {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -146,9 +154,8 @@ async fn attack(target: Multiaddr, run: RunId, mode: Mode) {
     // A direct connection with a token the node never offered is closed at once, whatever follows.
     {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut s = control.open_stream(peer, StreamProtocol::new(RING_PROTOCOL)).await.expect("ring stream");
-        let mut offer = [0u8; 3 + RING_TOKEN_BYTES];
-        s.read_exact(&mut offer).await.expect("offer");
+        let (_s, offer) = open(control.clone()).await;
+        assert_eq!(offer[0], RING_OFFER_DIRECT, "the node offers a direct connection on loopback");
         let port = u16::from_le_bytes([offer[1], offer[2]]);
         let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("data port");
         let mut forged = [0u8; RING_TOKEN_BYTES];

@@ -490,6 +490,15 @@ impl Driver {
     }
 
     /// Gossiped evidence against a peer: checked here before anything is believed.
+    /// Words of every member's contribution (a compressed one's payload).
+    fn contribution_len(&self) -> usize {
+        let values = match &self.cfg.compute {
+            Compute::Train(spec) => spec.worker.params,
+            Compute::Demo { len } => *len,
+        };
+        self.cfg.round.compression.payload_words(values)
+    }
+
     pub(super) fn on_fault(&mut self, evidence: Box<FaultEvidence>) {
         let c = &evidence.commit;
         let key = (evidence.accused.clone(), c.round, c.attempt);
@@ -508,10 +517,8 @@ impl Driver {
             Some("the ring and its samples do not match in length")
         } else if audit::ring_hash(self.cfg.run, &view, &evidence.batches) != c.ring {
             Some("the commit was made for another ring")
-        } else if let Compute::Train(spec) = &self.cfg.compute
-            && c.len != self.cfg.round.compression.payload_words(spec.worker.params) as u64
-        {
-            Some("the commit is for another number of values than the model has")
+        } else if c.len != self.contribution_len() as u64 {
+            Some("the commit is for another number of values than this run's contributions have")
         } else {
             None
         };
