@@ -32,9 +32,14 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(10);
 /// States served at once.
 const CONCURRENT_SERVES: usize = 4;
-/// The longest a state may take to serve or fetch, whole: far beyond a state of the largest
-/// size on a slow link, so only a peer holding the stream open on purpose reaches it.
-const SERVE_TIMEOUT: Duration = Duration::from_secs(600);
+/// State and settlement requests answered at once.
+const CONCURRENT_REQUESTS: usize = 32;
+/// The longest a state of `bytes` may take to serve or fetch, whole: 10 minutes, or longer for
+/// a state that would need more than 1 MiB/s, so only a peer holding the stream open on purpose
+/// reaches it.
+fn transfer_deadline(bytes: usize) -> Duration {
+    Duration::from_secs(600).max(Duration::from_secs_f64(bytes as f64 / f64::from(1 << 20)))
+}
 
 /// A state ready to be sent: its header and its bytes.
 #[derive(Debug, Clone)]
@@ -82,22 +87,21 @@ pub fn serve(mut control: Control, run: RunId, requests: mpsc::Sender<ServeReque
         warn!("the state protocol is registered twice; not serving it");
         return;
     };
-    // Each state served holds a copy of the whole state until it is written: a few at once,
-    // each within a deadline; a request beyond them is dropped (the asker tries another peer).
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENT_SERVES));
+    // Requests are read a bounded number at once, each within a deadline; each state served
+    // holds a copy of the whole state until it is written, so only a few are served at once
+    // (an asker beyond them is refused and asks another peer).
+    let streams = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_REQUESTS));
+    let states = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_SERVES));
     tokio::spawn(async move {
         while let Some((peer, stream)) = incoming.next().await {
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                debug!(%peer, "state request dropped: already serving {CONCURRENT_SERVES} peers");
+            let Ok(slot) = streams.clone().try_acquire_owned() else {
+                debug!(%peer, "state stream dropped: already answering {CONCURRENT_REQUESTS} requests");
                 continue;
             };
-            let requests = requests.clone();
+            let (requests, states) = (requests.clone(), states.clone());
             tokio::spawn(async move {
                 let _slot = slot;
-                let served = tokio::time::timeout(SERVE_TIMEOUT, answer(peer, stream, run, requests)).await;
-                if let Err(e) =
-                    served.unwrap_or_else(|_| Err(format!("serving took longer than {} s", SERVE_TIMEOUT.as_secs())))
-                {
+                if let Err(e) = answer(peer, stream, run, requests, states).await {
                     debug!(%peer, reason = %e, "state request not served");
                 }
             });
@@ -110,6 +114,7 @@ async fn answer(
     mut stream: libp2p::Stream,
     run: RunId,
     requests: mpsc::Sender<ServeRequest>,
+    states: Arc<tokio::sync::Semaphore>,
 ) -> Result<(), String> {
     let mut buf = Vec::new();
     let req: StateRequest = tokio::time::timeout(CHUNK_TIMEOUT, read_frame(&mut stream, &mut buf))
@@ -119,9 +124,22 @@ async fn answer(
         .ok_or("the stream closed before the request")?;
     if req.run != run {
         let refusal = StateReply::Refused { reason: "not a peer of that run".into(), have: StateTag::default() };
-        stream.write_all(&encode_frame(&refusal)).await.map_err(|e| e.to_string())?;
+        write_within(&mut stream, &encode_frame(&refusal)).await?;
         return Err(format!("asked for run {}", req.run));
     }
+    // A state request holds a state slot until it is served; a settlement request needs none.
+    let _state = match req.round {
+        Some(_) => match states.try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            Err(_) => {
+                let reason = format!("serving {CONCURRENT_SERVES} other peers already: ask another peer");
+                let refusal = StateReply::Refused { reason, have: StateTag::default() };
+                write_within(&mut stream, &encode_frame(&refusal)).await?;
+                return Err("busy".into());
+            }
+        },
+        None => None,
+    };
     let (reply, rx) = oneshot::channel();
     let mut unsettled = req.unsettled;
     unsettled.truncate(MAX_UNSETTLED);
@@ -137,22 +155,33 @@ async fn answer(
                 Answer::Refused(reason, have) => StateReply::Refused { reason, have },
                 Answer::State(_) => unreachable!("matched above"),
             };
-            stream.write_all(&encode_frame(&reply)).await.map_err(|e| e.to_string())?;
+            write_within(&mut stream, &encode_frame(&reply)).await?;
             let _ = stream.close().await;
             return Ok(());
         }
         Err(_) | Ok(Err(_)) => return Err("the driver did not answer in time".into()),
     };
-    stream.write_all(&encode_frame(&StateReply::Header(served.header.clone()))).await.map_err(|e| e.to_string())?;
+    write_within(&mut stream, &encode_frame(&StateReply::Header(served.header.clone()))).await?;
+    // An asker taking each chunk just within its timeout still has the state written by this.
+    let most = transfer_deadline(served.bytes.len());
+    let deadline = tokio::time::Instant::now() + most;
     for chunk in p2p_proto::state::chunks(&served.bytes) {
-        tokio::time::timeout(CHUNK_TIMEOUT, stream.write_all(&encode_frame(&chunk)))
-            .await
-            .map_err(|_| "the asker did not take a chunk in time".to_owned())?
-            .map_err(|e| e.to_string())?;
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("the asker took longer than {} s to take the state", most.as_secs()));
+        }
+        write_within(&mut stream, &encode_frame(&chunk)).await?;
     }
     let _ = stream.close().await;
     debug!(%peer, round = ?req.round, bytes = served.bytes.len(), "state served");
     Ok(())
+}
+
+/// Writes `frame` within the time the asker has to take a chunk.
+async fn write_within(stream: &mut libp2p::Stream, frame: &[u8]) -> Result<(), String> {
+    tokio::time::timeout(CHUNK_TIMEOUT, stream.write_all(frame))
+        .await
+        .map_err(|_| "the asker did not take a frame in time".to_owned())?
+        .map_err(|e| e.to_string())
 }
 
 /// Opens a state stream to `peer`, sends `request` and reads the first frame of the answer.
@@ -198,7 +227,8 @@ pub async fn fetch(
     let StateReply::Header(header) = reply else { return Err(bad("it answered without a state".into())) };
     let mut assembler = Assembler::new(header, run, round, params, moments).map_err(|e| bad(e.to_string()))?;
     // A server sending a chunk just within each chunk's timeout still finishes by this.
-    let deadline = tokio::time::Instant::now() + SERVE_TIMEOUT;
+    let bytes = 4 * params as usize * (1 + moments as usize);
+    let deadline = tokio::time::Instant::now() + transfer_deadline(bytes);
     while !assembler.is_complete() {
         let wait = CHUNK_TIMEOUT.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
         let chunk: StateChunk = tokio::time::timeout(wait, read_frame(&mut stream, &mut buf))
