@@ -806,13 +806,14 @@ impl Round {
     fn refuse_async(&mut self, c: &GradientCommit) -> Option<(String, FailureKind)> {
         if c.samples == 0 {
             // Compressed: the payload of zeros, one chunk, and the residual kept for later.
-            let (comp, values, seg) = (self.cfg.compression, self.values, self.cfg.segment_elems);
-            let own_len = self.commits[self.pos].as_ref().map_or(0, |m| m.len as usize);
-            let chunks = if values.is_some() { 1 } else { self.cfg.chunks(self.view.len()) };
-            let zeros = self.zero_hashes.get_or_insert_with(|| match values {
-                Some(values) => crate::audit::chunk_hashes(&crate::compress::zeros(comp, values), chunks, seg),
+            let (cfg, seg) = (&self.cfg, self.cfg.segment_elems);
+            let zeros = self.zero_hashes.get_or_insert_with(|| match self.values {
+                Some(values) => crate::audit::chunk_hashes(&crate::compress::zeros(cfg.compression, values), 1, seg),
                 // This member's length: the commit's is not checked yet (a shape check follows).
-                None => crate::audit::chunk_hashes(&vec![0; own_len], chunks, seg),
+                None => {
+                    let own = self.commits[self.pos].as_ref().map_or(0, |m| m.len as usize);
+                    crate::audit::chunk_hashes(&vec![0; own], cfg.chunks(self.view.len()), seg)
+                }
             });
             // The norm's bits: -0.0 is not what an honest member commits, as auditors see it.
             let zeros_of_this_round =

@@ -218,9 +218,7 @@ impl Packer {
             _ => (input, None),
         }
     }
-}
 
-impl Packer {
     /// Asynchronous rounds: the contribution of nothing (no samples) of `len` values: zeros,
     /// or compressed their payload ([`compress::zeros`]), the residual (top-k) kept: the one it
     /// names is the one it leaves, so this peer's residual stays as it is (nobody asks for it:
