@@ -403,6 +403,40 @@ pub struct Settlement {
     pub not_certified: Vec<u64>,
 }
 
+impl Settlement {
+    /// What most of the peers that answered say of each `asked` attempt: a round is settled
+    /// (certified or not) when more answers say so than say the opposite. A tie settles
+    /// nothing, so one lying peer against one honest peer can delay a settlement but not
+    /// decide it; an answer that says both of a round, or names a round not asked, counts
+    /// for nothing; each answer counts once per round however often it names it. Also the
+    /// rounds the answers disagree on (some peer lied, or the run split), settled or not.
+    pub fn majority(asked: &[AttemptRef], answers: &[Settlement]) -> (Settlement, Vec<u64>) {
+        let (mut out, mut disputed) = (Settlement::default(), Vec::new());
+        let mut rounds: Vec<u64> = asked.iter().map(|a| a.round).collect();
+        rounds.sort_unstable();
+        rounds.dedup();
+        for round in rounds {
+            let (mut yes, mut no) = (0usize, 0usize);
+            for a in answers {
+                match (a.certified.contains(&round), a.not_certified.contains(&round)) {
+                    (true, false) => yes += 1,
+                    (false, true) => no += 1,
+                    _ => {}
+                }
+            }
+            if yes > 0 && no > 0 {
+                disputed.push(round);
+            }
+            if yes > no {
+                out.certified.push(round);
+            } else if no > yes {
+                out.not_certified.push(round);
+            }
+        }
+        (out, disputed)
+    }
+}
+
 /// The first frame of the answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum StateReply {
@@ -571,5 +605,56 @@ impl VerifiedStep {
 
     pub fn into_inner(self) -> RingStep {
         self.0
+    }
+}
+
+#[cfg(test)]
+mod settlement_tests {
+    use super::*;
+
+    fn asked(rounds: &[u64]) -> Vec<AttemptRef> {
+        rounds.iter().map(|&round| AttemptRef { round, attempt: 0, ring: [7; 32] }).collect()
+    }
+
+    fn says(certified: &[u64], not_certified: &[u64]) -> Settlement {
+        Settlement { certified: certified.to_vec(), not_certified: not_certified.to_vec() }
+    }
+
+    #[test]
+    fn one_liar_cannot_outvote_two_honest_peers() {
+        let honest = says(&[3], &[5]);
+        let liar = says(&[5], &[3]);
+        let m = Settlement::majority(&asked(&[3, 5]), &[liar.clone(), honest.clone(), honest]);
+        assert_eq!(m, (says(&[3], &[5]), vec![3, 5]));
+    }
+
+    #[test]
+    fn a_tie_leaves_the_round_pending() {
+        let m = Settlement::majority(&asked(&[3]), &[says(&[3], &[]), says(&[], &[3])]);
+        assert_eq!(m, (Settlement::default(), vec![3]));
+    }
+
+    #[test]
+    fn a_lone_answer_decides_and_silence_does_not_count() {
+        // Peers that did not complete a round say nothing of it: the one that did decides.
+        let m =
+            Settlement::majority(&asked(&[3, 4]), &[says(&[3], &[4]), Settlement::default(), Settlement::default()]);
+        assert_eq!(m, (says(&[3], &[4]), vec![]));
+    }
+
+    #[test]
+    fn rounds_not_asked_contradictions_and_repeats_count_for_nothing() {
+        let stuffed = says(&[3, 3, 3, 9], &[9]);
+        let both = says(&[4], &[4]);
+        let honest = says(&[], &[3]);
+        // The stuffed answer counts once for round 3 (a tie with the honest one), round 9 was
+        // not asked, and an answer naming round 4 both ways says nothing of it.
+        let m = Settlement::majority(&asked(&[3, 4]), &[stuffed, both, honest]);
+        assert_eq!(m, (Settlement::default(), vec![3]));
+    }
+
+    #[test]
+    fn no_answers_settle_nothing() {
+        assert_eq!(Settlement::majority(&asked(&[1, 2]), &[]), (Settlement::default(), vec![]));
     }
 }

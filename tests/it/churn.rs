@@ -168,6 +168,20 @@ fn a_peer_killed_mid_all_reduce_is_survived_resyncs_on_restart_and_a_fifth_joins
         trained(&d2).len() >= 3 && !d2.events("state restored").is_empty()
     });
     assert!(!d2.events("resumed from the local checkpoint").is_empty(), "it resumed from its own checkpoint first");
+    // Its pending credit for the attempt it was killed in is dropped: the peers it asks (the
+    // server and the other live peers) agree the ring certified round 6 with another attempt.
+    expect(&all4, 30, "the restarted peer did not settle its pending credit", || {
+        d2.events("pending credit dropped: the ring did not certify that attempt with this peer")
+            .iter()
+            .any(|e| e["round"].as_u64() == Some(PAUSE))
+    });
+    let settled = &d2.events("pending credits settled by what most peers that answered know")[0];
+    assert!(settled["answers"].as_u64().unwrap() >= 2, "the server and other peers answered: {settled}");
+    assert_eq!(settled["not_certified"].as_u64(), Some(1), "{settled}");
+    assert!(
+        d2.events("credit recovered: the ring certified this round while this peer was away").is_empty(),
+        "no credit for the killed attempt"
+    );
 
     // 4. A fifth peer joins with only the run id, and catches up the same way.
     let e = start("churn-e", None, &peer_flags(&anvil, &contract, 5, &["--run", &run_id], Some(&boot)));

@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 /// Longest wait for the chain's latest checkpoint: an outage must not hold up a joiner.
+/// Peers besides the server asked what they know of this peer's pending credits after a sync.
+const SETTLE_ASKED: usize = 8;
 const CHAIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a state request may wait for this peer to finish the round before it.
 const SERVE_WAIT: Duration = Duration::from_secs(10);
@@ -312,38 +314,52 @@ impl Driver {
         }
     }
 
-    /// Settles this peer's unsettled attempts with what the server knew; what it did not know
-    /// is asked of every other live peer.
+    /// Settles this peer's unsettled attempts by what most peers that know say: the server's
+    /// answer counts as one, and up to [`SETTLE_ASKED`] other live peers, picked at random, are
+    /// asked too. A lying server alone can neither drop a credit the ring certified nor credit
+    /// an attempt it did not; what no majority settles stays pending until the next sync.
     fn settle(&self, sync: &Sync, known: &Settlement) {
-        let Some(ledger) = &self.cfg.ledger else { return };
-        ledger.resolve_pending(&known.certified, &known.not_certified);
-        let unknown: Vec<AttemptRef> = sync
-            .unsettled
-            .iter()
-            .filter(|a| !known.certified.contains(&a.round) && !known.not_certified.contains(&a.round))
-            .copied()
-            .collect();
-        if unknown.is_empty() {
+        if self.cfg.ledger.is_none() || sync.unsettled.is_empty() {
             return;
         }
         let server = sync.fetched.as_ref().map(|f| f.from);
-        let peers: Vec<PeerId> = self
+        let mut peers: Vec<PeerId> = self
             .membership
             .settled_peers(self.now())
             .iter()
             .filter_map(|p| p.parse().ok())
             .filter(|p| Some(*p) != server)
             .collect();
-        let (mut control, run, tx) = (self.net.control(), self.cfg.run, self.internal.clone());
+        // A random sample, so that no peer id can place itself among the peers asked.
+        let mut nonce = [0u8; 32];
+        getrandom::fill(&mut nonce).expect("the OS has a source of randomness");
+        peers.sort_by_cached_key(|p| *blake3::keyed_hash(&nonce, &p.to_bytes()).as_bytes());
+        peers.truncate(SETTLE_ASKED);
+        let (control, run, tx) = (self.net.control(), self.cfg.run, self.internal.clone());
+        let (unsettled, known) = (sync.unsettled.clone(), known.clone());
         tokio::spawn(async move {
-            let mut all = Settlement::default();
-            for peer in peers {
-                if let Ok(s) = state_sync::settle(&mut control, peer, run, &unknown).await {
-                    all.certified.extend(s.certified);
-                    all.not_certified.extend(s.not_certified);
-                }
+            let asks = peers.into_iter().map(|peer| {
+                let (mut control, unsettled) = (control.clone(), &unsettled);
+                async move { state_sync::settle(&mut control, peer, run, unsettled).await.ok() }
+            });
+            let mut answers: Vec<Settlement> = futures::future::join_all(asks).await.into_iter().flatten().collect();
+            answers.push(known);
+            let (settled, disputed) = Settlement::majority(&unsettled, &answers);
+            if !disputed.is_empty() {
+                warn!(
+                    rounds = ?disputed,
+                    answers = answers.len(),
+                    "peers disagree on which attempts the ring certified: the majority decides, a tie leaves the credit pending"
+                );
             }
-            let _ = tx.send(Internal::Settled(all));
+            info!(
+                asked = unsettled.len(),
+                answers = answers.len(),
+                certified = settled.certified.len(),
+                not_certified = settled.not_certified.len(),
+                "pending credits settled by what most peers that answered know"
+            );
+            let _ = tx.send(Internal::Settled(settled));
         });
     }
 

@@ -17,8 +17,9 @@
 //! while this peer dies before it learns so. So before a member announces its
 //! sum, the attempt it is in is noted as a *pending credit*; the round's tally
 //! replaces it. A peer that comes back with pending credits asks the peer it
-//! fetches the ring's state from which of those attempts the ring certified, and
-//! credits exactly those ([`Outbox::resolve_pending`]).
+//! fetches the ring's state from, and other live peers, which of those attempts the
+//! ring certified, and credits exactly those most of them name
+//! ([`Outbox::resolve_pending`]).
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
