@@ -140,7 +140,8 @@ async fn read_ring_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> 
 mod payloads {
     use std::sync::Mutex;
 
-    /// Buffers kept at most (1 MiB each for full segments).
+    /// Buffers kept at most (1 MiB each for full segments); the simulator calibrates its
+    /// transport with buffers of this many segments (`testnet/src/sim.rs`).
     const KEEP: usize = 16;
     static FREE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
