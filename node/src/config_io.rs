@@ -50,10 +50,13 @@ pub fn serve(control: Control, run: RunId, config: &RunConfig) {
 
 /// Requests of one protocol answered at once; more wait for a free slot.
 const CONCURRENT_ANSWERS: usize = 8;
+/// Requests of one protocol answered at once for one peer; its streams beyond are dropped at
+/// once, so that one peer holding streams open cannot take every slot.
+const ANSWERS_PER_PEER: usize = 2;
 
 /// Accepts streams of `protocol` and answers each with `answer`, in its own task, within
-/// [`REQUEST_TIMEOUT`], at most [`CONCURRENT_ANSWERS`] at a time; failures are logged (at
-/// debug) as `what` requests that failed.
+/// [`REQUEST_TIMEOUT`], at most [`CONCURRENT_ANSWERS`] at a time and [`ANSWERS_PER_PEER`] for
+/// one peer; failures are logged (at debug) as `what` requests that failed.
 pub(crate) fn serve_requests<F, Fut>(mut control: Control, protocol: &'static str, what: &'static str, answer: F)
 where
     F: Fn(libp2p::Stream) -> Fut + Send + 'static,
@@ -64,12 +67,17 @@ where
         return;
     };
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENT_ANSWERS));
+    let per_peer = PerPeer::default();
     tokio::spawn(async move {
         while let Some((peer, stream)) = incoming.next().await {
+            let Some(held) = per_peer.take(peer) else {
+                debug!(%peer, what, "request dropped: that peer has {ANSWERS_PER_PEER} answered already");
+                continue;
+            };
             let Ok(slot) = slots.clone().acquire_owned().await else { return };
             let answering = answer(stream);
             tokio::spawn(async move {
-                let _slot = slot;
+                let _slots = (slot, held);
                 if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, answering)
                     .await
                     .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "request took too long")))
@@ -128,5 +136,53 @@ pub async fn fetch(
             return Err(FetchError::NotFound { run: hex::encode(run.0), secs: wait.as_secs(), last });
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Requests being answered, by peer.
+#[derive(Debug, Clone, Default)]
+struct PerPeer(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<PeerId, usize>>>);
+
+/// One request of `peer` being answered; given back when dropped.
+struct PeerSlot(PerPeer, PeerId);
+
+impl PerPeer {
+    /// A slot for one more of `peer`'s requests, unless it has [`ANSWERS_PER_PEER`] already.
+    fn take(&self, peer: PeerId) -> Option<PeerSlot> {
+        let mut busy = self.0.lock().expect("never poisoned");
+        let n = busy.entry(peer).or_default();
+        (*n < ANSWERS_PER_PEER).then(|| {
+            *n += 1;
+            PeerSlot(self.clone(), peer)
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut busy = (self.0).0.lock().expect("never poisoned");
+        if let Some(n) = busy.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                busy.remove(&self.1);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_gets_at_most_its_share_of_answers_and_gets_them_back() {
+        let per_peer = PerPeer::default();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let held: Vec<PeerSlot> = (0..ANSWERS_PER_PEER).map(|_| per_peer.take(a).expect("a slot")).collect();
+        assert!(per_peer.take(a).is_none(), "one more than its share");
+        assert!(per_peer.take(b).is_some(), "another peer is answered meanwhile");
+        drop(held);
+        assert!(per_peer.take(a).is_some(), "its slots came back");
+        assert!(per_peer.0.lock().unwrap().is_empty(), "no peer is remembered once answered");
     }
 }

@@ -115,15 +115,33 @@ pub enum Expect {
 }
 
 /// Why a holder did not reveal: no stream to it could be opened (it may be reachable a moment
-/// later: a peer that just started may not know its address yet), or anything else.
+/// later: a peer that just started may not know its address yet), the stream broke or fell
+/// silent, or it answered without the values.
 enum AskError {
     Open(String),
+    Lost(String),
     Other(String),
 }
 
 impl From<std::io::Error> for AskError {
     fn from(e: std::io::Error) -> Self {
-        Self::Other(e.to_string())
+        Self::Lost(e.to_string())
+    }
+}
+
+/// Why committed values were not revealed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unrevealed {
+    pub reason: String,
+    /// Every holder's stream broke or timed out, none refused or answered wrongly: what a
+    /// busy holder looks like (or one whose answering slots a third peer fills, which drops
+    /// new streams), so it proves nothing against the holder.
+    pub lost: bool,
+}
+
+impl std::fmt::Display for Unrevealed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
     }
 }
 
@@ -178,8 +196,10 @@ pub async fn fetch(
     from: &[PeerId],
     commit: &GradientCommit,
     expect: Expect,
-) -> Result<Vec<i32>, String> {
+) -> Result<Vec<i32>, Unrevealed> {
     let mut last = String::from("nobody to ask");
+    // Whether a holder refused, answered wrongly or could not be reached at all.
+    let mut attributable = from.is_empty();
     // A holder no stream could be opened to is asked again after a pause (a peer that just
     // started may not know the others' addresses yet), a few times, for at most about 1.5 s.
     for pause in OPEN_RETRY_MS.iter().map(|ms| Duration::from_millis(*ms)) {
@@ -192,16 +212,21 @@ pub async fn fetch(
                     unreachable = true;
                     last = e;
                 }
-                Ok(Err(AskError::Other(e))) => last = e,
+                Ok(Err(AskError::Other(e))) => {
+                    attributable = true;
+                    last = e;
+                }
+                Ok(Err(AskError::Lost(e))) => last = format!("the stream to peer {peer} broke: {e}"),
                 Err(_) => last = format!("peer {peer} did not answer in time"),
             }
             debug!(%peer, reason = %last, "committed values not revealed");
         }
         if !unreachable {
-            break;
+            return Err(Unrevealed { reason: last, lost: !attributable });
         }
     }
-    Err(last)
+    // A holder no stream could be opened to after every pause: it does not serve them.
+    Err(Unrevealed { reason: last, lost: false })
 }
 
 /// Pauses before each round of asking a value's holders: the first at once, then again while

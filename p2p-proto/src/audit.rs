@@ -16,7 +16,7 @@
 //! audited once, and a member that commits to anything but its gradient is
 //! caught in that very attempt.
 
-use crate::chunk::chunk_ranges;
+use crate::chunk::{chunk_ranges, segment_count};
 use crate::hash::{Hash, chunk_hash, segment_hashes};
 use crate::membership::RingView;
 use crate::message::{GradientCommit, RunId};
@@ -111,12 +111,16 @@ pub fn norm_exceeds(commit: &GradientCommit, batches: &[u64], pos: usize, max_no
 /// member at position `pos` of a ring of `n`, hierarchical with `layout`) contradict `commit`:
 /// their hashes make another chunk hash than it committed to. Own values travel at step 0 of
 /// the (group) ring, chunk `pos` (in a group, the member's place in it), or, from an attached
-/// member of a hierarchy, to the holders of each chunk. The caller checks the signatures; this
-/// checks the shape and the hashes.
+/// member of a hierarchy, to the holders of each chunk. Every segment of the chunk must be
+/// there (`segment_elems` values a segment): a chunk hash over some of them differs from the
+/// committed one without contradicting it. The caller checks the signatures; this checks the
+/// shape and the hashes.
 pub fn contradicts(
     commit: &GradientCommit,
     layout: Option<crate::hier::Layout>,
+    n: usize,
     pos: usize,
+    segment_elems: usize,
     steps: &[crate::message::SignedStep],
 ) -> Result<(), String> {
     use crate::hier::Place;
@@ -137,9 +141,17 @@ pub fn contradicts(
             return Err(format!("segment {i} is not one of the member's own chunk {chunk}"));
         }
     }
+    let chunks = layout.map_or(n, |l| l.g);
+    if commit.chunk_hashes.len() != chunks {
+        return Err(format!("the commit has {} chunk hashes, not this ring's {chunks}", commit.chunk_hashes.len()));
+    }
     let Some(committed) = commit.chunk_hashes.get(chunk) else {
         return Err("the commit has no such chunk".into());
     };
+    let want = segment_count(crate::chunk::chunk_range(commit.len as usize, chunks, chunk).len(), segment_elems);
+    if steps.len() != want {
+        return Err(format!("{} signed segments of a chunk of {want}", steps.len()));
+    }
     if chunk_hash(steps.iter().map(|s| &s.hash)) == *committed {
         return Err("the signed segments make the committed chunk hash: no contradiction".into());
     }
@@ -369,17 +381,26 @@ mod tests {
                 .collect()
         };
         // The honest segments of chunk 1 make its committed hash: no contradiction.
-        assert!(contradicts(&commit, None, 1, &steps(1, &segs[1])).is_err());
+        assert!(contradicts(&commit, None, 2, 1, 16, &steps(1, &segs[1])).is_err());
         // One altered segment: a contradiction.
         let mut altered = segs[1].clone();
         altered[2][0] ^= 1;
-        assert_eq!(contradicts(&commit, None, 1, &steps(1, &altered)), Ok(()));
+        assert_eq!(contradicts(&commit, None, 2, 1, 16, &steps(1, &altered)), Ok(()));
         // Segments of another chunk, or out of order, prove nothing.
-        assert!(contradicts(&commit, None, 0, &steps(1, &altered)).is_err());
+        assert!(contradicts(&commit, None, 2, 0, 16, &steps(1, &altered)).is_err());
         let mut shuffled = steps(1, &altered);
         shuffled.swap(0, 1);
-        assert!(contradicts(&commit, None, 1, &shuffled).is_err());
-        assert!(contradicts(&commit, None, 1, &[]).is_err());
+        assert!(contradicts(&commit, None, 2, 1, 16, &shuffled).is_err());
+        assert!(contradicts(&commit, None, 2, 1, 16, &[]).is_err());
+        // An honest member's first segments alone (a neighbour cutting the list short) make
+        // another chunk hash, but prove nothing: every segment of the chunk must be there.
+        let honest = steps(1, &segs[1]);
+        assert!(honest.len() > 1);
+        for cut in 1..honest.len() {
+            assert!(contradicts(&commit, None, 2, 1, 16, &honest[..cut]).is_err(), "cut to {cut}");
+        }
+        // Nor does a commit cut into other chunks than the ring's.
+        assert!(contradicts(&commit, None, 3, 1, 16, &steps(1, &altered)).is_err());
     }
 
     #[test]

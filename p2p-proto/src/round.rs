@@ -2575,9 +2575,14 @@ mod tests {
             for (by, c) in &contradictions {
                 assert!(layout.destinations(liar).contains(by), "{by} received the liar's values");
                 assert_eq!(c.accused, liar);
-                assert_eq!(crate::audit::contradicts(&c.commit, Some(layout), liar, &c.steps), Ok(()));
+                let seg = cfg().segment_elems;
+                assert_eq!(crate::audit::contradicts(&c.commit, Some(layout), n, liar, seg, &c.steps), Ok(()));
+                if c.steps.len() > 1 {
+                    let cut = &c.steps[..c.steps.len() - 1];
+                    assert!(crate::audit::contradicts(&c.commit, Some(layout), n, liar, seg, cut).is_err());
+                }
                 // Checked against another place, the same segments prove nothing.
-                assert!(crate::audit::contradicts(&c.commit, Some(layout), (liar + 1) % n, &c.steps).is_err());
+                assert!(crate::audit::contradicts(&c.commit, Some(layout), n, (liar + 1) % n, seg, &c.steps).is_err());
                 let Some(RoundAction::Failed(f)) = &ended[*by] else { panic!("{:?}", ended[*by]) };
                 assert_eq!(f.blame, vec![view.members[liar].clone()]);
             }

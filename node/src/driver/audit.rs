@@ -26,7 +26,7 @@
 //! ring are the evidence, checked the same way (recompute, then compare).
 
 use super::{Compute, Driver, Internal};
-use crate::reveal::Expect;
+use crate::reveal::{Expect, Unrevealed};
 use crate::train::worker::Gradient;
 use libp2p::PeerId;
 use p2p_proto::audit;
@@ -162,7 +162,7 @@ fn judge(
     seg: usize,
     tolerance: f64,
     compressed: Option<(Compression, f64)>,
-    revealed: Option<Result<Arc<Vec<i32>>, String>>,
+    revealed: Option<Result<Arc<Vec<i32>>, Unrevealed>>,
 ) -> Verdict {
     let recomputed = match fixed.encode(weighted) {
         Ok(d) => d,
@@ -189,6 +189,9 @@ fn judge(
         let residual = match (comp.has_residual(), revealed) {
             (false, _) => None,
             (true, Some(Ok(r))) => Some(r),
+            (true, Some(Err(e))) if e.lost => {
+                return Verdict::Open(format!("the residual its commit names could not be fetched ({e})"));
+            }
             (true, Some(Err(e))) => {
                 return Verdict::Doubt(format!("the residual its commit names was not revealed ({e})"));
             }
@@ -209,6 +212,7 @@ fn judge(
             Ok(()) => Verdict::Holds(Some(recomputed)),
             Err(e) => Verdict::Lie(e),
         },
+        Some(Err(e)) if e.lost => Verdict::Open(format!("its committed values could not be fetched ({e})")),
         Some(Err(e)) => Verdict::Doubt(format!("its committed values were not revealed ({e})")),
         Some(Ok(data)) => match audit::tolerance_excess(&data, &recomputed, tolerance) {
             Ok(x) if x <= 1.0 => Verdict::Holds(Some(data.to_vec())),
@@ -344,7 +348,7 @@ impl Driver {
             tokio::spawn(async move {
                 let data = Arc::new(crate::reveal::fetch(control, &holders, &commit, expect).await?);
                 store.insert(&commit.peer, commit.round, commit.attempt, data.clone());
-                Ok::<_, String>(data)
+                Ok::<_, Unrevealed>(data)
             })
         });
         tokio::spawn(async move {
@@ -357,7 +361,9 @@ impl Driver {
             };
             let Ok(g) = g else { return };
             let revealed = match revealed {
-                Some(task) => Some(task.await.unwrap_or_else(|e| Err(e.to_string()))),
+                Some(task) => {
+                    Some(task.await.unwrap_or_else(|e| Err(Unrevealed { reason: e.to_string(), lost: true })))
+                }
                 None => None,
             };
             let verdict = if g.param_hash != commit.param_hash {
@@ -526,12 +532,6 @@ impl Driver {
             warn!(accused = %evidence.accused, reporter = %evidence.reporter, why, "fault evidence refused");
             return;
         }
-        // Checked once per attempt of a signer; the set keeps recent rounds only.
-        if self.faults_checked.len() >= MAX_FAULTS_CHECKED {
-            let recent = self.next_round.saturating_sub(FAULT_ROUNDS);
-            self.faults_checked.retain(|(_, round, _)| *round >= recent);
-        }
-        self.faults_checked.insert(key);
         let Some(target) = view.position(&evidence.accused) else { return };
         if evidence.kind == FaultKind::RefusedFrames {
             warn!(accused = %evidence.accused, reporter = %evidence.reporter, "fault evidence refused: refused frames prove nothing to a third peer");
@@ -539,6 +539,7 @@ impl Driver {
         }
         if evidence.kind == FaultKind::NormExceeded {
             // Self-contained: the signed commit states a norm no honest member can reach.
+            self.checking_fault(key);
             let verdict = match audit::norm_exceeds(c, &evidence.batches, target, self.cfg.round.max_norm_units) {
                 Some(why) => Verdict::Lie(why),
                 None => Verdict::Holds(None),
@@ -547,21 +548,21 @@ impl Driver {
         }
         if evidence.kind == FaultKind::CommitContradiction {
             // Self-contained: the accused's own signatures contradict each other.
-            let key = crate::sign::peer_key(&evidence.accused);
-            let signed = key.is_some_and(|k| {
+            let signer = crate::sign::peer_key(&evidence.accused);
+            let signed = signer.is_some_and(|k| {
                 evidence.steps.iter().all(|s| crate::sign::step_is_signed(&k, c.run, c.round, c.attempt, s))
             });
-            let verdict = if !signed {
-                Verdict::Holds(None)
-            } else {
-                match audit::contradicts(c, self.cfg.round.layout(view.len()), target, &evidence.steps) {
-                    Ok(()) => Verdict::Lie("it signed a chunk other than the one it committed to".to_owned()),
-                    Err(why) => {
-                        warn!(accused = %evidence.accused, why, "fault evidence refused");
-                        return;
-                    }
-                }
-            };
+            if !signed {
+                warn!(accused = %evidence.accused, reporter = %evidence.reporter, "fault evidence refused: its segments are not signed by the accused");
+                return;
+            }
+            let (layout, seg) = (self.cfg.round.layout(view.len()), self.cfg.round.segment_elems);
+            if let Err(why) = audit::contradicts(c, layout, view.len(), target, seg, &evidence.steps) {
+                warn!(accused = %evidence.accused, why, "fault evidence refused");
+                return;
+            }
+            self.checking_fault(key);
+            let verdict = Verdict::Lie("it signed a chunk other than the one it committed to".to_owned());
             return self.on_audited(Audited::Evidence { evidence, verdict });
         }
         let state = self.membership.state();
@@ -580,6 +581,18 @@ impl Driver {
                 round = c.round,
                 accused = %evidence.accused,
                 "fault evidence for a round whose parameters this peer does not hold; not checked"
+            );
+            return;
+        }
+        if !self.attempts_in.contains(&view) {
+            // A recomputation costs a gradient: only for rings this peer was in, so that a
+            // peer cannot queue one per made-up attempt (any peer can sign commits for rings
+            // that never existed).
+            info!(
+                round = c.round,
+                attempt = c.attempt,
+                accused = %evidence.accused,
+                "fault evidence for an attempt this peer was not in; not checked"
             );
             return;
         }
@@ -602,6 +615,7 @@ impl Driver {
                 warn!(accused = %evidence.accused, reporter = %evidence.reporter, "fault evidence refused: its sum check is not the accused's, signed, for that ring");
                 return;
             };
+            self.checking_fault(key);
             self.recompute(&view, target, &batches, commit, holders, move |verdict| {
                 // Its commit must be its gradient, and its claims must add up to its values.
                 let verdict = match verdict {
@@ -618,10 +632,23 @@ impl Driver {
             });
             return;
         }
+        self.checking_fault(key);
         self.recompute(&view, target, &batches, commit, holders, move |verdict| Audited::Evidence {
             evidence,
             verdict,
         });
+    }
+
+    /// Evidence about `key` (accused, round, attempt) is being checked: remembered so that it
+    /// is checked once, and only once a check starts, so that evidence refused before
+    /// (malformed, or not checkable here) does not hide valid evidence about the same attempt
+    /// that comes later. The set keeps recent rounds only.
+    fn checking_fault(&mut self, key: (String, u64, u32)) {
+        if self.faults_checked.len() >= MAX_FAULTS_CHECKED {
+            let recent = self.next_round.saturating_sub(FAULT_ROUNDS);
+            self.faults_checked.retain(|(_, round, _)| *round >= recent);
+        }
+        self.faults_checked.insert(key);
     }
 }
 
@@ -845,7 +872,7 @@ mod tests {
         let (w, other) = (gradient(1000, 1), gradient(1000, 2));
         let units = fixed.encode(&w).unwrap();
         let max_norm = 1e9;
-        let judge_with = |comp, c: &GradientCommit, revealed: Option<Result<Arc<Vec<i32>>, String>>| {
+        let judge_with = |comp, c: &GradientCommit, revealed: Option<Result<Arc<Vec<i32>>, Unrevealed>>| {
             judge(&fixed, &w, 32, c, 3, SEG, 0.0, Some((comp, max_norm)), revealed)
         };
 
@@ -870,8 +897,13 @@ mod tests {
         // The right payload, but it claims to keep another residual than the payload leaves.
         let v = judge_with(topk, &commit(&e.payload, e.norm, &residual, &residual), shown());
         assert!(matches!(&v, Verdict::Lie(why) if why.contains("leaves")), "{v:?}");
-        let v = judge_with(topk, &honest, Some(Err("timed out".into())));
+        let refused = Unrevealed { reason: "peer p does not hold them".into(), lost: false };
+        let v = judge_with(topk, &honest, Some(Err(refused)));
         assert!(matches!(&v, Verdict::Doubt(why) if why.contains("not revealed")), "{v:?}");
+        // A stream that broke or timed out proves nothing against the holder.
+        let lost = Unrevealed { reason: "peer p did not answer in time".into(), lost: true };
+        let v = judge_with(topk, &honest, Some(Err(lost)));
+        assert!(matches!(&v, Verdict::Open(why) if why.contains("could not be fetched")), "{v:?}");
 
         // Nothing (asynchronous rounds): the payload of zeros with the residual kept holds, with
         // no residual to reveal; anything else, or a residual it says changed, is a lie.

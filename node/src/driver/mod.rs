@@ -55,6 +55,8 @@ const FORGET_EVERY_TICKS: u64 = 250;
 const CERTIFIED_HISTORY: usize = 4096;
 /// Own `Done` messages kept to answer members that missed them.
 const OWN_DONES: usize = 16;
+/// Attempts this peer was a member of, kept to check fault evidence against.
+const ATTEMPTS_KEPT: usize = 64;
 /// After its last round, how long a peer still answers members waiting for its `Done`
 /// (members repeat theirs every second while they wait).
 const LINGER: Duration = Duration::from_millis(1500);
@@ -293,6 +295,10 @@ struct Driver {
     refused: std::collections::HashMap<PeerKey, Option<(u64, String)>>,
     /// Fault evidence checked or being checked, by (accused, round, attempt).
     faults_checked: std::collections::HashSet<(PeerKey, u64, u32)>,
+    /// The latest attempts this peer was a member of (at most [`ATTEMPTS_KEPT`]): evidence
+    /// that needs a gradient recomputed is checked only for these, so that made-up rings
+    /// cannot queue recomputations.
+    attempts_in: std::collections::VecDeque<RingView>,
     /// Signs this peer's commits, ring segments and sum checks.
     signer: crate::sign::Signer,
     /// What a test-only liar remembers.
@@ -367,6 +373,7 @@ pub async fn run(
         ticks: 0,
         convicted: std::collections::HashSet::new(),
         faults_checked: std::collections::HashSet::new(),
+        attempts_in: std::collections::VecDeque::new(),
         refused: std::collections::HashMap::new(),
         signer: crate::sign::Signer::new(cfg.identity.clone()),
         fault_state: audit::FaultState::default(),
@@ -638,8 +645,14 @@ impl Driver {
                 if let Some(r) = self.round.as_mut() {
                     let acts = r.on_failed(f);
                     self.on_round_actions(acts);
-                } else if self.sync.as_ref().is_some_and(|s| s.then.as_ref().is_some_and(|v| v.round == f.round)) {
-                    // The ring this peer was fetching the state for failed: stop, form again.
+                } else if self.sync.as_ref().is_some_and(|s| {
+                    s.then.as_ref().is_some_and(|v| {
+                        (v.round, v.attempt) == (f.round, f.attempt) && f.peer != self.me && v.members.contains(&f.peer)
+                    })
+                }) {
+                    // The ring this peer was fetching the state for failed (a member of that
+                    // very attempt says so; anyone else's word could keep joiners out): stop,
+                    // form again.
                     self.sync_failed(&format!("the ring failed meanwhile: {}", f.reason));
                 } else {
                     // This peer may be computing its gradient for that very attempt.
@@ -960,6 +973,10 @@ impl Driver {
             self.reveals.insert(&self.me, view.round, view.attempt, std::sync::Arc::new(input.data.clone()));
         }
         let now = self.now();
+        if self.attempts_in.len() >= ATTEMPTS_KEPT {
+            self.attempts_in.pop_front();
+        }
+        self.attempts_in.push_back(view.clone());
         let (round, acts) =
             Round::new(self.cfg.run, &self.me, view, input, self.cfg.round.clone(), now, &self.signer());
         self.writers = round.destinations().into_iter().map(|to| (to.clone(), self.writer_to(to))).collect();
