@@ -331,7 +331,9 @@ impl Membership {
         let Phase::Forming { round, .. } = self.phase else { return Vec::new() };
         // A round past the last one counts nothing (its successor does not exist).
         let Some(next) = d.round.checked_add(1) else { return Vec::new() };
-        if d.run != self.run || next < round || !d.next_members.contains(&self.me) {
+        // A next ring is this ring and its joiners: two peers at least. A `Done` naming this
+        // peer alone would have it train a ring of one, a fork of the run.
+        if d.run != self.run || next < round || !d.next_members.contains(&self.me) || d.next_members.len() < 2 {
             return Vec::new();
         }
         let view = RingView::order(self.run, next, 0, d.next_members.iter().cloned());
@@ -750,11 +752,20 @@ impl Membership {
         let ring = RingView { members: ring.members.into_iter().take(self.cfg.max_peers.max(1)).collect(), ..ring };
         let ring_hash = ring.hash(self.run);
         // A live ring other than the one this view makes is running this round or a later
-        // one: ask to join it.
-        let running_elsewhere = live.iter().any(|(_, s)| {
-            matches!(&s.status, Some(PeerStatus::Running { round: r, attempt: a, ring })
-                if *r >= round && (*r, *a, *ring) != (round, attempt, ring_hash))
-        });
+        // one: ask to join it. A ring has two members at least, so it counts once two peers
+        // not kept out say they run it: one peer announcing a ring that does not exist would
+        // otherwise keep every peer asking to join it, and no ring would ever form.
+        let mut elsewhere: BTreeMap<(u64, u32, Hash), usize> = BTreeMap::new();
+        for (p, s) in &live {
+            if let Some(PeerStatus::Running { round: r, attempt: a, ring }) = &s.status
+                && *r >= round
+                && (*r, *a, *ring) != (round, attempt, ring_hash)
+                && self.breakers.get(*p).is_none_or(|b| b.open_until <= round)
+            {
+                *elsewhere.entry((*r, *a, *ring)).or_default() += 1;
+            }
+        }
+        let running_elsewhere = elsewhere.values().any(|n| *n >= 2);
         if running_elsewhere {
             return self.ask_to_join(round, now);
         }
@@ -989,6 +1000,30 @@ mod tests {
         assert!(ps[1].excluded(1).is_empty());
     }
 
+    /// One peer saying it runs a ring that does not exist keeps nobody from forming one: a
+    /// ring counts once two peers say they run it.
+    #[test]
+    fn one_peer_announcing_a_ring_that_does_not_exist_does_not_stop_the_others() {
+        let mut ps = peers(3, 3);
+        let liar = Heartbeat {
+            run: RunId::from_name("m"),
+            peer: "liar".into(),
+            seq: 1,
+            status: PeerStatus::Running { round: 0, attempt: 9, ring: [7; 32] },
+            batch: 1,
+            state: StateTag { round: 0, param_hash: [0; 32] },
+            excluded: Vec::new(),
+        };
+        for p in ps.iter_mut() {
+            p.on_heartbeat(&liar, 0);
+        }
+        let started = simulate(&mut ps, &[true; 3], 20, 0);
+        assert!(
+            started.iter().all(|s| s.started.len() == 1 && s.started[0].members.len() == 3),
+            "the three formed their ring: {started:?}"
+        );
+    }
+
     #[test]
     fn a_joiner_asks_and_enters_through_done() {
         let run = RunId::from_name("m");
@@ -1000,11 +1035,14 @@ mod tests {
         for p in &mut ps {
             let _ = p.tick(2000 * MS);
         }
-        let hb = match ps[0].tick(2300 * MS).remove(0) {
-            MembershipAction::Publish(Gossip::Heartbeat(h)) => h,
-            other => panic!("{other:?}"),
-        };
-        j.on_heartbeat(&hb, 2300 * MS);
+        // (Both members' heartbeats: a ring counts once two peers say they run it.)
+        for p in ps.iter_mut() {
+            let hb = match p.tick(2300 * MS).remove(0) {
+                MembershipAction::Publish(Gossip::Heartbeat(h)) => h,
+                other => panic!("{other:?}"),
+            };
+            j.on_heartbeat(&hb, 2300 * MS);
+        }
         let acts = j.tick(2300 * MS);
         let join = acts.iter().find_map(|a| match a {
             MembershipAction::Publish(Gossip::Join(r)) => Some(r.clone()),
@@ -1024,6 +1062,9 @@ mod tests {
         };
         // A Done of the last round there can be names no next ring.
         assert!(j.on_done(&RoundDone { round: u64::MAX, ..done.clone() }, 2400 * MS).is_empty());
+        // Nor does one naming this peer alone (a ring of one would fork the run).
+        let alone = RoundDone { next_members: vec!["joiner".to_string()], ..done.clone() };
+        assert!(j.on_done(&alone, 2400 * MS).is_empty());
         let acts = j.on_done(&done, 2400 * MS);
         assert!(acts.contains(&MembershipAction::Start(next.clone())));
         // While it fetches the ring's state, its heartbeats say so, and peers judging a state

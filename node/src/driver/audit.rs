@@ -547,18 +547,20 @@ impl Driver {
             return self.on_audited(Audited::Evidence { evidence, verdict });
         }
         if evidence.kind == FaultKind::CommitContradiction {
-            // Self-contained: the accused's own signatures contradict each other.
+            // Self-contained: the accused's own signatures contradict each other. The shape and
+            // the hashes first (cheap, and they bound the segments to one chunk's), then the
+            // signatures.
+            let (layout, seg) = (self.cfg.round.layout(view.len()), self.cfg.round.segment_elems);
+            if let Err(why) = audit::contradicts(c, layout, view.len(), target, seg, &evidence.steps) {
+                warn!(accused = %evidence.accused, why, "fault evidence refused");
+                return;
+            }
             let signer = crate::sign::peer_key(&evidence.accused);
             let signed = signer.is_some_and(|k| {
                 evidence.steps.iter().all(|s| crate::sign::step_is_signed(&k, c.run, c.round, c.attempt, s))
             });
             if !signed {
                 warn!(accused = %evidence.accused, reporter = %evidence.reporter, "fault evidence refused: its segments are not signed by the accused");
-                return;
-            }
-            let (layout, seg) = (self.cfg.round.layout(view.len()), self.cfg.round.segment_elems);
-            if let Err(why) = audit::contradicts(c, layout, view.len(), target, seg, &evidence.steps) {
-                warn!(accused = %evidence.accused, why, "fault evidence refused");
                 return;
             }
             self.checking_fault(key);

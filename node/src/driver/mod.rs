@@ -46,6 +46,12 @@ use tracing::{debug, info, warn};
 const TICK: Duration = Duration::from_millis(20);
 /// Gossip for rounds this peer has not reached yet, kept until it gets there.
 const MAX_PENDING_GOSSIP: usize = 4096;
+/// Messages of one peer kept for later at most (its latest): an honest member has a commit, a
+/// `Done` and perhaps a `Failed` for an attempt or two, so one peer cannot push the others'
+/// messages out.
+const PENDING_PER_PEER: usize = 8;
+/// Bytes of the messages kept for later at most (as [`held_bytes`] counts them).
+const MAX_PENDING_BYTES: usize = 64 << 20;
 /// Every this many ticks, the peers' states are copied into the metrics.
 const METRICS_EVERY_TICKS: u64 = 25;
 /// Every this many ticks, per-peer state of peers membership forgot is dropped.
@@ -697,10 +703,18 @@ impl Driver {
             debug!(peer = msg.peer(), round, "stale round message dropped: its round is over");
             return;
         }
-        if self.pending.len() >= MAX_PENDING_GOSSIP {
-            self.pending.pop_front();
+        let peer = msg.peer().to_owned();
+        if self.pending.iter().filter(|g| g.peer() == peer).count() >= PENDING_PER_PEER
+            && let Some(oldest) = self.pending.iter().position(|g| g.peer() == peer)
+        {
+            self.pending.remove(oldest);
         }
         self.pending.push_back(msg);
+        let mut bytes: usize = self.pending.iter().map(held_bytes).sum();
+        while self.pending.len() > MAX_PENDING_GOSSIP || bytes > MAX_PENDING_BYTES {
+            let Some(dropped) = self.pending.pop_front() else { break };
+            bytes -= held_bytes(&dropped);
+        }
     }
 
     fn on_inbound(&mut self, msg: Inbound) {
@@ -1301,4 +1315,18 @@ impl Driver {
         info!(round = self.next_round, "leaving the run");
         self.finished = true;
     }
+}
+
+/// About the bytes a message kept for later holds: its lists and strings, plus its fixed
+/// fields.
+fn held_bytes(g: &Gossip) -> usize {
+    const FIXED: usize = 256;
+    let keys = |ks: &[PeerKey]| ks.iter().map(|k| k.len() + 24).sum::<usize>();
+    FIXED
+        + match g {
+            Gossip::Commit(c) => 32 * c.chunk_hashes.len() + keys(&c.joiners) + keys(&c.excluded) + c.signature.len(),
+            Gossip::Done(d) => keys(&d.next_members),
+            Gossip::Failed(f) => f.reason.len(),
+            _ => 0,
+        }
 }
