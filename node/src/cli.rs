@@ -306,9 +306,9 @@ pub struct FaultArgs {
     #[arg(long, hide = true)]
     pub fault_pause_in_round: Option<u64>,
     /// Lie in this way every round: random-gradient, scale-1000, nan, commit-mismatch,
-    /// drop-contribution, spike, corrupt-in-transit, replay or withhold (random-gradient that
-    /// never reveals its values); or run as an honest peer on a backend that is not
-    /// bit-exact: inexact.
+    /// drop-contribution, spike, corrupt-in-transit, replay, withhold (random-gradient that
+    /// never reveals its values) or withhold-silent (the same, closing reveal requests
+    /// unanswered); or run as an honest peer on a backend that is not bit-exact: inexact.
     #[cfg(feature = "fault-injection")]
     #[arg(long, hide = true)]
     pub fault_mode: Option<crate::driver::FaultMode>,

@@ -100,6 +100,16 @@ pub fn serve(control: Control, run: RunId, store: Store) {
     });
 }
 
+/// A test-only liar's service: accepts every reveal request and closes the stream unanswered.
+pub fn serve_nothing(control: Control) {
+    crate::config_io::serve_requests(
+        control,
+        REVEAL_PROTOCOL,
+        "reveal",
+        |mut stream| async move { stream.close().await },
+    );
+}
+
 fn le_bytes(data: &[i32]) -> Vec<u8> {
     data.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
@@ -135,7 +145,8 @@ pub struct Unrevealed {
     pub reason: String,
     /// Every holder's stream broke or timed out, none refused or answered wrongly: what a
     /// busy holder looks like (or one whose answering slots a third peer fills, which drops
-    /// new streams), so it proves nothing against the holder.
+    /// new streams) as much as one that withholds, so it counts against the holder as not
+    /// answering, not as a bad answer.
     pub lost: bool,
 }
 

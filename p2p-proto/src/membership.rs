@@ -332,11 +332,14 @@ impl Membership {
         // A round past the last one counts nothing (its successor does not exist).
         let Some(next) = d.round.checked_add(1) else { return Vec::new() };
         // A next ring is this ring and its joiners: two peers at least. A `Done` naming this
-        // peer alone would have it train a ring of one, a fork of the run.
-        if d.run != self.run || next < round || !d.next_members.contains(&self.me) || d.next_members.len() < 2 {
+        // peer alone (or it twice) would have it train a ring of one, a fork of the run.
+        if d.run != self.run || next < round || !d.next_members.contains(&self.me) {
             return Vec::new();
         }
         let view = RingView::order(self.run, next, 0, d.next_members.iter().cloned());
+        if view.len() < 2 {
+            return Vec::new();
+        }
         self.enter(view, now)
     }
 
@@ -752,9 +755,10 @@ impl Membership {
         let ring = RingView { members: ring.members.into_iter().take(self.cfg.max_peers.max(1)).collect(), ..ring };
         let ring_hash = ring.hash(self.run);
         // A live ring other than the one this view makes is running this round or a later
-        // one: ask to join it. A ring has two members at least, so it counts once two peers
-        // not kept out say they run it: one peer announcing a ring that does not exist would
-        // otherwise keep every peer asking to join it, and no ring would ever form.
+        // one: ask to join it. Past the first ring of a run meant for several peers a ring has
+        // two members at least, so it counts once two peers not kept out say they run it: one
+        // peer announcing a ring that does not exist would otherwise keep every peer asking to
+        // join it, and no ring would ever form. (A run of `min_peers` 1 may run a ring of one.)
         let mut elsewhere: BTreeMap<(u64, u32, Hash), usize> = BTreeMap::new();
         for (p, s) in &live {
             if let Some(PeerStatus::Running { round: r, attempt: a, ring }) = &s.status
@@ -765,7 +769,8 @@ impl Membership {
                 *elsewhere.entry((*r, *a, *ring)).or_default() += 1;
             }
         }
-        let running_elsewhere = elsewhere.values().any(|n| *n >= 2);
+        let reporters = if self.cfg.min_peers <= 1 { 1 } else { 2 };
+        let running_elsewhere = elsewhere.values().any(|n| *n >= reporters);
         if running_elsewhere {
             return self.ask_to_join(round, now);
         }
@@ -1065,6 +1070,8 @@ mod tests {
         // Nor does one naming this peer alone (a ring of one would fork the run).
         let alone = RoundDone { next_members: vec!["joiner".to_string()], ..done.clone() };
         assert!(j.on_done(&alone, 2400 * MS).is_empty());
+        let twice = RoundDone { next_members: vec!["joiner".to_string(); 2], ..done.clone() };
+        assert!(j.on_done(&twice, 2400 * MS).is_empty());
         let acts = j.on_done(&done, 2400 * MS);
         assert!(acts.contains(&MembershipAction::Start(next.clone())));
         // While it fetches the ring's state, its heartbeats say so, and peers judging a state

@@ -73,8 +73,10 @@ pub enum FaultMode {
     /// anyone recomputes (passes audits within a tolerance, fails bit-exact ones).
     Inexact,
     /// Commits to the gradient of other samples, like random-gradient, and never reveals its
-    /// committed values to an auditor.
+    /// committed values to an auditor (it does not serve the reveal protocol).
     Withhold,
+    /// Like withhold, but it accepts every reveal request and closes the stream unanswered.
+    WithholdSilent,
 }
 
 /// `out -= inb`, both one little-endian `i32` (wrapping): a liar leaving a value out.
@@ -111,9 +113,10 @@ impl std::str::FromStr for FaultMode {
             "replay" => Ok(Self::Replay),
             "inexact" => Ok(Self::Inexact),
             "withhold" => Ok(Self::Withhold),
+            "withhold-silent" => Ok(Self::WithholdSilent),
             other => Err(format!(
                 "unknown fault mode `{other}`: random-gradient, scale-1000, nan, commit-mismatch, drop-contribution, \
-                 spike, corrupt-in-transit, replay, inexact or withhold"
+                 spike, corrupt-in-transit, replay, inexact, withhold or withhold-silent"
             )),
         }
     }
@@ -133,6 +136,11 @@ pub(super) enum Verdict {
     Doubt(String),
     /// This peer cannot conclude (it holds other parameters than the commit names).
     Open(String),
+    /// The member did not answer for its committed values: the stream broke or fell silent,
+    /// which a busy (or flooded) holder does too. The attempt fails and the member counts a
+    /// strike as one that stopped responding (kept out after several attempts in a row), not
+    /// a bad message.
+    Unanswered(String),
 }
 
 /// Audits within a tolerance: a committed gradient this many times the allowed distance from
@@ -190,7 +198,7 @@ fn judge(
             (false, _) => None,
             (true, Some(Ok(r))) => Some(r),
             (true, Some(Err(e))) if e.lost => {
-                return Verdict::Open(format!("the residual its commit names could not be fetched ({e})"));
+                return Verdict::Unanswered(format!("the residual its commit names could not be fetched ({e})"));
             }
             (true, Some(Err(e))) => {
                 return Verdict::Doubt(format!("the residual its commit names was not revealed ({e})"));
@@ -212,7 +220,7 @@ fn judge(
             Ok(()) => Verdict::Holds(Some(recomputed)),
             Err(e) => Verdict::Lie(e),
         },
-        Some(Err(e)) if e.lost => Verdict::Open(format!("its committed values could not be fetched ({e})")),
+        Some(Err(e)) if e.lost => Verdict::Unanswered(format!("its committed values could not be fetched ({e})")),
         Some(Err(e)) => Verdict::Doubt(format!("its committed values were not revealed ({e})")),
         Some(Ok(data)) => match audit::tolerance_excess(&data, &recomputed, tolerance) {
             Ok(x) if x <= 1.0 => Verdict::Holds(Some(data.to_vec())),
@@ -405,7 +413,8 @@ impl Driver {
                 // A failed audit proves the fault even when the attempt failed meanwhile for
                 // another reason (a range check caught the same lie first, say).
                 self.cfg.metrics.update(|s| {
-                    s.audits += u64::from(!matches!(verdict, Verdict::Open(_) | Verdict::Doubt(_)));
+                    s.audits +=
+                        u64::from(!matches!(verdict, Verdict::Open(_) | Verdict::Doubt(_) | Verdict::Unanswered(_)));
                     s.audits_failed += u64::from(matches!(verdict, Verdict::Lie(_)));
                 });
                 let acts = match verdict {
@@ -415,6 +424,11 @@ impl Driver {
                     Verdict::Open(reason) => {
                         warn!(round, attempt, peer = %job.commit.peer, %reason, "audit could not finish; nobody is accused");
                         let kind = p2p_proto::round::FailureKind::Other;
+                        self.round.as_mut().map(|r| r.audit_unanswered(target, &reason, kind)).unwrap_or_default()
+                    }
+                    Verdict::Unanswered(reason) => {
+                        warn!(round, attempt, peer = %job.commit.peer, %reason, "audit could not finish: the peer did not answer");
+                        let kind = p2p_proto::round::FailureKind::Gone;
                         self.round.as_mut().map(|r| r.audit_unanswered(target, &reason, kind)).unwrap_or_default()
                     }
                     Verdict::Doubt(reason) => {
@@ -448,7 +462,7 @@ impl Driver {
             }
             Audited::Evidence { evidence, verdict } => match verdict {
                 Verdict::Lie(reason) => self.proven(&evidence, &reason),
-                Verdict::Open(reason) | Verdict::Doubt(reason) => {
+                Verdict::Open(reason) | Verdict::Doubt(reason) | Verdict::Unanswered(reason) => {
                     info!(
                         round = evidence.commit.round,
                         accused = %evidence.accused,
@@ -457,7 +471,7 @@ impl Driver {
                     );
                     // It may be checked again if it comes again.
                     let c = &evidence.commit;
-                    self.faults_checked.remove(&(evidence.accused.clone(), c.round, c.attempt));
+                    self.faults_checked.remove(&(evidence.accused.clone(), c.round, c.attempt, evidence.kind));
                 }
                 Verdict::Holds(_) => warn!(
                     round = evidence.commit.round,
@@ -507,7 +521,9 @@ impl Driver {
 
     pub(super) fn on_fault(&mut self, evidence: Box<FaultEvidence>) {
         let c = &evidence.commit;
-        let key = (evidence.accused.clone(), c.round, c.attempt);
+        // By kind too: evidence of one kind that holds up proves nothing about another kind
+        // (an honest commit can still come with partial sums that do not add up).
+        let key = (evidence.accused.clone(), c.round, c.attempt, evidence.kind);
         if self.convicted.contains(&evidence.accused) || self.faults_checked.contains(&key) {
             return;
         }
@@ -641,14 +657,14 @@ impl Driver {
         });
     }
 
-    /// Evidence about `key` (accused, round, attempt) is being checked: remembered so that it
+    /// Evidence about `key` (accused, round, attempt, kind) is being checked: remembered so that it
     /// is checked once, and only once a check starts, so that evidence refused before
     /// (malformed, or not checkable here) does not hide valid evidence about the same attempt
     /// that comes later. The set keeps recent rounds only.
-    fn checking_fault(&mut self, key: (String, u64, u32)) {
+    fn checking_fault(&mut self, key: (String, u64, u32, FaultKind)) {
         if self.faults_checked.len() >= MAX_FAULTS_CHECKED {
             let recent = self.next_round.saturating_sub(FAULT_ROUNDS);
-            self.faults_checked.retain(|(_, round, _)| *round >= recent);
+            self.faults_checked.retain(|(_, round, _, _)| *round >= recent);
         }
         self.faults_checked.insert(key);
     }
@@ -707,7 +723,11 @@ impl Driver {
 impl FaultMode {
     /// Where a peer in this mode reads its micro-batch, instead of at `start`.
     pub(super) fn start(mode: Option<Self>, start: u64) -> u64 {
-        if matches!(mode, Some(Self::RandomGradient | Self::Withhold)) { start + 7_919 } else { start }
+        if matches!(mode, Some(Self::RandomGradient | Self::Withhold | Self::WithholdSilent)) {
+            start + 7_919
+        } else {
+            start
+        }
     }
 
     /// What a peer in this mode does to its weighted gradient before it encodes it.
@@ -905,7 +925,7 @@ mod tests {
         // A stream that broke or timed out proves nothing against the holder.
         let lost = Unrevealed { reason: "peer p did not answer in time".into(), lost: true };
         let v = judge_with(topk, &honest, Some(Err(lost)));
-        assert!(matches!(&v, Verdict::Open(why) if why.contains("could not be fetched")), "{v:?}");
+        assert!(matches!(&v, Verdict::Unanswered(why) if why.contains("could not be fetched")), "{v:?}");
 
         // Nothing (asynchronous rounds): the payload of zeros with the residual kept holds, with
         // no residual to reveal; anything else, or a residual it says changed, is a lie.

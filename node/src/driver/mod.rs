@@ -299,8 +299,8 @@ struct Driver {
     /// Peers whose frames failed their checks here: the round and reason of the first, until
     /// reported (then none).
     refused: std::collections::HashMap<PeerKey, Option<(u64, String)>>,
-    /// Fault evidence checked or being checked, by (accused, round, attempt).
-    faults_checked: std::collections::HashSet<(PeerKey, u64, u32)>,
+    /// Fault evidence checked or being checked, by (accused, round, attempt, kind).
+    faults_checked: std::collections::HashSet<(PeerKey, u64, u32, p2p_proto::message::FaultKind)>,
     /// The latest attempts this peer was a member of (at most [`ATTEMPTS_KEPT`]): evidence
     /// that needs a gradient recomputed is checked only for these, so that made-up rings
     /// cannot queue recomputations.
@@ -352,8 +352,11 @@ pub async fn run(
     crate::state_sync::serve(net.control(), cfg.run, serve_tx);
     let reveals = crate::reveal::Store::new(&net.local_peer_id.to_string());
     let revealing = cfg.audit_tolerance > 0.0 || cfg.round.compression.has_residual();
-    if revealing && cfg.fault != Some(FaultMode::Withhold) {
-        crate::reveal::serve(net.control(), cfg.run, reveals.clone());
+    match cfg.fault {
+        _ if !revealing => {}
+        Some(FaultMode::Withhold) => {}
+        Some(FaultMode::WithholdSilent) => crate::reveal::serve_nothing(net.control()),
+        _ => crate::reveal::serve(net.control(), cfg.run, reveals.clone()),
     }
     let me = net.local_peer_id.to_string();
     let (post_tx, post_rx) = mpsc::unbounded_channel();
