@@ -1005,23 +1005,25 @@ mod tests {
         assert!(ps[1].excluded(1).is_empty());
     }
 
+    /// Three peers (run "m", min 3) that heard the peer "liar" state `status` and `state`.
+    fn told_by_a_liar(status: PeerStatus, state: StateTag) -> Vec<Membership> {
+        let run = RunId::from_name("m");
+        let liar = Heartbeat { run, peer: "liar".into(), seq: 1, status, batch: 1, state, excluded: Vec::new() };
+        let mut ps = peers(3, 3);
+        for p in &mut ps {
+            p.on_heartbeat(&liar, 0);
+        }
+        ps
+    }
+
     /// One peer saying it runs a ring that does not exist keeps nobody from forming one: a
     /// ring counts once two peers say they run it.
     #[test]
     fn one_peer_announcing_a_ring_that_does_not_exist_does_not_stop_the_others() {
-        let mut ps = peers(3, 3);
-        let liar = Heartbeat {
-            run: RunId::from_name("m"),
-            peer: "liar".into(),
-            seq: 1,
-            status: PeerStatus::Running { round: 0, attempt: 9, ring: [7; 32] },
-            batch: 1,
-            state: StateTag { round: 0, param_hash: [0; 32] },
-            excluded: Vec::new(),
-        };
-        for p in ps.iter_mut() {
-            p.on_heartbeat(&liar, 0);
-        }
+        let mut ps = told_by_a_liar(
+            PeerStatus::Running { round: 0, attempt: 9, ring: [7; 32] },
+            StateTag { round: 0, param_hash: [0; 32] },
+        );
         let started = simulate(&mut ps, &[true; 3], 20, 0);
         assert!(
             started.iter().all(|s| s.started.len() == 1 && s.started[0].members.len() == 3),
@@ -1117,20 +1119,10 @@ mod tests {
 
     #[test]
     fn one_peer_claiming_a_later_round_does_not_pull_the_others_away() {
-        let run = RunId::from_name("m");
-        let mut ps = peers(3, 3);
-        let liar = Heartbeat {
-            run,
-            peer: "liar".into(),
-            seq: 1,
-            status: PeerStatus::Forming { round: 1_000_000, attempt: 0, view: [0; 32] },
-            batch: 1,
-            state: StateTag { round: 1_000_000, param_hash: [6; 32] },
-            excluded: Vec::new(),
-        };
-        for p in &mut ps {
-            p.on_heartbeat(&liar, 0);
-        }
+        let mut ps = told_by_a_liar(
+            PeerStatus::Forming { round: 1_000_000, attempt: 0, view: [0; 32] },
+            StateTag { round: 1_000_000, param_hash: [6; 32] },
+        );
         let asked = simulate(&mut ps, &[true; 3], 15, 0);
         assert!(asked.iter().all(|a| a.syncs.is_empty()), "{asked:?}");
         assert!(asked.iter().all(|a| a.started.len() == 1 && a.started[0].round == 0));
