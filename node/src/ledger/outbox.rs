@@ -30,11 +30,18 @@ const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger_outbox
 const KEYS: TableDefinition<&str, u64> = TableDefinition::new("ledger_outbox_keys");
 /// The entries still open (pending or sent), so a pass does not read every done entry again.
 const OPEN: TableDefinition<u64, ()> = TableDefinition::new("ledger_outbox_open");
-const TALLY: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger_round_tally");
+/// This peer's completed rounds not yet in a closed epoch, by (run id, round): a data
+/// directory may serve several runs, and one run's rounds must never close another's epochs.
+const TALLY: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("ledger_run_round_tally");
 /// Per run (hex id): one past the highest round ever tallied.
 const CREDITED: TableDefinition<&str, u64> = TableDefinition::new("ledger_credited_through");
-/// Rounds this peer committed to and may have completed: by round, the attempt it is in.
-const PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger_pending_credit");
+/// Rounds this peer committed to and may have completed, by (run id, round): the attempt it
+/// is in.
+const PENDING: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("ledger_run_pending_credit");
+/// The tables before runs were told apart, keyed by round alone: what they hold is adopted by
+/// the run that opens the outbox first ([`Outbox::adopt_unowned`]), as it was used before.
+const UNOWNED_TALLY: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger_round_tally");
+const UNOWNED_PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("ledger_pending_credit");
 
 pub type B32 = [u8; 32];
 
@@ -253,8 +260,33 @@ impl Outbox {
         w.open_table(TALLY)?;
         w.open_table(CREDITED)?;
         w.open_table(PENDING)?;
+        w.open_table(UNOWNED_TALLY)?;
+        w.open_table(UNOWNED_PENDING)?;
         w.commit()?;
         Ok(Self { db })
+    }
+
+    /// Moves what the tables from before runs were told apart hold into `run`'s (a data
+    /// directory written by an earlier version tallied its rounds by round alone); returns how
+    /// many rounds and pending credits moved.
+    pub fn adopt_unowned(&self, run: B32) -> Result<(usize, usize), OutboxError> {
+        let w = self.db.begin_write()?;
+        let moved = {
+            let mut moved = (0, 0);
+            for (from, to, n) in [(UNOWNED_TALLY, TALLY, &mut moved.0), (UNOWNED_PENDING, PENDING, &mut moved.1)] {
+                let mut old = w.open_table(from)?;
+                let mut new = w.open_table(to)?;
+                for item in old.iter()? {
+                    let (k, v) = item?;
+                    new.insert((run.as_slice(), k.value()), v.value())?;
+                    *n += 1;
+                }
+                old.retain(|_, _| false)?;
+            }
+            moved
+        };
+        w.commit()?;
+        Ok(moved)
     }
 
     /// Stores `record` as pending unless a record with its key exists; returns its sequence
@@ -377,21 +409,21 @@ impl Outbox {
         let w = self.db.begin_write()?;
         let through = w.open_table(CREDITED)?.get(hex::encode(run).as_str())?.map_or(0, |v| v.value());
         p.creditable = p.round >= through;
-        w.open_table(PENDING)?.insert(p.round, encode(&p).as_slice())?;
+        w.open_table(PENDING)?.insert((run.as_slice(), p.round), encode(&p).as_slice())?;
         w.commit()?;
         Ok(())
     }
 
-    /// The attempts noted and not yet credited, oldest round first.
-    pub fn pending(&self) -> Result<Vec<PendingCredit>, OutboxError> {
+    /// The attempts of `run` noted and not yet credited, oldest round first.
+    pub fn pending(&self, run: &B32) -> Result<Vec<PendingCredit>, OutboxError> {
         let r = self.db.begin_read()?;
         let t = r.open_table(PENDING)?;
         let mut out = Vec::new();
-        for item in t.iter()? {
+        for item in t.range((run.as_slice(), 0)..=(run.as_slice(), u64::MAX))? {
             let (k, v) = item?;
             out.push(
                 postcard::from_bytes(v.value())
-                    .map_err(|e| OutboxError::Corrupt { seq: k.value(), reason: e.to_string() })?,
+                    .map_err(|e| OutboxError::Corrupt { seq: k.value().1, reason: e.to_string() })?,
             );
         }
         Ok(out)
@@ -410,14 +442,14 @@ impl Outbox {
         not_certified: &[u64],
     ) -> Result<Settled, OutboxError> {
         let (mut credited, mut dropped, mut records) = (Vec::new(), Vec::new(), Vec::new());
-        for p in self.pending()? {
+        for p in self.pending(&run)? {
             if certified.contains(&p.round) && p.creditable {
                 let tally = RoundTally { round: p.round, samples: p.samples, commit: p.commit, param_hash: [0; 32] };
                 records.extend(self.close(run, epoch_rounds, Some(tally), false)?.unwrap_or_default());
                 credited.push(p);
             } else if certified.contains(&p.round) || not_certified.contains(&p.round) || !p.creditable {
                 let w = self.db.begin_write()?;
-                w.open_table(PENDING)?.remove(p.round)?;
+                w.open_table(PENDING)?.remove((run.as_slice(), p.round))?;
                 w.commit()?;
                 dropped.push(p);
             }
@@ -454,10 +486,10 @@ impl Outbox {
             }
             let mut t = w.open_table(TALLY)?;
             if let Some(tally) = &latest {
-                t.insert(tally.round, encode(tally).as_slice())?;
-                w.open_table(PENDING)?.remove(tally.round)?;
+                t.insert((run.as_slice(), tally.round), encode(tally).as_slice())?;
+                w.open_table(PENDING)?.remove((run.as_slice(), tally.round))?;
             }
-            let all = Self::read_tally(&t)?;
+            let all = Self::read_tally(&t, &run)?;
             let keys = w.open_table(KEYS)?;
             let parts = |epoch: u64| -> Result<u32, OutboxError> {
                 let prefix = contribution_prefix(&run, epoch);
@@ -473,7 +505,7 @@ impl Outbox {
             };
             let (records, closed) = close_epochs(run, epoch_rounds, &all, latest.map(|t| t.round), parts)?;
             for round in closed {
-                t.remove(round)?;
+                t.remove((run.as_slice(), round))?;
             }
             records
         };
@@ -484,13 +516,15 @@ impl Outbox {
         Ok(Some(records))
     }
 
-    fn read_tally(t: &redb::Table<u64, &[u8]>) -> Result<BTreeMap<u64, RoundTally>, OutboxError> {
+    /// `run`'s tallied rounds.
+    fn read_tally(t: &redb::Table<(&[u8], u64), &[u8]>, run: &B32) -> Result<BTreeMap<u64, RoundTally>, OutboxError> {
         let mut all = BTreeMap::new();
-        for item in t.iter()? {
+        for item in t.range((run.as_slice(), 0)..=(run.as_slice(), u64::MAX))? {
             let (k, v) = item?;
+            let round = k.value().1;
             let tally: RoundTally = postcard::from_bytes(v.value())
-                .map_err(|e| OutboxError::Corrupt { seq: k.value(), reason: e.to_string() })?;
-            all.insert(k.value(), tally);
+                .map_err(|e| OutboxError::Corrupt { seq: round, reason: e.to_string() })?;
+            all.insert(round, tally);
         }
         Ok(all)
     }
@@ -670,12 +704,12 @@ mod tests {
         // Round 1's first attempt failed; the second replaced it and completed.
         outbox.note_pending(RUN, pending(1, 0)).unwrap();
         outbox.note_pending(RUN, pending(1, 1)).unwrap();
-        assert_eq!(outbox.pending().unwrap(), vec![pending(1, 1)]);
+        assert_eq!(outbox.pending(&RUN).unwrap(), vec![pending(1, 1)]);
         outbox.round_completed(RUN, 4, tally(1)).unwrap();
-        assert!(outbox.pending().unwrap().is_empty(), "a completed round is no longer pending");
+        assert!(outbox.pending(&RUN).unwrap().is_empty(), "a completed round is no longer pending");
         // A round credited before (a restarted peer redoes it) is never creditable again.
         outbox.note_pending(RUN, pending(1, 7)).unwrap();
-        assert!(!outbox.pending().unwrap()[0].creditable);
+        assert!(!outbox.pending(&RUN).unwrap()[0].creditable);
         // Pending attempts of rounds 2, 3 and 9 (in truth a peer has one at a time; this one
         // keeps several to settle them together).
         outbox.note_pending(RUN, pending(2, 0)).unwrap();
@@ -689,7 +723,7 @@ mod tests {
         old.creditable = false;
         assert_eq!(dropped, vec![old, pending(3, 4)]);
         assert!(records.is_empty(), "epoch 0 is not over yet");
-        assert_eq!(outbox.pending().unwrap(), vec![pending(9, 0)]);
+        assert_eq!(outbox.pending(&RUN).unwrap(), vec![pending(9, 0)]);
         // Closing epoch 0: rounds 0, 1 and the recovered 2; no vote, as round 3 is missing.
         let recs = outbox.close_all(RUN, 4).unwrap();
         assert!(matches!(recs[0], Record::Contribution { epoch: 0, rounds: 3, .. }), "{recs:?}");
@@ -736,6 +770,65 @@ mod tests {
             })
             .sum();
         assert_eq!(rounds, 4);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A data directory serving a second run (the first one's process killed mid-epoch): the
+    /// second run's epochs hold only its own rounds, and the first's wait for it.
+    #[test]
+    fn one_runs_rounds_never_close_another_runs_epochs() {
+        let (db, dir) = temp_db("runs");
+        let outbox = Outbox::new(db).unwrap();
+        const OTHER: B32 = [8; 32];
+        for r in 10..15 {
+            outbox.round_completed(RUN, 10, tally(r)).unwrap();
+        }
+        outbox
+            .note_pending(
+                RUN,
+                PendingCredit { round: 15, attempt: 0, ring: [9; 32], samples: 32, commit: [1; 32], creditable: true },
+            )
+            .unwrap();
+        // The other run: its rounds 15..19 close its epoch 1 with exactly those.
+        for r in 15..19 {
+            assert_eq!(outbox.round_completed(OTHER, 10, tally(r)).unwrap(), Some(vec![]));
+        }
+        let recs = outbox.round_completed(OTHER, 10, tally(19)).unwrap().unwrap();
+        assert!(
+            matches!(recs[0], Record::Contribution { run: OTHER, epoch: 1, rounds: 5, .. }),
+            "only the other run's own rounds: {recs:?}"
+        );
+        assert!(outbox.pending(&OTHER).unwrap().is_empty(), "the first run's pending credit is its own");
+        assert!(outbox.close_all(OTHER, 10).unwrap().is_empty());
+        // The first run, back: its rounds and pending credit are still there.
+        assert_eq!(outbox.pending(&RUN).unwrap().len(), 1);
+        let recs = outbox.close_all(RUN, 10).unwrap();
+        assert!(matches!(recs[0], Record::Contribution { run: RUN, epoch: 1, rounds: 5, .. }), "{recs:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A data directory from before runs were kept apart: its tallied rounds and pending
+    /// credits go to the run that opens it first, once.
+    #[test]
+    fn rounds_tallied_before_runs_were_kept_apart_go_to_the_first_run_that_opens_them() {
+        let (db, dir) = temp_db("unowned");
+        let outbox = Outbox::new(db.clone()).unwrap();
+        let w = db.begin_write().unwrap();
+        {
+            let mut t = w.open_table(UNOWNED_TALLY).unwrap();
+            for r in 0..2 {
+                t.insert(r, encode(&tally(r)).as_slice()).unwrap();
+            }
+            let p =
+                PendingCredit { round: 2, attempt: 1, ring: [9; 32], samples: 32, commit: [2; 32], creditable: true };
+            w.open_table(UNOWNED_PENDING).unwrap().insert(2, encode(&p).as_slice()).unwrap();
+        }
+        w.commit().unwrap();
+        assert_eq!(outbox.adopt_unowned(RUN).unwrap(), (2, 1));
+        assert_eq!(outbox.adopt_unowned([8; 32]).unwrap(), (0, 0), "adopted once");
+        assert_eq!(outbox.pending(&RUN).unwrap().len(), 1);
+        let recs = outbox.close_all(RUN, 4).unwrap();
+        assert!(matches!(recs[0], Record::Contribution { run: RUN, epoch: 0, rounds: 2, .. }), "{recs:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -103,7 +103,7 @@ impl LedgerHandle {
 
     /// Attempts noted and not yet credited (this peer died before it learnt their outcome).
     pub fn pending(&self) -> Vec<PendingCredit> {
-        self.outbox.pending().unwrap_or_else(|e| {
+        self.outbox.pending(&self.run).unwrap_or_else(|e| {
             error!(reason = %e, "cannot read the pending credits");
             Vec::new()
         })
@@ -150,6 +150,13 @@ impl LedgerHandle {
 /// Starts the ledger task: queues the run creation (a no-op on chain if the run exists with
 /// the same configuration) and this peer's registration, then sends whatever is open.
 pub fn spawn(client: Client, outbox: Outbox, cfg: LedgerConfig) -> Result<LedgerHandle, OutboxError> {
+    let (rounds, pending) = outbox.adopt_unowned(cfg.run)?;
+    if rounds + pending > 0 {
+        info!(
+            rounds,
+            pending, "tallied rounds and pending credits from before runs were kept apart: counted for this run"
+        );
+    }
     outbox.push(Record::CreateRun {
         run: cfg.run,
         config_hash: cfg.config_hash,
