@@ -440,9 +440,55 @@ pub struct TimingArgs {
     pub done_timeout_ms: u64,
 }
 
+/// The longest timeout or interval the flags take (a day): far beyond any use, and its
+/// microseconds fit every clock sum.
+const MAX_TIMING_MS: u64 = 86_400_000;
+
+impl TimingArgs {
+    /// Refuses settings no ring can work with, naming the flag and what to do.
+    pub fn check(&self) -> Result<(), String> {
+        let flags = [
+            ("--heartbeat-ms", self.heartbeat_ms),
+            ("--peer-timeout-ms", self.peer_timeout_ms),
+            ("--commit-timeout-ms", self.commit_timeout_ms),
+            ("--step-timeout-ms", self.step_timeout_ms),
+            ("--done-timeout-ms", self.done_timeout_ms),
+        ];
+        for (flag, ms) in flags {
+            if !(1..=MAX_TIMING_MS).contains(&ms) {
+                return Err(format!("{flag} {ms} must be between 1 and {MAX_TIMING_MS} (a day)"));
+            }
+        }
+        if self.peer_timeout_ms < 2 * self.heartbeat_ms {
+            return Err(format!(
+                "--peer-timeout-ms {} must be at least twice --heartbeat-ms {}: a peer is taken as gone after one \
+                 lost heartbeat otherwise, and rings keep failing; raise the timeout or gossip heartbeats more often",
+                self.peer_timeout_ms, self.heartbeat_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timing_that_no_ring_can_work_with_is_refused_naming_the_flag() {
+        let t = |hb: u64, peer: u64, step: u64| TimingArgs {
+            heartbeat_ms: hb,
+            peer_timeout_ms: peer,
+            commit_timeout_ms: 10_000,
+            step_timeout_ms: step,
+            done_timeout_ms: 10_000,
+        };
+        assert_eq!(t(500, 3000, 10_000).check(), Ok(()));
+        assert!(t(500, 0, 10_000).check().unwrap_err().starts_with("--peer-timeout-ms 0"));
+        assert!(t(500, 400, 10_000).check().unwrap_err().contains("at least twice --heartbeat-ms"));
+        assert!(t(500, 3000, u64::MAX).check().unwrap_err().starts_with("--step-timeout-ms"));
+        assert!(t(0, 3000, 10_000).check().unwrap_err().starts_with("--heartbeat-ms 0"));
+    }
 
     #[test]
     fn start_parses_every_group() {

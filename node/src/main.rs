@@ -401,6 +401,14 @@ fn bootstrap_peers(args: &StartArgs) -> Vec<libp2p::PeerId> {
 }
 
 async fn start(args: StartArgs) -> anyhow::Result<()> {
+    args.timing.check().map_err(|e| anyhow::anyhow!(e))?;
+    let max_peers = p2p_proto::fixed::DEFAULT_MAX_PEERS as usize;
+    if !(1..=max_peers).contains(&args.run.min_peers) {
+        anyhow::bail!(
+            "--min-peers {} must be between 1 and {max_peers}, the most peers a ring holds",
+            args.run.min_peers
+        );
+    }
     let store = Store::open(&args.network.data_dir)?;
     let key = store.identity()?;
     let peer_id = key.public().to_peer_id();

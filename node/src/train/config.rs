@@ -239,6 +239,13 @@ impl RunConfig {
         if self.batch == 0 || self.rounds == 0 || self.epoch_rounds == 0 || self.min_peers == 0 {
             return Err("batch, rounds, epoch_rounds and min_peers must be at least 1".into());
         }
+        let max_peers = p2p_proto::fixed::DEFAULT_MAX_PEERS as usize;
+        if self.min_peers > max_peers {
+            return Err(format!(
+                "min_peers {} is above {max_peers}, the most peers a ring holds: the first ring would never form",
+                self.min_peers
+            ));
+        }
         if self.batch > MAX_BATCH {
             return Err(format!(
                 "batch {} is above {MAX_BATCH}, the most a peer computes in one step: use local_steps for more samples \
@@ -463,6 +470,9 @@ mod tests {
         assert!(err.to_string().contains("local SGD only"), "{err}");
         let err = RunConfig::load(&write("m.toml", &format!("{BASE}\nlocal_steps = 4\nouter_momentum = 1.0")));
         assert!(err.unwrap_err().to_string().contains("outer_momentum 1"));
+        let err = RunConfig::load(&write("o.toml", &format!("{BASE}\nmin_peers = 300"))).unwrap_err();
+        assert!(err.to_string().contains("min_peers 300 is above 256"), "{err}");
+        assert!(RunConfig::load(&write("p.toml", &format!("{BASE}\nmin_peers = 256"))).is_ok());
     }
 
     #[test]
