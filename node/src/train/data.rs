@@ -148,6 +148,9 @@ fn parse_idx(path: &Path, bytes: &[u8], ndim: usize) -> Result<(Vec<usize>, Vec<
     }
     let dims: Vec<usize> =
         bytes[4..header].chunks_exact(4).map(|d| u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as usize).collect();
+    if dims.contains(&0) {
+        return Err(bad(path, format!("IDX header {dims:?} announces no data: every dimension must be at least 1")));
+    }
     let want =
         dims.iter().try_fold(1usize, |a, d| a.checked_mul(*d)).ok_or_else(|| bad(path, "IDX dimensions overflow"))?;
     let have = bytes.len() - header;
@@ -321,6 +324,14 @@ mod tests {
         std::fs::write(d.join("train-labels-idx1-ubyte"), idx(&[2], &[0, 1])).unwrap();
         let e = load(&d).unwrap_err().to_string();
         assert!(e.contains("2 labels for 3 images"), "{e}");
+        // A split of no images (or images of no pixels) is refused, naming the file.
+        std::fs::write(d.join("train-labels-idx1-ubyte"), idx(&[0], &[])).unwrap();
+        std::fs::write(&f, idx(&[0, 4, 4], &[])).unwrap();
+        let e = load(&d).unwrap_err().to_string();
+        assert!(e.contains("train-images-idx3-ubyte") && e.contains("announces no data"), "{e}");
+        std::fs::write(&f, idx(&[3, 0, 0], &[])).unwrap();
+        assert!(load(&d).unwrap_err().to_string().contains("announces no data"));
+        std::fs::write(&f, &good).unwrap();
         std::fs::write(d.join("train-labels-idx1-ubyte.gz"), [0x1f, 0x8b, 0, 0]).unwrap();
         std::fs::remove_file(d.join("train-labels-idx1-ubyte")).unwrap();
         let e = load(&d).unwrap_err().to_string();

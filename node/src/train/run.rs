@@ -68,6 +68,18 @@ fn train<M: Net>(model: M, device: Device, ds: &Dataset, a: &TrainArgs) -> anyho
     if a.batch == 0 || a.batch > ds.train.len() {
         bail!("--batch {} must be between 1 and the {} training samples", a.batch, ds.train.len());
     }
+    if !(a.lr.is_finite() && a.lr > 0.0) {
+        bail!(
+            "--lr {} must be a positive number (a zero rate trains nothing, a negative one away from the data)",
+            a.lr
+        );
+    }
+    if !(a.clip_norm.is_finite() && a.clip_norm > 0.0) {
+        bail!("--clip-norm {} must be a positive number (gradients are scaled to at most that norm)", a.clip_norm);
+    }
+    if a.epochs == 0 {
+        bail!("--epochs 0 trains nothing: give at least 1");
+    }
     let steps_per_epoch = (ds.train.len() / a.batch) as u64;
     let mut total = steps_per_epoch * a.epochs;
     if a.max_steps > 0 {
@@ -81,6 +93,15 @@ fn train<M: Net>(model: M, device: Device, ds: &Dataset, a: &TrainArgs) -> anyho
     let mut t = Trainer::new(model, device, ds.shape, a.seed, optimizer, schedule, a.clip_norm);
     if let Some(path) = &a.resume {
         let c = checkpoint::load(path, t.layout())?;
+        if std::mem::discriminant(&c.optimizer.config) != std::mem::discriminant(&t.optimizer().config) {
+            bail!(
+                "{} holds the state of {:?}, not of the --optimizer asked for ({:?}): resume with the optimizer it \
+                 was trained with",
+                path.display(),
+                c.optimizer.config,
+                t.optimizer().config
+            );
+        }
         info!(path = %path.display(), step = c.optimizer.step, param_hash = %hex(&c.param_hash), "resumed");
         t.restore(c.params, c.optimizer);
     }
