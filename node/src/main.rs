@@ -180,33 +180,51 @@ async fn start_ledger(
     Ok(Some((task::spawn(client.clone(), outbox, cfg)?, client)))
 }
 
-/// The newest local checkpoint of this run in `dir` (`round-<r>.safetensors`), if any.
-fn latest_checkpoint(dir: &std::path::Path) -> Option<(u64, std::path::PathBuf)> {
-    std::fs::read_dir(dir)
-        .ok()?
+/// The local checkpoints of this run in `dir` (`round-<r>.safetensors`), newest first.
+fn local_checkpoints(dir: &std::path::Path) -> Vec<(u64, std::path::PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut found: Vec<(u64, std::path::PathBuf)> = entries
         .filter_map(Result::ok)
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
             let round = name.strip_prefix("round-")?.strip_suffix(".safetensors")?.parse::<u64>().ok()?;
             Some((round, e.path()))
         })
-        .max_by_key(|(r, _)| *r)
+        .collect();
+    found.sort_by_key(|(r, _)| std::cmp::Reverse(*r));
+    found
 }
 
 /// A restarted training peer resumes from its newest local checkpoint of the run, unless the
 /// chain finalized another hash for that round (then it starts over and catches up from its
 /// peers). Peers further on hand it their state when it joins them.
 async fn resume_from_checkpoint(spec: &TrainSpec, run: RunId, chain: Option<&Client>) -> Option<Resume> {
-    let (round, path) = latest_checkpoint(&spec.checkpoint_dir)?;
-    let c = match spec.worker.load(path.clone()).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            warn!(path = %path.display(), reason = %e, "cannot resume from the local checkpoint; starting over");
-            return None;
+    // The newest checkpoint that loads (a damaged one is skipped for the one before).
+    let (mut usable, candidates) = (None, local_checkpoints(&spec.checkpoint_dir));
+    let tried = candidates.len();
+    for (round, path) in candidates {
+        match spec.worker.load(path.clone()).await {
+            Ok(Ok(c)) => match c.cursor {
+                Some(cursor) => {
+                    usable = Some((round, path, cursor, c));
+                    break;
+                }
+                None => {
+                    warn!(path = %path.display(), "the local checkpoint has no sample cursor (not written by a ring); trying an older one")
+                }
+            },
+            Ok(Err(e)) => {
+                warn!(path = %path.display(), reason = %e, "cannot load the local checkpoint; trying an older one")
+            }
+            Err(_) => return None,
         }
-        Err(_) => return None,
+    }
+    let Some((round, path, cursor, c)) = usable else {
+        if tried > 0 {
+            warn!(dir = %spec.checkpoint_dir.display(), tried, "no local checkpoint could be used; starting over");
+        }
+        return None;
     };
-    let cursor = c.cursor?;
     if let Some(client) = chain {
         let call = client.contract().checkpointOf(B256::from(run.0), round);
         match tokio::time::timeout(Duration::from_secs(5), client.read(call.call())).await {

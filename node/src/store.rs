@@ -15,7 +15,12 @@ const KEYPAIR: &str = "ed25519-keypair";
 pub enum StoreError {
     #[error("cannot create the data directory {path}: {source}: choose another with --data-dir")]
     CreateDir { path: PathBuf, source: std::io::Error },
-    #[error("cannot open the state database {path}: {source}: is another node using this --data-dir?")]
+    #[error("the state database {path} is in use: is another node using this --data-dir? Stop it or choose another")]
+    InUse { path: PathBuf },
+    #[error(
+        "cannot open the state database {path}: {source}: it may be damaged or from another version; move the data \
+         directory aside (the peer then starts with a new identity) or choose another --data-dir"
+    )]
     Open { path: PathBuf, source: Box<redb::DatabaseError> },
     #[error("state database {path}: {source}")]
     Db { path: PathBuf, source: Box<redb::Error> },
@@ -35,7 +40,10 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir { path: dir.to_owned(), source })?;
         let path = dir.join("node.redb");
-        let db = Database::create(&path).map_err(|e| StoreError::Open { path: path.clone(), source: Box::new(e) })?;
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path: path.clone() },
+            e => StoreError::Open { path: path.clone(), source: Box::new(e) },
+        })?;
         Ok(Self { db: Arc::new(db), path })
     }
 

@@ -161,13 +161,26 @@ fn a_peer_killed_mid_all_reduce_is_survived_resyncs_on_restart_and_a_fifth_joins
 
     // 3. The killed peer restarts from its data directory: same identity, no new registration;
     //    it resumes from its checkpoint, fetches the ring's state and trains with the others.
+    //    A damaged checkpoint newer than its last good one (a disk fault, say) is skipped.
+    let run_dir = std::fs::read_dir(d_dir.path().join("checkpoints")).unwrap().next().unwrap().unwrap().path();
+    let good: Vec<String> = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    assert_eq!(good, vec!["round-3.safetensors"], "the killed peer saved its checkpoint at the end of epoch 0");
+    std::fs::write(run_dir.join("round-5.safetensors"), b"not a checkpoint").unwrap();
     let d2 = start("churn-d2", Some(d_dir), &peer_flags(&anvil, &contract, 4, &["--config", &config], Some(&boot)));
     assert_eq!(d2.peer_id(), d_id, "a restart keeps the peer id");
     let all4 = [&a, &b, &c, &d2];
     expect(&all4, 120, "the restarted peer did not rejoin the ring", || {
         trained(&d2).len() >= 3 && !d2.events("state restored").is_empty()
     });
-    assert!(!d2.events("resumed from the local checkpoint").is_empty(), "it resumed from its own checkpoint first");
+    let resumed = d2.events("resumed from the local checkpoint");
+    assert_eq!(resumed.len(), 1, "it resumed from its own checkpoint first");
+    assert_eq!(resumed[0]["round"], 3, "from its last good checkpoint: {}", resumed[0]);
+    let skipped = d2.events("cannot load the local checkpoint; trying an older one");
+    assert!(skipped.len() == 1 && skipped[0]["path"].as_str().unwrap().ends_with("round-5.safetensors"), "{skipped:?}");
     // Its pending credit for the attempt it was killed in is dropped: the peers it asks (the
     // server and the other live peers) agree the ring certified round 6 with another attempt.
     expect(&all4, 30, "the restarted peer did not settle its pending credit", || {
