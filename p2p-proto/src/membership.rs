@@ -491,6 +491,10 @@ impl Membership {
     pub fn joiners(&self, now: u64) -> Vec<PeerKey> {
         let ring = self.ring();
         let out = self.excluded(self.round());
+        // No more than the next ring has room for: a commit names them all, and made-up
+        // identities asking to join in numbers would otherwise grow every commit past what
+        // gossip carries.
+        let room = self.cfg.max_peers.saturating_sub(ring.map_or(0, RingView::len));
         self.joins
             .iter()
             .filter(|(p, at)| {
@@ -500,6 +504,7 @@ impl Membership {
                     && !out.contains(p)
             })
             .map(|(p, _)| p.clone())
+            .take(room)
             .collect()
     }
 
@@ -1029,6 +1034,20 @@ mod tests {
             started.iter().all(|s| s.started.len() == 1 && s.started[0].members.len() == 3),
             "the three formed their ring: {started:?}"
         );
+    }
+
+    /// A commit names no more joiners than the next ring has room for, however many ask.
+    #[test]
+    fn joiners_are_named_only_as_far_as_the_next_ring_has_room() {
+        let mut ps = peers(2, 2);
+        let asked = simulate(&mut ps, &[true; 2], 20, 0);
+        assert_eq!(asked[0].started.len(), 1, "the ring of two runs");
+        let now = 1000 * MS;
+        for i in 0..100 {
+            let j = JoinRequest { run: RunId::from_name("m"), peer: format!("joiner-{i:03}"), round: 0, batch: 1 };
+            ps[0].on_join(&j, now);
+        }
+        assert_eq!(ps[0].joiners(now).len(), 64 - 2, "room in a ring of at most 64");
     }
 
     #[test]
