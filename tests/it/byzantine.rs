@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tests::{Anvil, Node, TempDir, check_records, deploy, ensure_fashion_mnist, ledger_json, wait_until};
+use tests::{Anvil, Node, TempDir, check_records, deploy, ensure_fashion_mnist, ledger_json, node_command, wait_until};
 
 const K: u64 = 4;
 const BATCH: u64 = 16;
@@ -269,6 +269,69 @@ fn a_peer_committing_to_anything_but_its_gradient_is_caught_excluded_and_reporte
     // And one whose own values in its group ring contradict its commit: the next member of its
     // group proves it with its signed segments.
     a_liar_among_honest_is_caught("commit-mismatch", groups, 3, (&anvil, &contract, 1));
+}
+
+/// A liar whose registration reaches the chain only after its fault is proven (it started
+/// without a chain, say, or its chain was down): the honest peers' reports wait for it, and
+/// the fault is on chain once it registers.
+#[test]
+fn a_fault_of_a_peer_registered_late_still_reaches_the_chain() {
+    let anvil = Anvil::start();
+    let contract = deploy(&anvil);
+    let dir = TempDir::new("late-register");
+    let cfg = config(&dir, "it-late-register", 300, 4);
+    let a = start("late-a", &cfg, Some((&anvil, &contract, 1)), None, &[]);
+    let boot = a.address();
+    let mut nodes = vec![a];
+    for i in 1..3 {
+        nodes.push(start(&format!("late-{i}"), &cfg, Some((&anvil, &contract, 1 + i)), Some(&boot), &[]));
+    }
+    // The liar has no chain: its signed commit states a norm above the run's clipping.
+    let liar = start("late-liar", &cfg, None, Some(&boot), &["--fault-mode", "scale-1000"]);
+    let liar_id = liar.peer_id();
+    nodes.push(liar);
+    let honest = &nodes[..3];
+    let waited = wait_until(Duration::from_secs(180), || {
+        honest.iter().all(|n| !n.events("ledger record refused for now; tried again later").is_empty()).then_some(())
+    });
+    if waited.is_none() {
+        nodes.iter().for_each(|n| n.dump());
+        panic!("the honest peers' fault reports did not wait for the liar's registration");
+    }
+    // Its account registers it now.
+    let run_id = nodes[0].events("training run")[0]["run_id"].as_str().unwrap().to_owned();
+    let key = anvil.key_file(4);
+    let out = node_command(&[
+        "submit",
+        "register",
+        "--peer-id",
+        &liar_id,
+        "--run",
+        &run_id,
+        "--rpc-url",
+        &anvil.url,
+        "--contract",
+        &contract,
+        "--eth-key-file",
+        key.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "register: {}", String::from_utf8_lossy(&out.stderr));
+    let liar_account = anvil.accounts[4].address.clone();
+    let row = || ledger_json(&anvil, &contract, &["contributions", "--run", &run_id, "--peer", &liar_account]);
+    let reported = wait_until(Duration::from_secs(120), || (row()["peers"][0]["faults"] == 1).then_some(()));
+    if reported.is_none() {
+        nodes.iter().for_each(|n| n.dump());
+    }
+    assert!(reported.is_some(), "the fault reached the chain once the liar registered: {}", row());
+    for n in honest {
+        assert!(
+            n.events_containing("ledger record rejected").is_empty(),
+            "{}: no report was given up: {:?}",
+            n.name,
+            n.events_containing("ledger record rejected")
+        );
+    }
+    stop_all(&mut nodes);
 }
 
 #[test]

@@ -51,6 +51,9 @@ pub enum OnChain {
     Same,
     /// The chain holds a different record under the same key (e.g. another vote for the round).
     Different(String),
+    /// The record cannot go on chain yet, for a reason that can pass (the peer it is about has
+    /// not registered yet).
+    NotYet(String),
 }
 
 /// Reads the signing key: from the file `path`, or else from the `DTRAIN_ETH_KEY` environment
@@ -323,8 +326,8 @@ impl Client {
             }
             Record::FaultOf { run, peer_id, round, kind, .. } => {
                 let Some(accused) = self.owner_of(run, peer_id).await? else {
-                    return Ok(OnChain::Different(format!(
-                        "peer {} is not registered in this run: there is no account to report",
+                    return Ok(OnChain::NotYet(format!(
+                        "peer {} is not registered in this run (yet): there is no account to report",
                         peer_text(peer_id)
                     )));
                 };

@@ -28,6 +28,14 @@ const MAX_IN_FLIGHT: usize = 16;
 /// Longest wait for one receipt before the task checks again on its next pass.
 const RECEIPT_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
+/// A record refused for a reason that can pass (its run or a peer it names not on chain yet)
+/// is tried this many times, the waits doubling from [`DEFER_FIRST`] to [`DEFER_MAX`] (about
+/// 10 minutes in all), before it counts as rejected.
+const DEFER_TRIES: u32 = 10;
+const DEFER_FIRST: Duration = Duration::from_secs(2);
+const DEFER_MAX: Duration = Duration::from_secs(120);
+/// Contract errors a later state of the chain can clear.
+const PASSING_ERRORS: [&str; 2] = ["NotRegistered", "UnknownRun"];
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// What the run looks like on chain.
@@ -167,7 +175,15 @@ pub fn spawn(client: Client, outbox: Outbox, cfg: LedgerConfig) -> Result<Ledger
     outbox.push(Record::Register { run: cfg.run, peer_id: cfg.peer_id.clone() })?;
     let (tx, rx) = mpsc::unbounded_channel();
     let handle = LedgerHandle { tx, outbox: outbox.clone(), run: cfg.run, epoch_rounds: cfg.epoch_rounds };
-    let task = Task { client, outbox, cfg, nonce: None, backoff: BACKOFF_MIN, unreachable_since: None };
+    let task = Task {
+        client,
+        outbox,
+        cfg,
+        nonce: None,
+        backoff: BACKOFF_MIN,
+        unreachable_since: None,
+        deferred: std::collections::HashMap::new(),
+    };
     tokio::spawn(task.run(rx));
     Ok(handle)
 }
@@ -180,6 +196,8 @@ struct Task {
     nonce: Option<u64>,
     backoff: Duration,
     unreachable_since: Option<Instant>,
+    /// Entries refused for a reason that can pass: how often, and when to try again.
+    deferred: std::collections::HashMap<u64, (u32, Instant)>,
 }
 
 /// Why a pass stopped early.
@@ -277,6 +295,16 @@ impl Task {
     async fn send_open(&mut self) -> Result<(), Stop> {
         loop {
             let open = self.outbox.open_entries().map_err(|e| Stop::Transient(ClientError::Other(e.to_string())))?;
+            self.deferred.retain(|seq, _| open.iter().any(|e| e.seq == *seq));
+            // Entries waiting to be tried again are left out; nothing passes a waiting barrier.
+            let now = Instant::now();
+            let waiting = |e: &Entry| self.deferred.get(&e.seq).is_some_and(|(_, at)| *at > now);
+            let open: Vec<Entry> = open
+                .iter()
+                .take_while(|e| !(e.record.is_barrier() && waiting(e)))
+                .filter(|e| !waiting(e))
+                .cloned()
+                .collect();
             if open.is_empty() {
                 return Ok(());
             }
@@ -328,10 +356,18 @@ impl Task {
                 self.set(entry.seq, Status::Rejected { reason });
                 return Ok(None);
             }
+            OnChain::NotYet(reason) => {
+                self.defer(entry, reason);
+                return Ok(None);
+            }
             OnChain::Absent => {}
         }
         match self.client.simulate(&entry.record).await {
             Ok(()) => {}
+            Err(ClientError::Rejected { name, message, .. }) if PASSING_ERRORS.contains(&name) => {
+                self.defer(entry, format!("{name}: {message}"));
+                return Ok(None);
+            }
             Err(ClientError::Rejected { name, message, .. }) => {
                 error!(kind = entry.record.kind(), key = %entry.record.key(), error = name, reason = %message, "ledger record rejected by the contract");
                 self.set(entry.seq, Status::Rejected { reason: format!("{name}: {message}") });
@@ -348,6 +384,24 @@ impl Task {
         self.set(entry.seq, Status::Sent { tx: tx.0, nonce });
         debug!(kind = entry.record.kind(), nonce, %tx, "ledger record sent");
         Ok(Some(tx))
+    }
+
+    /// `entry` is refused for `reason`, which a later state of the chain can clear: tried
+    /// again later, and rejected after [`DEFER_TRIES`] tries.
+    fn defer(&mut self, entry: &Entry, reason: String) {
+        let tries = self.deferred.get(&entry.seq).map_or(0, |(n, _)| *n) + 1;
+        if tries > DEFER_TRIES {
+            self.deferred.remove(&entry.seq);
+            error!(kind = entry.record.kind(), key = %entry.record.key(), %reason, tries = DEFER_TRIES, "ledger record rejected: still refused after every try");
+            self.set(
+                entry.seq,
+                Status::Rejected { reason: format!("{reason} (still refused after {DEFER_TRIES} tries)") },
+            );
+            return;
+        }
+        let wait = DEFER_FIRST.saturating_mul(1 << (tries - 1).min(16)).min(DEFER_MAX);
+        warn!(kind = entry.record.kind(), key = %entry.record.key(), %reason, tries, wait_s = wait.as_secs(), "ledger record refused for now; tried again later");
+        self.deferred.insert(entry.seq, (tries, Instant::now() + wait));
     }
 
     async fn await_receipt(&mut self, entry: &Entry, tx: B256) -> Result<(), Stop> {
