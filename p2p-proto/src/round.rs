@@ -1450,9 +1450,18 @@ impl Round {
         out
     }
 
-    /// Fails the round because members stopped responding or left.
+    /// Fails the round because members stopped responding or left, unless each of them has
+    /// sent all it had to (its `Done`, and its `Checked` in a checked attempt): a member that
+    /// certified and then left (it finished the run, or was asked to stop) holds the sum, and
+    /// failing the attempt for it would have the others redo a round it completed.
     pub fn members_gone(&mut self, gone: &[PeerKey]) -> Vec<RoundAction> {
         let mut out = Vec::new();
+        let finished = |i: usize| match self.stage {
+            Stage::Certifying => self.dones[i].is_some(),
+            Stage::Checking => self.dones[i].is_some() && self.checked[i],
+            _ => false,
+        };
+        let gone: Vec<PeerKey> = gone.iter().filter(|p| self.member(p).is_none_or(|i| !finished(i))).cloned().collect();
         if !gone.is_empty() {
             self.fail_with(
                 format!("ring members stopped responding or left: {}", gone.join(", ")),
@@ -1880,6 +1889,57 @@ mod tests {
                 assert_eq!(f.blame, vec![view.members[2].clone()]);
             }
         }
+    }
+
+    /// A member that certified and then left (its `Done` is in) fails nobody's attempt; one
+    /// that left before its `Done` does.
+    #[test]
+    fn a_member_gone_after_its_done_fails_nobody() {
+        let run = RunId::from_name(RUN);
+        let view = RingView::order(run, 4, 0, (0..3).map(|i| format!("m{i}")));
+        let mut rounds: Vec<Round> = Vec::new();
+        let mut queue: VecDeque<(usize, RoundAction)> = VecDeque::new();
+        for (pos, name) in view.members.iter().enumerate() {
+            let input = Contribution::new(member_data(pos, 20), 10, [1; 32], Vec::new(), 3, cfg().segment_elems);
+            let (r, acts) = Round::new(run, name, view.clone(), input, cfg(), 0, &no_sign);
+            queue.extend(acts.into_iter().map(|a| (pos, a)));
+            rounds.push(r);
+        }
+        // Everything flows, except member 1's Done to member 0.
+        let mut held = None;
+        while let Some((from, a)) = queue.pop_front() {
+            let mut out = Vec::new();
+            match a {
+                RoundAction::Publish(g) => {
+                    for to in (0..3).filter(|to| *to != from) {
+                        match &g {
+                            Gossip::Done(d) if (from, to) == (1, 0) => held = Some(d.clone()),
+                            Gossip::Commit(c) => out.push((to, rounds[to].on_commit(c.clone(), 0))),
+                            Gossip::Done(d) => out.push((to, rounds[to].on_done(d.clone(), 0))),
+                            _ => {}
+                        }
+                    }
+                }
+                RoundAction::Send(peer, step) => {
+                    let to = view.position(&peer).unwrap();
+                    out.push((to, rounds[to].on_step_from(&view.members[from], step.verify().unwrap(), 0)));
+                }
+                _ => {}
+            }
+            for (to, acts) in out {
+                queue.extend(acts.into_iter().map(|a| (to, a)));
+            }
+        }
+        assert!(!rounds[0].is_over(), "member 0 waits for member 1's Done");
+        // Member 2 certified and left: nothing to wait for from it.
+        assert!(rounds[0].members_gone(std::slice::from_ref(&view.members[2])).is_empty());
+        // Member 1's Done is not in: its leaving fails the attempt, naming it.
+        let acts = rounds[0].members_gone(std::slice::from_ref(&view.members[1]));
+        let Some(RoundAction::Failed(f)) = acts.iter().find(|a| matches!(a, RoundAction::Failed(_))) else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(f.blame, vec![view.members[1].clone()]);
+        assert!(held.is_some());
     }
 
     #[test]

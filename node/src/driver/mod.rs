@@ -287,10 +287,10 @@ struct Driver {
     own_dones: std::collections::BTreeMap<u64, (p2p_proto::message::RoundDone, u64)>,
     /// Right neighbours whose data port could not be used lately.
     unreachable: ring_io::Unreachable,
-    /// The attempt whose pending credit is being written, and this peer's `Done` for it if
-    /// the round got there first: it goes out once the credit is durable, so the ring can never
-    /// use this peer's work without this peer being able to claim it.
-    credit_note: Option<((u64, u32), Option<Gossip>)>,
+    /// The attempts whose pending credit is being written, and this peer's `Done` for each if
+    /// the round got there first: it goes out once that credit is durable, so the ring can
+    /// never use this peer's work without this peer being able to claim it.
+    credit_notes: std::collections::BTreeMap<(u64, u32), Option<Gossip>>,
     /// Frozen by the test hook: ignores everything until killed.
     frozen: bool,
     ticks: u64,
@@ -377,7 +377,7 @@ pub async fn run(
         certified: std::collections::BTreeMap::new(),
         own_dones: std::collections::BTreeMap::new(),
         unreachable: ring_io::Unreachable::default(),
-        credit_note: None,
+        credit_notes: std::collections::BTreeMap::new(),
         frozen: false,
         ticks: 0,
         convicted: std::collections::HashSet::new(),
@@ -427,11 +427,18 @@ pub async fn run(
             }
         }
     }
-    // Members of the last ring that missed this peer's Done ask again by repeating theirs.
+    // Members of the last ring that missed this peer's Done ask again by repeating theirs. A
+    // Done still waiting for its pending credit to be written goes out once it is (the others
+    // hold the round open for it).
     let linger = tokio::time::sleep(LINGER);
     tokio::pin!(linger);
     loop {
         tokio::select! {
+            Some(msg) = internal_rx.recv(), if d.credit_notes.values().any(Option::is_some) => {
+                if let Internal::CreditNoted { round, attempt } = msg {
+                    d.credit_noted(round, attempt);
+                }
+            }
             ev = events.recv() => match ev {
                 Some(NetEvent::Gossip { source, data }) => {
                     if let Ok(Gossip::Done(done)) = decode_exact::<Gossip>(&data)
@@ -532,15 +539,7 @@ impl Driver {
                     ledger.resolve_pending(&s.certified, &s.not_certified);
                 }
             }
-            Internal::CreditNoted { round, attempt } => {
-                if let Some(((r, a), held)) = self.credit_note.take() {
-                    if (r, a) != (round, attempt) {
-                        self.credit_note = Some(((r, a), held));
-                    } else if let Some(done) = held {
-                        self.publish(&done);
-                    }
-                }
-            }
+            Internal::CreditNoted { round, attempt } => self.credit_noted(round, attempt),
         }
     }
 
@@ -1010,12 +1009,7 @@ impl Driver {
                 // Decided by the outbox when it notes the credit.
                 creditable: false,
             };
-            // A Done still held for an earlier attempt goes out now (that round completed here
-            // before its credit note came back).
-            if let Some((_, Some(done))) = self.credit_note.take() {
-                self.publish(&done);
-            }
-            self.credit_note = Some(((r, a), None));
+            self.credit_notes.insert((r, a), None);
             let tx = self.internal.clone();
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = ledger.note_pending(credit) {
@@ -1068,12 +1062,8 @@ impl Driver {
                 return;
             }
             match a {
-                RoundAction::Publish(Gossip::Done(d))
-                    if self.credit_note.as_ref().is_some_and(|(at, _)| *at == (d.round, d.attempt)) =>
-                {
-                    if let Some((_, held)) = self.credit_note.as_mut() {
-                        *held = Some(Gossip::Done(d));
-                    }
+                RoundAction::Publish(Gossip::Done(d)) if self.credit_notes.contains_key(&(d.round, d.attempt)) => {
+                    self.credit_notes.insert((d.round, d.attempt), Some(Gossip::Done(d)));
                 }
                 RoundAction::Publish(Gossip::SumCheck(mut check)) => {
                     self.signer.sign_sum_check(&mut check);
@@ -1298,6 +1288,14 @@ impl Driver {
     }
 
     /// Announces that this peer leaves and ends the loop.
+    /// The pending credit of `(round, attempt)` is durable: this peer's `Done` for it, if the
+    /// round got there first, goes out now.
+    fn credit_noted(&mut self, round: u64, attempt: u32) {
+        if let Some(Some(done)) = self.credit_notes.remove(&(round, attempt)) {
+            self.publish(&done);
+        }
+    }
+
     fn finish_leave(&mut self) {
         let now = self.now();
         if let Some(r) = self.round.as_mut() {

@@ -277,8 +277,13 @@ impl Driver {
         }
         self.next_round = sync.round;
         self.cursor = header.cursor;
-        // A residual an attempt before the resync would have left counts for nothing now.
+        // A residual an attempt before the resync would have left counts for nothing now, nor
+        // does this peer's own or what it knew of the others' (from a round it may have
+        // completed on another branch): it starts again from zeros, which every member accepts,
+        // and accepts the others' residuals as a member that missed rounds does.
         self.next_residual = None;
+        self.residual = None;
+        self.residual_history = (0, std::collections::BTreeMap::new());
         self.settle(&sync, &header.settlement);
         self.membership.set_state(StateTag { round: sync.round, param_hash: hash });
         if let Some(a) = self.asy.as_mut() {
