@@ -364,6 +364,13 @@ impl Task {
         }
         match self.client.simulate(&entry.record).await {
             Ok(()) => {}
+            // Another peer's report of the same fault landed between the look and the dry run:
+            // one report per fault is what the chain keeps, so this one is there.
+            Err(ClientError::Rejected { name: "FaultAlreadyReported", .. }) => {
+                info!(kind = entry.record.kind(), key = %entry.record.key(), "record already on chain (another peer reported the fault)");
+                self.set(entry.seq, Status::Done { tx: None, block: None });
+                return Ok(None);
+            }
             Err(ClientError::Rejected { name, message, .. }) if PASSING_ERRORS.contains(&name) => {
                 self.defer(entry, format!("{name}: {message}"));
                 return Ok(None);
