@@ -37,8 +37,8 @@ use p2p_proto::round::AuditJob;
 use std::sync::Arc;
 use tracing::{info, warn};
 
-/// Fault evidence checked is remembered per (accused, round, attempt) so that gossip repeating
-/// it is not checked again; past this many entries only recent rounds are kept.
+/// Fault evidence checked is remembered per (accused, round, attempt, kind) so that gossip
+/// repeating it is not checked again; past this many entries only recent rounds are kept.
 const MAX_FAULTS_CHECKED: usize = 4096;
 /// The rounds kept then: older evidence cannot concern a round this peer still acts on.
 const FAULT_ROUNDS: u64 = 64;
@@ -922,7 +922,7 @@ mod tests {
         let refused = Unrevealed { reason: "peer p does not hold them".into(), lost: false };
         let v = judge_with(topk, &honest, Some(Err(refused)));
         assert!(matches!(&v, Verdict::Doubt(why) if why.contains("not revealed")), "{v:?}");
-        // A stream that broke or timed out proves nothing against the holder.
+        // A stream that broke or timed out counts as not answering, not as a bad answer.
         let lost = Unrevealed { reason: "peer p did not answer in time".into(), lost: true };
         let v = judge_with(topk, &honest, Some(Err(lost)));
         assert!(matches!(&v, Verdict::Unanswered(why) if why.contains("could not be fetched")), "{v:?}");

@@ -705,9 +705,9 @@ impl Driver {
             debug!(peer = msg.peer(), round, "stale round message dropped: its round is over");
             return;
         }
-        let peer = msg.peer().to_owned();
-        if self.pending.iter().filter(|g| g.peer() == peer).count() >= PENDING_PER_PEER
-            && let Some(oldest) = self.pending.iter().position(|g| g.peer() == peer)
+        let mut own = self.pending.iter().enumerate().filter(|(_, g)| g.peer() == msg.peer()).map(|(i, _)| i);
+        if let Some(oldest) = own.next()
+            && own.count() + 1 >= PENDING_PER_PEER
         {
             self.pending.remove(oldest);
         }
@@ -1287,7 +1287,6 @@ impl Driver {
         }
     }
 
-    /// Announces that this peer leaves and ends the loop.
     /// The pending credit of `(round, attempt)` is durable: this peer's `Done` for it, if the
     /// round got there first, goes out now.
     fn credit_noted(&mut self, round: u64, attempt: u32) {
@@ -1296,6 +1295,7 @@ impl Driver {
         }
     }
 
+    /// Announces that this peer leaves and ends the loop.
     fn finish_leave(&mut self) {
         let now = self.now();
         if let Some(r) = self.round.as_mut() {

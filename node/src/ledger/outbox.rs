@@ -688,18 +688,15 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A creditable pending credit of `attempt` of `round`.
+    fn pending(round: u64, attempt: u32) -> PendingCredit {
+        PendingCredit { round, attempt, ring: [9; 32], samples: 32, commit: [round as u8; 32], creditable: true }
+    }
+
     #[test]
     fn pending_credits_are_credited_only_for_attempts_the_ring_certified() {
         let (db, dir) = temp_db("pending");
         let outbox = Outbox::new(db).unwrap();
-        let pending = |round: u64, attempt: u32| PendingCredit {
-            round,
-            attempt,
-            ring: [9; 32],
-            samples: 32,
-            commit: [round as u8; 32],
-            creditable: true,
-        };
         outbox.round_completed(RUN, 4, tally(0)).unwrap();
         // Round 1's first attempt failed; the second replaced it and completed.
         outbox.note_pending(RUN, pending(1, 0)).unwrap();
@@ -783,12 +780,7 @@ mod tests {
         for r in 10..15 {
             outbox.round_completed(RUN, 10, tally(r)).unwrap();
         }
-        outbox
-            .note_pending(
-                RUN,
-                PendingCredit { round: 15, attempt: 0, ring: [9; 32], samples: 32, commit: [1; 32], creditable: true },
-            )
-            .unwrap();
+        outbox.note_pending(RUN, pending(15, 0)).unwrap();
         // The other run: its rounds 15..19 close its epoch 1 with exactly those.
         for r in 15..19 {
             assert_eq!(outbox.round_completed(OTHER, 10, tally(r)).unwrap(), Some(vec![]));
@@ -819,9 +811,7 @@ mod tests {
             for r in 0..2 {
                 t.insert(r, encode(&tally(r)).as_slice()).unwrap();
             }
-            let p =
-                PendingCredit { round: 2, attempt: 1, ring: [9; 32], samples: 32, commit: [2; 32], creditable: true };
-            w.open_table(UNOWNED_PENDING).unwrap().insert(2, encode(&p).as_slice()).unwrap();
+            w.open_table(UNOWNED_PENDING).unwrap().insert(2, encode(&pending(2, 1)).as_slice()).unwrap();
         }
         w.commit().unwrap();
         assert_eq!(outbox.adopt_unowned(RUN).unwrap(), (2, 1));
